@@ -119,6 +119,14 @@ class NSMUnavailableError(NSMError):
     """No NSM backend is reachable (no /dev/nsm and no emulator socket)."""
 
 
+class NSMResponseFormatError(NSMError, MalformedInputError):
+    """The module's answer is not a well-formed NSM response message (code InvalidResponse)."""
+
+
+class DevPKIStateError(NSMError, MalformedInputError):
+    """A file of the emulated Nitro PKI in the state directory is unreadable or inconsistent."""
+
+
 # --- areas of later components: each adds its own subclasses here --------------------------
 
 
@@ -126,24 +134,370 @@ class ImageError(HermeticError):
     """Enclave images: build, measure, EIF parsing."""
 
 
+class ManifestError(ImageError, UsageError):
+    """An app's ``hermetic.toml`` is missing a field or has a bad value (like ConfigError)."""
+
+
+class AppContentError(ImageError, UsageError):
+    """An app directory holds something an image cannot carry (symlink, device, bad name)."""
+
+
+class ImageFileError(ImageError, MalformedInputError):
+    """An image file could not be opened or read at all."""
+
+
+class ImageFormatError(ImageError, MalformedInputError):
+    """A hermetic image file is not well formed (magic, version, sections, layers)."""
+
+
+class ImageTruncatedError(ImageFormatError):
+    """A hermetic image file ends before its declared sections do."""
+
+
+class ImageChecksumError(ImageFormatError):
+    """A hermetic image file's CRC32 trailer does not match its contents."""
+
+
+class LayerFormatError(ImageFormatError):
+    """A layer archive is unreadable or holds an entry an image may not contain."""
+
+
+class EIFFormatError(ImageError, MalformedInputError):
+    """An EIF file is not well formed (see docs/images.md for the checks)."""
+
+
+class EIFMagicError(EIFFormatError):
+    """The file does not start with the EIF magic ``.eif``."""
+
+
+class EIFVersionError(EIFFormatError):
+    """The EIF header carries a version this reader does not support."""
+
+
+class EIFTruncatedError(EIFFormatError):
+    """The EIF file ends inside its header or inside a section."""
+
+
+class EIFSectionCountError(EIFFormatError):
+    """num_sections is over 32 or disagrees with the offsets/sizes tables or the sections."""
+
+
+class EIFSectionBoundsError(EIFFormatError):
+    """A section's offset or size disagrees with the file layout or points past its end."""
+
+
+class EIFSectionTypeError(EIFFormatError):
+    """A section has an unknown type, or the section types are not in a valid arrangement."""
+
+
+class EIFChecksumError(EIFFormatError):
+    """The EIF CRC32 over the header and the sections does not match the header's value."""
+
+
+class ImageSignatureFormatError(ImageError, MalformedInputError):
+    """A signature section (EIF PcrSignature CBOR, COSE_Sign1, certificate) is malformed."""
+
+
+class ImageSignatureError(ImageError, VerificationError):
+    """An image signature does not verify with its certificate over the image's PCR0."""
+
+
+class SigningKeyError(ImageError, UsageError):
+    """The signing key or certificate given to ``hermetic build`` is unusable or mismatched."""
+
+
+class NitroCliNotFoundError(ImageError):
+    """``nitro-cli`` is not on PATH, so an EIF cannot be built here."""
+
+
+class EIFBuildError(ImageError):
+    """``nitro-cli build-enclave`` failed or produced an EIF whose PCRs disagree with ours."""
+
+
 class LauncherError(HermeticError):
     """Starting, stopping or reaching an enclave."""
+
+
+class EnclaveNotFoundError(LauncherError):
+    """No enclave with the given ID (or CID) is known to the launcher."""
+
+
+class EnclaveBootError(LauncherError):
+    """The enclave did not come up: it refused to start, crashed or never signalled ready."""
+
+
+class SandboxError(LauncherError):
+    """The launcher could not build the enclave's sandbox (namespace, limits, image)."""
+
+
+class RuntimeConfigError(LauncherError, VerificationError):
+    """A runtime config bundle is unsigned, tampered, or signed by the wrong operator key."""
+
+
+class RuntimeConfigFormatError(RuntimeConfigError, MalformedInputError):
+    """A runtime config bundle could not be parsed at all."""
+
+
+class ServiceError(LauncherError):
+    """A service call failed: the app raised, or the method does not exist."""
+
+    def __init__(self, message: str, code: str = "InternalError") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class TransportError(HermeticError):
     """A vsock, TCP, Unix or WebSocket transport failed."""
 
 
+class FrameFormatError(TransportError, MalformedInputError):
+    """A length-prefixed frame or a service message on the wire is malformed or too large."""
+
+
+class PeerUnavailableError(TransportError):
+    """The other end (an enclave, the parent, a proxied service) is not reachable or went away."""
+
+
+class EgressRefusedError(TransportError):
+    """The proxy refused an egress destination that is not on the allowlist."""
+
+
 class ChannelError(HermeticError):
     """The attested Noise channel: handshake, evidence or transport messages."""
+
+
+class UnsupportedProtocolError(ChannelError, UsageError):
+    """The Noise protocol name is not one hermetic accepts (see docs/protocol.md)."""
+
+
+class HandshakeError(ChannelError):
+    """A Noise handshake message was rejected (size, prologue, key, low-order point, tag)."""
+
+
+class DecryptError(ChannelError):
+    """A transport message failed authentication (truncated, reordered, replayed, altered)."""
+
+
+class FrameError(ChannelError, MalformedInputError):
+    """A length-prefixed frame or a chunk header inside a transport message is malformed."""
+
+
+class MessageTooLargeError(ChannelError):
+    """A Noise message or an application message exceeds its size limit."""
+
+
+class NonceExhaustedError(ChannelError):
+    """A cipher state reached the last usable nonce: the session must be replaced."""
+
+
+class SessionClosedError(ChannelError):
+    """The session is closed (after an error or a close message); no further use."""
+
+
+class SessionStateError(ChannelError):
+    """The session was asked to do something its current state does not allow."""
+
+
+class EvidenceRejectedError(ChannelError, VerificationError):
+    """The peer's evidence bundle was rejected by the relying party's verifier callback."""
+
+
+class RPCFormatError(ChannelError, MalformedInputError):
+    """An RPC message is not the CBOR array shape docs/protocol.md specifies."""
+
+
+class RPCError(ChannelError):
+    """A remote procedure call failed; ``code`` is the wire error code (a short string)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.remote_message = message
 
 
 class TranslogError(HermeticError):
     """The transparency log: proofs, checkpoints, notes, releases."""
 
 
+class TranslogVerificationError(TranslogError, VerificationError):
+    """A well-formed log artefact (proof, note, checkpoint, entry) failed a check."""
+
+
+class InclusionProofError(TranslogVerificationError):
+    """An inclusion proof does not lead from the leaf to the expected root."""
+
+
+class ConsistencyProofError(TranslogVerificationError):
+    """A consistency proof does not link the old tree head to the new one."""
+
+
+class NoteFormatError(TranslogError, MalformedInputError):
+    """A signed note (or a key, or a signature line) is not in C2SP signed-note form."""
+
+
+class NoteSignatureError(TranslogVerificationError):
+    """A signature by a known key does not verify, or no known key signed the note."""
+
+
+class UnknownKeyError(NoteSignatureError):
+    """None of the note's signatures is by a key the verifier knows."""
+
+
+class CheckpointError(TranslogVerificationError):
+    """A checkpoint is signed but not acceptable (origin, size, root or extension lines)."""
+
+
+class CheckpointFormatError(NoteFormatError):
+    """The checkpoint body is not in C2SP tlog-checkpoint form."""
+
+
+class CosignatureThresholdError(TranslogVerificationError):
+    """Fewer trusted witnesses cosigned the checkpoint than the policy requires."""
+
+
+class SplitViewError(TranslogVerificationError):
+    """The log showed two different trees for the same size (a split view)."""
+
+
+class ForkDetectedError(SplitViewError):
+    """A new checkpoint is not an extension of the last one (rollback or bad proof)."""
+
+
+class TileFormatError(TranslogError, MalformedInputError):
+    """A tile path, tile or entry bundle is malformed."""
+
+
+class RekorEntryError(TranslogVerificationError):
+    """A Sigstore/Rekor transparency-log entry failed verification."""
+
+
+class RekorFormatError(TranslogError, MalformedInputError):
+    """A Sigstore bundle or trusted root could not be parsed."""
+
+
+# translog service side: store, HTTP service, client, releases
+
+
+class LogStoreError(TranslogError):
+    """The log's durable store failed or holds something it must never hold."""
+
+
+class CheckpointConflictError(LogStoreError):
+    """A different checkpoint is already stored for this tree size (never rewritten)."""
+
+
+class EntryRejectedError(TranslogError, UsageError):
+    """The log refused to accept an entry (empty, or longer than a tile bundle allows)."""
+
+
+class LogServiceError(TranslogError):
+    """The log server could not be reached or answered with an error."""
+
+
+class UnknownLogError(CheckpointError):
+    """The checkpoint comes from a log (origin or key) that the verifier does not trust."""
+
+
+class CosignatureRejectedError(TranslogVerificationError):
+    """A witness cosignature is not by a configured witness or does not verify."""
+
+
+class ReleaseFormatError(TranslogError, MalformedInputError):
+    """A release statement, log envelope or endorsement file is not in hermetic's form."""
+
+
+class TrustBundleError(TranslogError, UsageError):
+    """A trust file lacks a field or has a bad value."""
+
+
+class StatementSignatureError(TranslogVerificationError):
+    """The publisher's signature over the canonical statement does not verify."""
+
+
+class UnknownPublisherError(TranslogVerificationError):
+    """The statement is signed by a key or certificate that no trusted publisher holds."""
+
+
+class ReleaseMismatchError(TranslogVerificationError):
+    """A verified release does not carry the reference value the caller expected."""
+
+
+class RekorSubmissionError(TranslogError):
+    """A Rekor instance refused a submitted entry or could not be reached."""
+
+
 class KMSError(HermeticError):
     """The KMS client, CMS parsing or the local KMS server."""
+
+
+class CMSFormatError(KMSError, MalformedInputError):
+    """A ``CiphertextForRecipient`` is not the CMS EnvelopedData shape KMS emits."""
+
+
+class CMSDecryptionError(KMSError, VerificationError):
+    """A well-formed ``CiphertextForRecipient`` did not decrypt with the recipient key.
+
+    Deliberately one type with one message for every cause (OAEP unwrap, key length, CBC
+    padding), so a caller cannot be turned into a padding oracle.
+    """
+
+
+class KeyPolicyFormatError(KMSError, MalformedInputError):
+    """A key policy is not valid JSON or not the policy-language subset hermetic reads."""
+
+
+class ReleaseEndorsementFormatError(KMSError, MalformedInputError):
+    """A release endorsement handed to the policy helper lacks the PCRs it needs."""
+
+
+class KMSSealedStoreError(KMSError):
+    """The local KMS server's sealed key store is unreadable or was tampered with."""
+
+
+class KMSServiceError(KMSError):
+    """KMS (real or local) rejected a request; ``code`` is the AWS error code.
+
+    The local server raises these and turns them into AWS-shaped JSON errors; the enclave
+    client turns botocore's ``ClientError`` back into them, so both sides share one type.
+    """
+
+    code: str = "KMSInternalException"
+    status: int = 400
+
+    def __init__(self, message: str, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class KMSAccessDeniedError(KMSServiceError, VerificationError):
+    """The key policy, or the attestation evidence behind ``Recipient``, denied the call."""
+
+    code = "AccessDeniedException"
+
+
+class KMSInvalidCiphertextError(KMSServiceError, VerificationError):
+    """A ciphertext blob is corrupted or its encryption context does not match."""
+
+    code = "InvalidCiphertextException"
+
+
+class KMSNotFoundError(KMSServiceError):
+    """The key, alias or other named entity does not exist."""
+
+    code = "NotFoundException"
+
+
+class KMSValidationError(KMSServiceError):
+    """A request parameter is missing or has a value KMS does not accept."""
+
+    code = "ValidationException"
+
+
+class KMSUnavailableError(KMSError):
+    """KMS could not be reached (connection refused, timeout, TLS failure)."""
 
 
 class StoreError(HermeticError):
