@@ -1,0 +1,38 @@
+"""Byte transports between clients, the parent instance and enclaves.
+
+Everything above this package (the service wire, later the Noise channel) sees a pair of
+asyncio streams and never cares whether the bytes crossed a real ``AF_VSOCK`` socket, the
+emulator's Unix sockets, TCP or a WebSocket. Only this package touches sockets.
+"""
+
+from __future__ import annotations
+
+from hermetic.transport.frames import (
+    MAX_FRAME_SIZE,
+    FrameDecoder,
+    encode_frame,
+    read_frame,
+    write_frame,
+)
+from hermetic.transport.vsock import (
+    FIRST_ENCLAVE_CID,
+    PARENT_CID,
+    VsockAddress,
+    VsockStream,
+    connect,
+    listen,
+)
+
+__all__ = [
+    "FIRST_ENCLAVE_CID",
+    "MAX_FRAME_SIZE",
+    "PARENT_CID",
+    "FrameDecoder",
+    "VsockAddress",
+    "VsockStream",
+    "connect",
+    "encode_frame",
+    "listen",
+    "read_frame",
+    "write_frame",
+]

@@ -1,0 +1,125 @@
+"""The vsock emulation: Unix sockets keyed by (CID, port), peer CID reporting, cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from hermetic.errors import ConfigError, PeerUnavailableError, TransportError
+from hermetic.transport import vsock
+from hermetic.transport.tcp import parse_hostport
+from hermetic.transport.vsock import VsockStream
+
+
+@pytest.fixture(autouse=True)
+def _emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERMETIC_VSOCK", "emulated")
+    monkeypatch.delenv("HERMETIC_VSOCK_CID", raising=False)
+
+
+async def _echo(stream: VsockStream) -> None:
+    data = await stream.reader.read(100)
+    stream.writer.write(f"{stream.peer.cid}:".encode() + data)
+    await stream.writer.drain()
+
+
+async def test_listener_lives_at_cid_and_port_and_reports_peer_cid(tmp_path: Path) -> None:
+    async with await vsock.listen(16, 5000, _echo, root=tmp_path) as listener:
+        assert listener.path == tmp_path / "16" / "5000.sock"
+        stream = await vsock.connect(16, 5000, root=tmp_path, source_cid=3)
+        stream.writer.write(b"hi")
+        assert await stream.reader.read(100) == b"3:hi"
+        await stream.aclose()
+    assert not (tmp_path / "16" / "5000.sock").exists()
+
+
+async def test_connect_to_nobody_is_a_clean_peer_unavailable_error(tmp_path: Path) -> None:
+    with pytest.raises(PeerUnavailableError, match="vsock:17:5000"):
+        await vsock.connect(17, 5000, root=tmp_path)
+
+
+async def test_peer_specific_listener_wins_and_refuses_other_cids(tmp_path: Path) -> None:
+    shared = await vsock.listen(3, 9000, _echo, root=tmp_path)
+    only16 = await vsock.listen(3, 9000, _echo, root=tmp_path, peer_cid=16)
+
+    async def ask(source: int) -> bytes:
+        stream = await vsock.connect(3, 9000, root=tmp_path, source_cid=source)
+        stream.writer.write(b"x")
+        data = await stream.reader.read(100)
+        await stream.aclose()
+        return data
+
+    assert await ask(16) == b"16:x"  # served by the peer-specific listener
+    assert await ask(17) == b"17:x"  # falls back to the shared one
+    assert only16.path == tmp_path / "3" / "9000.16.sock"
+    await only16.aclose()
+    await shared.aclose()
+
+
+async def test_stale_socket_file_is_replaced_but_live_one_is_address_in_use(
+    tmp_path: Path,
+) -> None:
+    first = await vsock.listen(16, 1, _echo, root=tmp_path)
+    with pytest.raises(TransportError, match="address in use"):
+        await vsock.listen(16, 1, _echo, root=tmp_path)
+    # Simulate a crashed owner: the file stays but nobody accepts any more.
+    first._server.close()
+    await first._server.wait_closed()
+    assert first.path is not None
+    first.path.touch(exist_ok=True)
+    second = await vsock.listen(16, 1, _echo, root=tmp_path)
+    await second.aclose()
+
+
+def test_addresses_out_of_range_are_rejected() -> None:
+    with pytest.raises(TransportError, match=r"port: expected 0\.\.4294967295, got -1"):
+        vsock.VsockAddress(3, -1)
+
+
+def test_overlong_emulation_path_is_refused_with_advice(tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match="shorter HERMETIC_STATE_DIR"):
+        vsock.socket_path(tmp_path / ("x" * 120), vsock.VsockAddress(16, 1))
+
+
+def test_native_mode_is_chosen_only_on_nitro_or_when_forced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert not vsock.native_available()
+    monkeypatch.setenv("HERMETIC_VSOCK", "native")
+    assert vsock.native_available()
+    monkeypatch.setenv("HERMETIC_VSOCK", "bogus")
+    with pytest.raises(TransportError, match="HERMETIC_VSOCK"):
+        vsock.native_available()
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [("127.0.0.1:80", "127.0.0.1", 80), ("[::1]:443", "::1", 443), ("kms:1", "kms", 1)],
+)
+def test_hostport_parses_v4_v6_and_names(text: str, host: str, port: int) -> None:
+    parsed = parse_hostport(text)
+    assert (parsed.host, parsed.port) == (host, port)
+
+
+@pytest.mark.parametrize("text", ["nohost", ":80", "h:", "h:x", "h:70000", "h:0"])
+def test_hostport_rejects_bad_values(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_hostport(text)
+
+
+async def test_listener_drops_connection_that_sends_no_cid_header(tmp_path: Path) -> None:
+    called = asyncio.Event()
+
+    async def handler(stream: VsockStream) -> None:
+        called.set()
+
+    listener = await vsock.listen(16, 2, handler, root=tmp_path)
+    assert listener.path is not None
+    _, writer = await asyncio.open_unix_connection(str(listener.path))
+    writer.write(b"\x00")
+    writer.close()
+    await asyncio.sleep(0.05)
+    assert not called.is_set()
+    await listener.aclose()
