@@ -1,0 +1,103 @@
+"""The app framework: what a service author writes inside the enclave.
+
+A service is an :class:`App` with async methods registered by name::
+
+    from hermetic.enclave import App
+    app = App()
+
+    @app.method("echo")
+    async def echo(arg):
+        return arg
+
+The runtime (``hermetic.enclave.runtime``) imports the manifest's ``entry``, binds the
+:class:`EnclaveContext` (the NSM, the verified runtime config) and serves the methods.
+An App holds no I/O of its own, so tests can call :meth:`App.call` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from hermetic.errors import LauncherError, ServiceError, UsageError
+
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
+
+
+class EnclaveNSM(Protocol):
+    """What the runtime hands an app for talking to its NSM (see ``runtime.BoundNSM``)."""
+
+    def attest(self, *, nonce: bytes | None = None, public_key: bytes | None = None) -> bytes: ...
+
+    def extend_pcr(self, index: int, data: bytes) -> bytes: ...
+
+    def describe_pcr(self, index: int) -> tuple[bool, bytes]: ...
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """A runtime config the operator signed and the runtime verified.
+
+    ``data`` is the config as delivered (JSON bytes), ``values`` the parsed object and
+    ``digest`` its SHA-256, the value every attestation document carries in user_data.
+    """
+
+    data: bytes
+    values: dict[str, Any]
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class EnclaveContext:
+    """What an app can reach at run time: its NSM and its verified config (or None)."""
+
+    nsm: EnclaveNSM
+    config: RuntimeConfig | None
+    cid: int
+    ports: tuple[int, ...]
+
+
+class App:
+    """A set of named async methods plus, once booted, the enclave context."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._context: EnclaveContext | None = None
+
+    def method(self, name: str) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated ``async def`` as the handler of ``name``."""
+        if not isinstance(name, str) or not name:
+            raise UsageError(f"method name: expected non-empty text, got {name!r}")
+
+        def register(handler: HandlerT) -> HandlerT:
+            if name in self._methods:
+                raise UsageError(f"method {name!r}: registered twice")
+            self._methods[name] = handler
+            return handler
+
+        return register
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return tuple(sorted(self._methods))
+
+    @property
+    def context(self) -> EnclaveContext:
+        """The enclave context; only available once the runtime has booted the app."""
+        if self._context is None:
+            raise LauncherError("app context: expected a booted enclave runtime, got none")
+        return self._context
+
+    def bind(self, context: EnclaveContext) -> None:
+        """Called once by the runtime at boot."""
+        if self._context is not None:
+            raise LauncherError("app context: already bound")
+        self._context = context
+
+    async def call(self, method: str, args: tuple[Any, ...]) -> Any:
+        """Run ``method`` with positional ``args``; unknown methods raise ServiceError."""
+        handler = self._methods.get(method)
+        if handler is None:
+            raise ServiceError(f"method: no method named {method!r}", code="UnknownMethod")
+        return await handler(*args)
