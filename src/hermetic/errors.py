@@ -101,6 +101,10 @@ class DocumentAgeError(PolicyError):
     """The document is older than the policy allows, or dated in the future."""
 
 
+class TrustRootError(AttestationError, UsageError):
+    """A trust root could not be loaded (missing file, bad PEM, wrong pinned fingerprint)."""
+
+
 # --- nsm ---------------------------------------------------------------------------------
 
 
