@@ -1,0 +1,453 @@
+"""asyncio adapters: drive the sans-IO session over a byte stream or a WebSocket.
+
+Kept thin on purpose: all protocol decisions live in :mod:`hermetic.channel.session`,
+:mod:`~hermetic.channel.framing` and :mod:`~hermetic.channel.rpc`. A :class:`MessagePipe`
+moves whole Noise messages (2-byte length prefix on streams, one binary frame per message on
+WebSocket); a :class:`Channel` pumps a session over a pipe; :class:`ClientChannel` and
+:func:`serve_connection` add the RPC layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from hermetic.channel import rpc
+from hermetic.channel.framing import FrameDecoder, frame_prefix
+from hermetic.channel.noise import NX, StaticKeypair
+from hermetic.channel.session import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_REKEY_INTERVAL,
+    ApplicationData,
+    ClientSession,
+    Closed,
+    MakeEvidence,
+    ServerSession,
+    State,
+    VerifyEvidence,
+    _Session,
+)
+from hermetic.errors import (
+    FrameError,
+    HermeticError,
+    RPCError,
+    SessionClosedError,
+    TransportError,
+)
+
+Handler = Callable[[Any], Awaitable[Any]]
+"""An RPC method: takes the request's ``args``, returns a CBOR-encodable result."""
+
+DEFAULT_HANDSHAKE_TIMEOUT = 30.0
+_READ_SIZE = 256 * 1024
+
+
+class MessagePipe(Protocol):
+    """Carries whole Noise messages in order."""
+
+    async def send(self, messages: Sequence[bytes]) -> None: ...
+
+    async def receive(self) -> bytes | None:
+        """The next message, or None when the peer ended the connection cleanly."""
+
+    async def aclose(self) -> None: ...
+
+
+class StreamPipe:
+    """Noise messages over an asyncio stream (TCP, Unix socket, emulated vsock)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = FrameDecoder()
+        self._frames: list[bytes] = []
+        self._next = 0
+
+    async def send(self, messages: Sequence[bytes]) -> None:
+        parts: list[bytes] = []
+        for message in messages:
+            parts.append(frame_prefix(message))
+            parts.append(message)
+        try:
+            self._writer.writelines(parts)
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise TransportError(f"stream write failed ({type(exc).__name__})") from exc
+
+    async def receive(self) -> bytes | None:
+        while self._next >= len(self._frames):
+            try:
+                data = await self._reader.read(_READ_SIZE)
+            except (ConnectionError, OSError) as exc:
+                raise TransportError(f"stream read failed ({type(exc).__name__})") from exc
+            if not data:
+                self._decoder.eof()
+                return None
+            self._frames = self._decoder.feed(data)
+            self._next = 0
+        frame = self._frames[self._next]
+        self._next += 1
+        return frame
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
+
+
+class WebSocketPipe:
+    """Noise messages over a ``websockets`` connection: one binary frame per message."""
+
+    def __init__(self, websocket: Any) -> None:
+        self._ws = websocket
+
+    async def send(self, messages: Sequence[bytes]) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            for message in messages:
+                await self._ws.send(message)
+        except ConnectionClosed as exc:
+            raise TransportError(f"websocket send failed: {exc}") from exc
+
+    async def receive(self) -> bytes | None:
+        from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+
+        try:
+            message = await self._ws.recv()
+        except ConnectionClosedOK:
+            return None
+        except ConnectionClosed as exc:
+            raise TransportError(f"websocket closed abnormally: {exc}") from exc
+        if isinstance(message, str):
+            raise FrameError("websocket message: expected a binary frame, got a text frame")
+        return bytes(message)
+
+    async def aclose(self) -> None:
+        await self._ws.close()
+
+
+class Channel:
+    """A session pumped over a pipe: send and receive whole application messages."""
+
+    def __init__(self, session: _Session, pipe: MessagePipe) -> None:
+        self.session = session
+        self.pipe = pipe
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def peer_info(self) -> object:
+        return self.session.peer_info
+
+    @property
+    def handshake_hash(self) -> bytes:
+        return self.session.handshake_hash
+
+    async def establish(self, timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT) -> None:
+        """Run the handshake and the evidence exchange until the session is open."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._flush()
+                while self.session.state is not State.OPEN:
+                    message = await self.pipe.receive()
+                    if message is None:
+                        raise SessionClosedError(
+                            f"connection ended during {self.session.state.value}"
+                        )
+                    for event in self.session.receive(message):
+                        if isinstance(event, Closed):
+                            raise SessionClosedError(f"closed by peer: {event.reason!r}")
+                    await self._flush()
+        except TimeoutError as exc:
+            await self._abort()
+            raise SessionClosedError(
+                f"session not open after {timeout} s (state {self.session.state.value})"
+            ) from exc
+        except HermeticError:
+            await self._abort()
+            raise
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            self.session.send_application(data)
+            await self.pipe.send(self.session.data_to_send())
+
+    async def receive(self) -> bytes | None:
+        """The next application message, or None once the peer closed the session."""
+        while True:
+            message = await self.pipe.receive()
+            if message is None:
+                if self.session.state is State.CLOSED:
+                    return None
+                raise SessionClosedError(
+                    "connection ended without a close message (possible truncation)"
+                )
+            for event in self.session.receive(message):
+                if isinstance(event, ApplicationData):
+                    return event.data
+                if isinstance(event, Closed):
+                    return None
+
+    async def close(self, reason: str = "") -> None:
+        async with self._send_lock:
+            self.session.close(reason)
+            with contextlib.suppress(HermeticError):
+                await self.pipe.send(self.session.data_to_send())
+        await self.pipe.aclose()
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            await self.pipe.send(self.session.data_to_send())
+
+    async def _abort(self) -> None:
+        self.session.close("aborted")
+        self.session.data_to_send()
+        await self.pipe.aclose()
+
+
+class ClientChannel(Channel):
+    """An open, verified client session with concurrent RPC calls."""
+
+    def __init__(self, session: ClientSession, pipe: MessagePipe) -> None:
+        super().__init__(session, pipe)
+        self._rpc = rpc.RPCClientState()
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._failure: HermeticError | None = None
+
+    def start(self) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    async def call(self, method: str, args: Any = None) -> Any:
+        """Call ``method`` on the service; raises RPCError with the remote code on failure."""
+        if self._failure is not None:
+            raise SessionClosedError(f"channel failed: {self._failure}")
+        ident, data = self._rpc.request(method, args)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[ident] = future
+        try:
+            await self.send(data)
+            return await future
+        except asyncio.CancelledError:
+            if self._waiting.pop(ident, None) is not None and self._failure is None:
+                task = asyncio.get_running_loop().create_task(self._send_cancel(ident))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+            raise
+        finally:
+            self._waiting.pop(ident, None)
+
+    async def close(self, reason: str = "") -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._fail_all(SessionClosedError("channel closed locally"))
+        await super().close(reason)
+
+    async def _send_cancel(self, ident: int) -> None:
+        with contextlib.suppress(HermeticError):
+            await self.send(self._rpc.cancel(ident))
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                message = await self.receive()
+                if message is None:
+                    raise SessionClosedError(f"closed by peer: {self.session.close_reason!r}")
+                reply = self._rpc.receive(message)
+                if reply is None:
+                    continue
+                future = self._waiting.pop(reply.id, None)
+                if future is None or future.done():
+                    continue
+                if isinstance(reply, rpc.Result):
+                    future.set_result(reply.value)
+                else:
+                    future.set_exception(reply.exception())
+        except HermeticError as exc:
+            self._fail_all(exc)
+            with contextlib.suppress(HermeticError):
+                await self.pipe.aclose()
+
+    def _fail_all(self, error: HermeticError) -> None:
+        self._failure = self._failure or error
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(
+                    SessionClosedError(f"channel failed: {error}")
+                    if not isinstance(error, SessionClosedError)
+                    else error
+                )
+
+
+async def connect(
+    pipe: MessagePipe,
+    verify_evidence: VerifyEvidence,
+    *,
+    protocol_name: str = NX,
+    static: StaticKeypair | None = None,
+    make_evidence: MakeEvidence | None = None,
+    rekey_interval: int | None = DEFAULT_REKEY_INTERVAL,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> ClientChannel:
+    """Open a verified client session over any pipe and start reading RPC replies."""
+    session = ClientSession(
+        verify_evidence,
+        protocol_name=protocol_name,
+        static=static,
+        make_evidence=make_evidence,
+        rekey_interval=rekey_interval,
+        max_message_size=max_message_size,
+    )
+    channel = ClientChannel(session, pipe)
+    await channel.establish(handshake_timeout)
+    channel.start()
+    return channel
+
+
+async def open_client(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    verify_evidence: VerifyEvidence,
+    **options: Any,
+) -> ClientChannel:
+    """:func:`connect` over an asyncio stream (TCP, Unix socket, emulated vsock)."""
+    return await connect(StreamPipe(reader, writer), verify_evidence, **options)
+
+
+async def open_client_websocket(
+    websocket: Any, verify_evidence: VerifyEvidence, **options: Any
+) -> ClientChannel:
+    """:func:`connect` over a ``websockets`` connection."""
+    return await connect(WebSocketPipe(websocket), verify_evidence, **options)
+
+
+async def accept(
+    pipe: MessagePipe,
+    static: StaticKeypair,
+    make_evidence: MakeEvidence,
+    *,
+    protocol_name: str = NX,
+    verify_evidence: VerifyEvidence | None = None,
+    rekey_interval: int | None = DEFAULT_REKEY_INTERVAL,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> Channel:
+    """Answer a handshake on ``pipe``, send our evidence (and verify the peer's in XX)."""
+    session = ServerSession(
+        static,
+        make_evidence,
+        protocol_name=protocol_name,
+        verify_evidence=verify_evidence,
+        rekey_interval=rekey_interval,
+        max_message_size=max_message_size,
+    )
+    channel = Channel(session, pipe)
+    await channel.establish(handshake_timeout)
+    return channel
+
+
+async def serve_rpc(channel: Channel, handlers: Mapping[str, Handler]) -> None:
+    """Answer RPC requests on an open channel until the peer closes it.
+
+    Each request runs in its own task, so calls are concurrent; a cancel cancels the task
+    and no reply is sent. Handler errors become error replies: RPCError keeps its code, any
+    other HermeticError is ``rejected`` with its message, anything else is ``internal``
+    without detail (it may hold secrets).
+    """
+    state = rpc.RPCServerState()
+    tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def run(request: rpc.Request) -> None:
+        handler = handlers.get(request.method)
+        try:
+            if handler is None:
+                reply = state.error(
+                    request.id, rpc.UNKNOWN_METHOD, f"method {request.method!r:.80} not found"
+                )
+            else:
+                try:
+                    value = await handler(request.args)
+                    reply = state.result(request.id, value)
+                except RPCError as exc:
+                    reply = state.error(request.id, exc.code, exc.remote_message)
+                except HermeticError as exc:
+                    reply = state.error(request.id, rpc.REJECTED, str(exc))
+                except asyncio.CancelledError:
+                    state.forget(request.id)
+                    raise
+                except Exception:
+                    reply = state.error(request.id, rpc.INTERNAL, "internal error")
+            await channel.send(reply)
+        finally:
+            tasks.pop(request.id, None)
+
+    try:
+        while True:
+            message = await channel.receive()
+            if message is None:
+                return
+            incoming = state.receive(message)
+            if isinstance(incoming, rpc.Request):
+                tasks[incoming.id] = asyncio.get_running_loop().create_task(run(incoming))
+            elif isinstance(incoming, rpc.Cancel):
+                task = tasks.pop(incoming.id, None)
+                if task is not None:
+                    task.cancel()
+    finally:
+        for task in list(tasks.values()):
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    make_evidence: MakeEvidence,
+    handlers: Mapping[str, Handler],
+    *,
+    static: StaticKeypair,
+    **options: Any,
+) -> None:
+    """Serve one stream connection: handshake, evidence, then RPC until the client leaves.
+
+    Raises the ChannelError that ended the session, if any (after closing the stream).
+    """
+    await _serve(StreamPipe(reader, writer), make_evidence, handlers, static=static, **options)
+
+
+async def serve_websocket(
+    websocket: Any,
+    make_evidence: MakeEvidence,
+    handlers: Mapping[str, Handler],
+    *,
+    static: StaticKeypair,
+    **options: Any,
+) -> None:
+    """:func:`serve_connection` over a ``websockets`` server connection."""
+    await _serve(WebSocketPipe(websocket), make_evidence, handlers, static=static, **options)
+
+
+async def _serve(
+    pipe: MessagePipe,
+    make_evidence: MakeEvidence,
+    handlers: Mapping[str, Handler],
+    *,
+    static: StaticKeypair,
+    **options: Any,
+) -> None:
+    channel = await accept(pipe, static, make_evidence, **options)
+    try:
+        await serve_rpc(channel, handlers)
+    except HermeticError:
+        with contextlib.suppress(HermeticError):
+            await pipe.aclose()
+        raise
+    await channel.close()

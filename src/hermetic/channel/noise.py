@@ -1,0 +1,346 @@
+"""A fenced, typed wrapper over the ``noiseprotocol`` library for the handful of suites we speak.
+
+``noiseprotocol`` 0.3.1 implements the Noise state machines correctly (it passes every
+published vector for the patterns we use) but its edges are loose: it mixes ``bytes`` and
+``bytearray``, checks the 65535-byte limit on the *plaintext* instead of the message, does not
+check handshake message sizes at all, and lets ``cryptography``'s ``ValueError`` /
+``InvalidTag`` and its own untyped exceptions escape. This module is the only place that
+touches the library; everything above it sees bytes in, bytes out, and
+:class:`~hermetic.errors.ChannelError` subclasses.
+
+Only ``Noise_{NX,XX}_25519_{AESGCM,ChaChaPoly}_{SHA256,BLAKE2s}`` are accepted: a small
+allow-list keeps the interop surface (and the analysis of what each message proves) small.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
+from noise.connection import Keypair, NoiseConnection
+
+from hermetic.errors import (
+    DecryptError,
+    HandshakeError,
+    MessageTooLargeError,
+    NonceExhaustedError,
+    SessionStateError,
+    UnsupportedProtocolError,
+)
+
+NX = "Noise_NX_25519_AESGCM_SHA256"
+"""Default for anonymous clients: only the responder (the enclave) has a static key."""
+XX = "Noise_XX_25519_AESGCM_SHA256"
+"""Default for service-to-service sessions: both sides have static keys and evidence."""
+
+ALLOWED_PROTOCOLS: frozenset[str] = frozenset(
+    f"Noise_{pattern}_25519_{cipher}_{hash_name}"
+    for pattern in ("NX", "XX")
+    for cipher in ("AESGCM", "ChaChaPoly")
+    for hash_name in ("SHA256", "BLAKE2s")
+)
+
+MAX_MESSAGE_LEN = 65535
+"""Noise spec §3: every Noise message, handshake or transport, including tags."""
+TAG_LEN = 16
+MAX_PLAINTEXT_LEN = MAX_MESSAGE_LEN - TAG_LEN
+"""65519: the largest transport plaintext whose ciphertext still fits a Noise message."""
+DH_LEN = 32
+MAX_NONCE = 2**64 - 1
+"""Reserved by the spec (used by REKEY); a cipher state must never encrypt with it."""
+
+# The message patterns of the two handshakes we speak (Noise spec §7.5). noiseprotocol has
+# them too, but we need them to compute the exact size bounds it does not check.
+_PATTERN_TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "NX": (("e",), ("e", "ee", "s", "es")),
+    "XX": (("e",), ("e", "ee", "s", "es"), ("s", "se")),
+}
+
+
+@dataclass(frozen=True)
+class StaticKeypair:
+    """An X25519 static key pair (the key the attestation document vouches for)."""
+
+    private: bytes = field(repr=False)
+    public: bytes
+
+    @classmethod
+    def generate(cls) -> StaticKeypair:
+        return cls.from_private(
+            x25519.X25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        )
+
+    @classmethod
+    def from_private(cls, private: bytes) -> StaticKeypair:
+        if len(private) != DH_LEN:
+            raise HandshakeError(
+                f"static private key: expected {DH_LEN} bytes, got {len(private)} bytes"
+            )
+        public = (
+            x25519.X25519PrivateKey.from_private_bytes(bytes(private))
+            .public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+        return cls(private=bytes(private), public=public)
+
+
+@dataclass(frozen=True)
+class ProtocolName:
+    """A parsed, allow-listed Noise protocol name."""
+
+    name: str
+    pattern: str
+    cipher: str
+    hash_name: str
+
+    @classmethod
+    def parse(cls, name: str) -> ProtocolName:
+        if name not in ALLOWED_PROTOCOLS:
+            raise UnsupportedProtocolError(
+                f"protocol name: expected one of {sorted(ALLOWED_PROTOCOLS)}, got {name!r}"
+            )
+        _, pattern, _, cipher, hash_name = name.split("_")
+        return cls(name=name, pattern=pattern, cipher=cipher, hash_name=hash_name)
+
+
+def _message_bounds(pattern: str) -> list[tuple[int, bool]]:
+    """For each handshake message: (fixed overhead in bytes, whether its payload is encrypted)."""
+    bounds: list[tuple[int, bool]] = []
+    has_key = False
+    for tokens in _PATTERN_TOKENS[pattern]:
+        overhead = 0
+        for tok in tokens:
+            if tok == "e":
+                overhead += DH_LEN
+            elif tok == "s":
+                overhead += DH_LEN + (TAG_LEN if has_key else 0)
+            else:  # ee, es, se, ss all MixKey
+                has_key = True
+        bounds.append((overhead + (TAG_LEN if has_key else 0), has_key))
+    return bounds
+
+
+class NoiseHandshake:
+    """One side of an NX or XX handshake, message by message.
+
+    ``ephemeral_private`` exists only so the published test vectors can be replayed; a real
+    session must let the library generate its ephemeral key.
+    """
+
+    def __init__(
+        self,
+        protocol_name: str,
+        *,
+        initiator: bool,
+        prologue: bytes,
+        static: StaticKeypair | None = None,
+        ephemeral_private: bytes | None = None,
+    ) -> None:
+        self.protocol = ProtocolName.parse(protocol_name)
+        self.initiator = initiator
+        needs_static = self.protocol.pattern == "XX" or not initiator
+        if needs_static and static is None:
+            role = "initiator" if initiator else "responder"
+            raise SessionStateError(f"{protocol_name} {role}: a static key pair is required")
+        self._static = static if needs_static else None
+        self._bounds = _message_bounds(self.protocol.pattern)
+        self._index = 0
+        self._transport: NoiseTransport | None = None
+        conn = NoiseConnection.from_name(self.protocol.name.encode("ascii"))
+        if initiator:
+            conn.set_as_initiator()
+        else:
+            conn.set_as_responder()
+        conn.set_prologue(bytes(prologue))
+        if self._static is not None:
+            conn.set_keypair_from_private_bytes(Keypair.STATIC, self._static.private)
+        with warnings.catch_warnings():
+            # The library warns when an ephemeral is injected; only vector replays do that.
+            warnings.simplefilter("ignore")
+            if ephemeral_private is not None:
+                conn.set_keypair_from_private_bytes(Keypair.EPHEMERAL, bytes(ephemeral_private))
+            conn.start_handshake()
+        self._conn = conn
+        self._handshake_hash: bytes | None = None
+        self._remote_static: bytes | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self._handshake_hash is not None
+
+    @property
+    def our_turn(self) -> bool:
+        """True when the next handshake step is a write by this side."""
+        return (self._index % 2 == 0) == self.initiator and not self.complete
+
+    @property
+    def handshake_hash(self) -> bytes:
+        if self._handshake_hash is None:
+            raise SessionStateError("handshake hash requested before the handshake completed")
+        return self._handshake_hash
+
+    @property
+    def remote_static(self) -> bytes:
+        """The peer's static public key (after the handshake; NX initiator side only learns it)."""
+        if self._remote_static is None:
+            raise SessionStateError("remote static key not known (handshake incomplete)")
+        return self._remote_static
+
+    @property
+    def local_static_public(self) -> bytes:
+        if self._static is None:
+            raise SessionStateError("this side has no static key in this pattern")
+        return self._static.public
+
+    def max_payload(self) -> int:
+        """The largest payload the next handshake message can carry within 65535 bytes."""
+        overhead, _ = self._bounds[self._index]
+        return MAX_MESSAGE_LEN - overhead
+
+    def write_message(self, payload: bytes = b"") -> bytes:
+        if self.complete or not self.our_turn:
+            raise SessionStateError(f"handshake message {self._index + 1}: not ours to write")
+        if len(payload) > self.max_payload():
+            raise MessageTooLargeError(
+                f"handshake message {self._index + 1} payload: at most {self.max_payload()} "
+                f"bytes, got {len(payload)}"
+            )
+        state = self._conn.noise_protocol.handshake_state
+        try:
+            message = bytes(self._conn.write_message(bytes(payload)))
+        except ValueError as exc:
+            # Our ee/es/se step met the peer's ephemeral: all-zero shared secret.
+            raise HandshakeError(
+                f"handshake message {self._index + 1}: Diffie-Hellman rejected the peer's "
+                "public key (low-order point)"
+            ) from exc
+        except Exception as exc:  # the library raises untyped errors; translate all of them
+            raise HandshakeError(
+                f"handshake message {self._index + 1}: write failed ({type(exc).__name__})"
+            ) from exc
+        self._advance(state)
+        return message
+
+    def read_message(self, message: bytes) -> bytes:
+        if self.complete or self.our_turn:
+            raise SessionStateError(f"handshake message {self._index + 1}: not ours to read")
+        number = self._index + 1
+        overhead, _ = self._bounds[self._index]
+        if len(message) > MAX_MESSAGE_LEN:
+            raise MessageTooLargeError(
+                f"handshake message {number}: at most {MAX_MESSAGE_LEN} bytes, got {len(message)}"
+            )
+        if len(message) < overhead:
+            raise HandshakeError(
+                f"handshake message {number}: at least {overhead} bytes, got {len(message)}"
+            )
+        state = self._conn.noise_protocol.handshake_state
+        try:
+            payload = bytes(self._conn.read_message(bytes(message)))
+        except InvalidTag as exc:
+            raise HandshakeError(
+                f"handshake message {number}: authentication failed (wrong prologue, "
+                "protocol or keys, or altered message)"
+            ) from exc
+        except ValueError as exc:
+            # cryptography refuses an all-zero X25519 shared secret (low-order point).
+            raise HandshakeError(
+                f"handshake message {number}: Diffie-Hellman rejected the peer's public key "
+                "(low-order point)"
+            ) from exc
+        except Exception as exc:  # untyped library errors (Noise*Error, plain Exception)
+            raise HandshakeError(
+                f"handshake message {number}: rejected ({type(exc).__name__})"
+            ) from exc
+        self._advance(state)
+        return payload
+
+    def _advance(self, state: object) -> None:
+        # ``state`` is the library's HandshakeState, captured before the call: the library
+        # deletes its own reference at Split, and with it the peer's static key we need.
+        self._index += 1
+        if self._conn.handshake_finished:
+            self._handshake_hash = bytes(self._conn.get_handshake_hash())
+            remote = getattr(getattr(state, "rs", None), "public_bytes", None)
+            self._remote_static = bytes(remote) if remote is not None else None
+
+    def split(self, *, rekey_interval: int | None = None) -> NoiseTransport:
+        """The transport cipher states; callable once, after the last handshake message."""
+        if not self.complete:
+            raise SessionStateError("split requested before the handshake completed")
+        if self._transport is not None:
+            raise SessionStateError("split already done")
+        self._transport = NoiseTransport(self._conn, rekey_interval=rekey_interval)
+        return self._transport
+
+
+class NoiseTransport:
+    """The two transport cipher states after Split, with size caps, rekey and nonce guards.
+
+    Rekey rule (docs/protocol.md): after every ``rekey_interval`` messages in one direction,
+    both ends apply the spec's REKEY to that direction's key; the nonce keeps counting.
+    Because both ends count the same messages, they stay in lockstep without signalling.
+    """
+
+    def __init__(self, conn: NoiseConnection, *, rekey_interval: int | None) -> None:
+        if rekey_interval is not None and rekey_interval < 1:
+            raise SessionStateError(f"rekey_interval: expected >= 1, got {rekey_interval}")
+        self._conn = conn
+        self._rekey_interval = rekey_interval
+        self._sent = 0
+        self._received = 0
+
+    @property
+    def messages_sent(self) -> int:
+        return self._sent
+
+    @property
+    def messages_received(self) -> int:
+        return self._received
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        if len(plaintext) > MAX_PLAINTEXT_LEN:
+            raise MessageTooLargeError(
+                f"transport plaintext: at most {MAX_PLAINTEXT_LEN} bytes, got {len(plaintext)}"
+            )
+        if self._sent >= MAX_NONCE - 1:
+            raise NonceExhaustedError(f"send nonce: {self._sent} of {MAX_NONCE - 1} used")
+        try:
+            message: bytes = self._conn.encrypt(bytes(plaintext))
+        except Exception as exc:  # untyped library errors
+            raise SessionStateError(f"encrypt failed ({type(exc).__name__})") from exc
+        self._sent += 1
+        if self._rekey_interval is not None and self._sent % self._rekey_interval == 0:
+            self._conn.rekey_outbound_cipher()
+        return message
+
+    def decrypt(self, message: bytes) -> bytes:
+        if len(message) > MAX_MESSAGE_LEN:
+            raise MessageTooLargeError(
+                f"transport message: at most {MAX_MESSAGE_LEN} bytes, got {len(message)}"
+            )
+        if len(message) < TAG_LEN:
+            raise DecryptError(
+                f"transport message {self._received}: at least {TAG_LEN} bytes, "
+                f"got {len(message)} (truncated)"
+            )
+        if self._received >= MAX_NONCE - 1:
+            raise NonceExhaustedError(f"receive nonce: {self._received} of {MAX_NONCE - 1} used")
+        try:
+            plaintext: bytes = self._conn.decrypt(bytes(message))
+        except Exception as exc:  # NoiseInvalidMessage wraps InvalidTag; nothing else expected
+            raise DecryptError(
+                f"transport message {self._received}: authentication failed "
+                "(truncated, reordered, replayed or altered)"
+            ) from exc
+        self._received += 1
+        if self._rekey_interval is not None and self._received % self._rekey_interval == 0:
+            self._conn.rekey_inbound_cipher()
+        return plaintext
