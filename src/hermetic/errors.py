@@ -367,6 +367,14 @@ class ForkDetectedError(SplitViewError):
     """A new checkpoint is not an extension of the last one (rollback or bad proof)."""
 
 
+class WitnessConflictError(TranslogVerificationError):
+    """A witness request's old size is not the witness's latest size (tlog-witness 409)."""
+
+    def __init__(self, message: str, current_size: int) -> None:
+        super().__init__(message)
+        self.current_size = current_size
+
+
 class TileFormatError(TranslogError, MalformedInputError):
     """A tile path, tile or entry bundle is malformed."""
 
