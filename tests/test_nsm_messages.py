@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hermetic.errors import HermeticError, MalformedInputError, NSMError, NSMResponseFormatError
+from hermetic.nsm.client import NSMClient
 from hermetic.nsm.messages import (
     AttestationRequest,
     AttestationResponse,
@@ -259,3 +260,29 @@ def test_responses_round_trip(response: Response) -> None:
 def test_arbitrary_bytes_into_response_decoder_raise_only_hermetic_errors(raw: bytes) -> None:
     with contextlib.suppress(HermeticError):
         decode_response(raw)
+
+
+class _Replies:
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def transact(self, request: bytes) -> bytes:
+        return self.reply
+
+
+@settings(max_examples=200)
+@given(st.one_of(st.binary(max_size=120), responses.map(encode_response)))
+def test_client_given_any_reply_raises_only_hermetic_errors(reply: bytes) -> None:
+    client = NSMClient(_Replies(reply))
+    calls = [
+        client.attest,
+        client.get_random,
+        client.describe_nsm,
+        lambda: client.describe_pcr(1),
+        lambda: client.extend_pcr(16, b"x"),
+        lambda: client.lock_pcr(16),
+        lambda: client.lock_pcrs(16),
+    ]
+    for call in calls:
+        with contextlib.suppress(HermeticError):
+            call()

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hermetic.attestation.codec import decode, encode_cose_sign1, encode_payload
 from hermetic.attestation.roots import TrustRoot
 from hermetic.attestation.verifier import AttestationVerifier, Policy
-from hermetic.errors import UntrustedRootError
+from hermetic.errors import DevPKIStateError, NSMError, UntrustedRootError
 from hermetic.nsm.client import NSMClient
 from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.pki import DevPKI, fingerprint, pki_dir, root_path
@@ -247,6 +247,24 @@ def test_chain_rotates_intermediates_before_they_would_outlive_children() -> Non
         c.certificate.not_valid_before_utc <= later < c.certificate.not_valid_after_utc
         for c in rotated
     )
+
+
+def test_root_without_its_key_is_an_error_not_a_silent_new_root() -> None:
+    DevPKI().root(NOW)
+    (pki_dir() / "root.key.pem").unlink()
+    with pytest.raises(DevPKIStateError):
+        DevPKI().root(NOW)
+
+
+def test_corrupt_pki_file_is_a_typed_error_and_the_emulator_answers_internal_error() -> None:
+    DevPKI().root(NOW)
+    (pki_dir() / "zonal.pem").write_text("not a certificate")
+    with pytest.raises(DevPKIStateError):
+        DevPKI().ca_chain(NOW)
+    nsm = EmulatedNSM(now=NOW)
+    with pytest.raises(NSMError) as info:
+        NSMClient(_ClockedNSM(nsm, NOW)).attest()
+    assert info.value.code == "InternalError"
 
 
 class _ClockedNSM:

@@ -182,6 +182,12 @@ class DevPKI:
 
     def _load_or_issue_chain(self, now: datetime) -> tuple[CertifiedKey, ...]:
         root = self._load("root")
+        if root is None and self._path("root").exists():
+            # Never replace a root someone may have pinned just because its key went missing.
+            raise DevPKIStateError(
+                f"{self._path('root')} exists but its key root.key.pem does not; "
+                f"delete {self._dir} to create a new dev root"
+            )
         if root is None:
             root = _issue_root(now)
             self._save("root", root)
