@@ -1,0 +1,258 @@
+"""The asyncio adapters over real sockets: TCP, Unix sockets and WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from hermetic.channel import aio
+from hermetic.channel.noise import XX, StaticKeypair
+from hermetic.errors import (
+    EvidenceRejectedError,
+    HermeticError,
+    PolicyError,
+    RPCError,
+    SessionClosedError,
+)
+
+SERVER_KEY = StaticKeypair.generate()
+
+
+def make_evidence(handshake_hash: bytes, static_public: bytes) -> bytes:
+    return b"evidence:" + handshake_hash + static_public
+
+
+def verify_evidence(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> object:
+    if bundle != make_evidence(handshake_hash, remote_static):
+        raise PolicyError("evidence: not bound to this handshake and key")
+    return "verified-peer"
+
+
+def reject(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> object:
+    raise PolicyError("evidence: PCR0 not in the allow-list")
+
+
+class Service:
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.errors: list[BaseException] = []
+
+    async def echo(self, args: Any) -> Any:
+        return args
+
+    async def digest(self, args: Any) -> Any:
+        return hashlib.sha256(args).digest()
+
+    async def sleep(self, args: Any) -> Any:
+        await asyncio.sleep(args)
+        return args
+
+    async def block(self, args: Any) -> Any:
+        self.started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def fail(self, args: Any) -> Any:
+        if args == "rpc":
+            raise RPCError("not_found", "no such record")
+        if args == "hermetic":
+            raise PolicyError("caller not allowed")
+        raise RuntimeError("secret detail")
+
+    def handlers(self) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+        return {
+            "echo": self.echo,
+            "digest": self.digest,
+            "sleep": self.sleep,
+            "block": self.block,
+            "fail": self.fail,
+        }
+
+    async def on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **options: Any
+    ) -> None:
+        try:
+            await aio.serve_connection(
+                reader, writer, make_evidence, self.handlers(), static=SERVER_KEY, **options
+            )
+        except HermeticError as exc:
+            self.errors.append(exc)
+
+
+@contextlib.asynccontextmanager
+async def tcp_service(**options: Any) -> AsyncIterator[tuple[Service, int]]:
+    service = Service()
+    server = await asyncio.start_server(
+        lambda r, w: service.on_connection(r, w, **options), "127.0.0.1", 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield service, port
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_tcp_client_calls_service_after_verifying_evidence() -> None:
+    async with tcp_service() as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        channel = await aio.open_client(reader, writer, verify_evidence)
+        assert channel.peer_info == "verified-peer"
+        assert await channel.call("echo", {"a": [1, b"2"]}) == {"a": [1, b"2"]}
+        payload = bytes(range(256)) * 4000
+        assert await channel.call("digest", payload) == hashlib.sha256(payload).digest()
+        await channel.close()
+
+
+async def test_concurrent_calls_complete_out_of_order_on_one_session() -> None:
+    async with tcp_service() as (_, port):
+        channel = await aio.open_client(
+            *await asyncio.open_connection("127.0.0.1", port), verify_evidence
+        )
+        delays = [0.2, 0.0, 0.1, 0.05, 0.15]
+        finished: list[float] = []
+
+        async def one(delay: float) -> None:
+            finished.append(await channel.call("sleep", delay))
+
+        await asyncio.gather(*(one(d) for d in delays))
+        assert finished == sorted(delays)
+        await channel.close()
+
+
+async def test_remote_errors_arrive_as_typed_codes_without_secret_detail() -> None:
+    async with tcp_service() as (_, port):
+        channel = await aio.open_client(
+            *await asyncio.open_connection("127.0.0.1", port), verify_evidence
+        )
+        with pytest.raises(RPCError) as info:
+            await channel.call("fail", "rpc")
+        assert (info.value.code, info.value.remote_message) == ("not_found", "no such record")
+        with pytest.raises(RPCError) as info:
+            await channel.call("fail", "hermetic")
+        assert info.value.code == "rejected"
+        with pytest.raises(RPCError) as info:
+            await channel.call("fail", "other")
+        assert info.value.code == "internal"
+        assert "secret" not in str(info.value)
+        with pytest.raises(RPCError) as info:
+            await channel.call("nope")
+        assert info.value.code == "unknown_method"
+        assert await channel.call("echo", 1) == 1  # the session survives call errors
+        await channel.close()
+
+
+async def test_cancelling_a_call_cancels_the_handler_on_the_server() -> None:
+    async with tcp_service() as (service, port):
+        channel = await aio.open_client(
+            *await asyncio.open_connection("127.0.0.1", port), verify_evidence
+        )
+        call = asyncio.create_task(channel.call("block"))
+        await asyncio.wait_for(service.started.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.wait_for(service.cancelled.wait(), 5)
+        assert await channel.call("echo", "still open") == "still open"
+        await channel.close()
+
+
+async def test_rejected_evidence_fails_open_client_and_the_server_sees_the_close() -> None:
+    async with tcp_service() as (service, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        with pytest.raises(EvidenceRejectedError, match="PCR0"):
+            await aio.open_client(reader, writer, reject)
+        for _ in range(100):
+            if service.errors:
+                break
+            await asyncio.sleep(0.01)
+        assert service.errors
+        assert all(isinstance(e, SessionClosedError) for e in service.errors)
+
+
+async def test_xx_over_unix_socket_verifies_both_sides(tmp_path: Path) -> None:
+    service = Service()
+    client_key = StaticKeypair.generate()
+    seen: list[bytes] = []
+
+    def server_verifier(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> object:
+        seen.append(remote_static)
+        return verify_evidence(bundle, handshake_hash, remote_static)
+
+    path = str(tmp_path / "vsock-16-5000.sock")
+    server = await asyncio.start_unix_server(
+        lambda r, w: service.on_connection(r, w, protocol_name=XX, verify_evidence=server_verifier),
+        path,
+    )
+    try:
+        channel = await aio.open_client(
+            *await asyncio.open_unix_connection(path),
+            verify_evidence,
+            protocol_name=XX,
+            static=client_key,
+            make_evidence=make_evidence,
+        )
+        assert await channel.call("echo", "xx") == "xx"
+        assert seen == [client_key.public]
+        await channel.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_handshake_times_out_when_the_server_says_nothing() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(SessionClosedError, match=r"not open after 0\.2 s"):
+            await aio.open_client(
+                *await asyncio.open_connection("127.0.0.1", port),
+                verify_evidence,
+                handshake_timeout=0.2,
+            )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_websocket_carries_one_noise_message_per_binary_frame() -> None:
+    service = Service()
+    frames: list[int] = []
+
+    async def handler(ws: Any) -> None:
+        original_recv = ws.recv
+
+        async def counting_recv(*args: Any, **kwargs: Any) -> Any:
+            message = await original_recv(*args, **kwargs)
+            frames.append(len(message))
+            return message
+
+        ws.recv = counting_recv
+        with contextlib.suppress(HermeticError):
+            await aio.serve_websocket(ws, make_evidence, service.handlers(), static=SERVER_KEY)
+
+    async with websockets.serve(handler, "127.0.0.1", 0, max_size=2**17) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with websockets.connect(f"ws://127.0.0.1:{port}", max_size=2**17) as ws:
+            channel = await aio.open_client_websocket(ws, verify_evidence)
+            payload = bytes(200_000)
+            assert await channel.call("digest", payload) == hashlib.sha256(payload).digest()
+            await channel.close()
+    assert frames[0] == 32  # msg1: the client's ephemeral key, no length prefix
+    assert max(frames) <= 65535
+    assert len(frames) >= 1 + 4  # the 200 kB request needed several Noise messages
