@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -31,7 +32,7 @@ from hermetic.translog.checkpoint import (
     open_checkpoint,
     sign_checkpoint,
 )
-from hermetic.translog.merkle import EMPTY_ROOT
+from hermetic.translog.merkle import EMPTY_ROOT, leaf_hash
 from hermetic.translog.note import (
     Ed25519NoteSigner,
     NoteVerifier,
@@ -208,8 +209,6 @@ def test_checkpoint_vectors_parse_and_round_trip(vectors: Path) -> None:
     tree = notes["sumdb_tree_notes"][0]
     cp = Checkpoint.parse(tree["text"])
     assert (cp.origin, cp.size) == ("go.sum database tree", tree["n"])
-    from hermetic.translog.merkle import leaf_hash
-
     assert cp.root_hash == leaf_hash(b"hello world")
 
 
@@ -219,8 +218,6 @@ def test_cosignature_message_matches_c2sp_example(vectors: Path) -> None:
     expected = case["cosigned_message_for_ed25519_cosignature_v1_example"].encode()
     assert cosignature_message(text, 1679315147) == expected
     # The example line's first 8 signature bytes after the key ID are that timestamp.
-    import base64
-
     line = case["message"].splitlines()[-1]
     raw = base64.b64decode(line.split(" ")[2])
     assert int.from_bytes(raw[4:12], "big") == 1679315147
@@ -296,8 +293,6 @@ def test_cosignature_over_other_checkpoint_or_time_is_rejected() -> None:
     with pytest.raises(NoteSignatureError):
         open_checkpoint(signed + line, log.verifier, [witness.verifier], threshold=1)
     # Re-dating a valid cosignature breaks it too.
-    import base64
-
     good = cosign(signed, witness, 1)
     raw = bytearray(base64.b64decode(good.split(" ")[2]))
     raw[11] ^= 1
