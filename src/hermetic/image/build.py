@@ -198,7 +198,8 @@ def dockerfile(manifest: Manifest, base_image: str) -> str:
             "COPY runtime/ /opt/hermetic/runtime/",
             "COPY app/ /opt/hermetic/app/",
             "WORKDIR /opt/hermetic/app",
-            f'CMD ["python", "-m", "{BOOT_MODULE}", "--app", "/opt/hermetic/app"]',
+            'CMD ["python", "-c", "import sys, hermetic.enclave as e; '
+            "sys.exit(e.main('/opt/hermetic/app'))\"]",
             f"LABEL org.opencontainers.image.title={json.dumps(manifest.name)} \\",
             f"      org.opencontainers.image.version={json.dumps(manifest.version)}",
             "",
