@@ -46,7 +46,13 @@ async def start_server(nsm: EmulatedNSM, path: Path | str, *, mode: int = 0o600)
             path.unlink()
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _serve_connection(nsm, reader, writer)
+        try:
+            await _serve_connection(nsm, reader, writer)
+        except asyncio.CancelledError:
+            # The server is shutting down. End the connection task normally: Python 3.11's
+            # stream callback calls task.exception() on a cancelled task and logs a
+            # spurious traceback.
+            writer.close()
 
     server = await asyncio.start_unix_server(on_connection, path=str(path))
     os.chmod(path, mode)
