@@ -18,21 +18,43 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hermetic.errors import LauncherError, ServiceError, UsageError
+
+if TYPE_CHECKING:
+    from hermetic.nsm.client import NSMClient, PCRState
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
 
 
-class EnclaveNSM(Protocol):
-    """What the runtime hands an app for talking to its NSM (see ``runtime.BoundNSM``)."""
+class BoundNSM:
+    """The app's view of its NSM: every document it requests carries the config digest.
 
-    def attest(self, *, nonce: bytes | None = None, public_key: bytes | None = None) -> bytes: ...
+    The runtime builds it around the NSM client; ``user_data`` is not the app's to choose,
+    because it is how a relying party learns which runtime config the enclave runs under
+    (None when the enclave booted without a config).
+    """
 
-    def extend_pcr(self, index: int, data: bytes) -> bytes: ...
+    def __init__(self, client: NSMClient, config_digest: bytes | None) -> None:
+        self._client = client
+        self.user_data = config_digest
 
-    def describe_pcr(self, index: int) -> tuple[bool, bytes]: ...
+    def attest(self, *, nonce: bytes | None = None, public_key: bytes | None = None) -> bytes:
+        """An attestation document with ``user_data`` = SHA-256 of the runtime config."""
+        return self._client.attest(user_data=self.user_data, nonce=nonce, public_key=public_key)
+
+    def extend_pcr(self, index: int, data: bytes) -> bytes:
+        return self._client.extend_pcr(index, data)
+
+    def lock_pcr(self, index: int) -> None:
+        self._client.lock_pcr(index)
+
+    def describe_pcr(self, index: int) -> PCRState:
+        return self._client.describe_pcr(index)
+
+    def get_random(self) -> bytes:
+        return self._client.get_random()
 
 
 @dataclass(frozen=True)
@@ -52,7 +74,7 @@ class RuntimeConfig:
 class EnclaveContext:
     """What an app can reach at run time: its NSM and its verified config (or None)."""
 
-    nsm: EnclaveNSM
+    nsm: BoundNSM
     config: RuntimeConfig | None
     cid: int
     ports: tuple[int, ...]

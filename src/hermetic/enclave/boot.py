@@ -1,0 +1,58 @@
+"""The boot handshake between an enclave and its parent, shared by both sides.
+
+Two parent vsock ports matter at boot:
+
+* ``CONFIG_PORT`` (9001): the enclave connects, the parent sends one frame with the
+  runtime config bundle (an empty frame means "no config"), the enclave answers one
+  frame, a CBOR map ``{"ok": bool, "reason": text, "digest": bstr|null}``. A refusal
+  (unsigned or tampered bundle) is reported here before the enclave exits, so the
+  launcher can say *why* it did not start.
+* ``READY_PORT`` (9000): the enclave sends the single byte ``0xB7`` once its service
+  ports are listening, exactly the heartbeat nitro-cli waits for
+  (``ENCLAVE_READY_VSOCK_PORT``, ``HEART_BEAT``).
+
+The status message codec below is sans-IO; the runtime and the launcher do the I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cbor2
+
+from hermetic.errors import FrameFormatError
+
+READY_PORT = 9000
+READY_BYTE = b"\xb7"
+CONFIG_PORT = 9001
+EGRESS_PORT = 8000
+"""Parent port of the proxy's egress listener (vsock-proxy's default, 8000)."""
+
+EXIT_REFUSED = 3
+"""Exit status of an enclave runtime that refused to start (bad config, bad manifest)."""
+
+
+@dataclass(frozen=True)
+class BootStatus:
+    ok: bool
+    reason: str
+    digest: bytes | None
+
+
+def encode_status(status: BootStatus) -> bytes:
+    return cbor2.dumps({"ok": status.ok, "reason": status.reason, "digest": status.digest})
+
+
+def decode_status(data: bytes) -> BootStatus:
+    try:
+        value = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises many types on hostile input
+        raise FrameFormatError(f"boot status: not valid CBOR ({type(exc).__name__})") from None
+    if (
+        not isinstance(value, dict)
+        or not isinstance(value.get("ok"), bool)
+        or not isinstance(value.get("reason"), str)
+        or not isinstance(value.get("digest"), bytes | None)
+    ):
+        raise FrameFormatError("boot status: expected {ok: bool, reason: text, digest: bytes|null}")
+    return BootStatus(value["ok"], value["reason"], value["digest"])

@@ -1,0 +1,137 @@
+"""The enclave side of boot: from a started process to a served app.
+
+This is PID-1-ish code of an enclave (real or emulated): it reads the app's manifest from
+the (measured) image, opens the NSM, fetches and verifies the runtime config from the
+parent, imports the app, listens on the manifest's vsock ports and tells the parent it is
+ready. If anything a relying party depends on is wrong (unsigned or tampered config, a
+manifest that does not load, an entry point that is not an :class:`App`) it refuses to
+start and says why, on the config channel and on its console.
+
+Nothing here reads the environment except through the pieces that must (the NSM client's
+``HERMETIC_NSM_SOCKET``, the vsock emulation's ``HERMETIC_VSOCK_*``), so the launcher can
+hand the process an otherwise empty environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from hermetic.enclave import boot
+from hermetic.enclave.app import App, BoundNSM, EnclaveContext, RuntimeConfig
+from hermetic.enclave.config import verify_bundle
+from hermetic.enclave.manifest import Manifest, load_manifest
+from hermetic.enclave.service import serve_stream
+from hermetic.errors import EnclaveBootError, HermeticError, RuntimeConfigError
+from hermetic.nsm.client import NSMClient
+from hermetic.transport import vsock
+from hermetic.transport.frames import read_frame, write_frame
+
+log = logging.getLogger("hermetic.enclave")
+
+
+async def fetch_config(manifest: Manifest) -> RuntimeConfig | None:
+    """Get the bundle from the parent, verify it, report the verdict back."""
+    stream = await vsock.connect(vsock.PARENT_CID, boot.CONFIG_PORT)
+    try:
+        bundle = await read_frame(stream.reader)
+        if bundle is None:
+            raise EnclaveBootError("config channel: parent closed it before sending a bundle")
+        try:
+            config = verify_bundle(bundle, manifest.operator_key) if bundle else None
+        except RuntimeConfigError as exc:
+            status = boot.BootStatus(False, f"{type(exc).__name__}: {exc}", None)
+            await write_frame(stream.writer, boot.encode_status(status))
+            raise
+        digest = config.digest if config else None
+        reason = "config verified" if config else "no config delivered"
+        await write_frame(stream.writer, boot.encode_status(boot.BootStatus(True, reason, digest)))
+        return config
+    finally:
+        await stream.aclose()
+
+
+async def report_refusal(reason: str) -> None:
+    """Best effort: tell the parent why we refuse when the failure came before config."""
+    with contextlib.suppress(HermeticError, OSError):
+        stream = await vsock.connect(vsock.PARENT_CID, boot.CONFIG_PORT, timeout=2)
+        await read_frame(stream.reader)
+        await write_frame(stream.writer, boot.encode_status(boot.BootStatus(False, reason, None)))
+        await stream.aclose()
+
+
+def load_app(manifest: Manifest) -> App:
+    module = importlib.import_module(manifest.entry_module)
+    target: object = module
+    for part in manifest.entry_attribute.split("."):
+        target = getattr(target, part, None)
+    if not isinstance(target, App):
+        raise EnclaveBootError(
+            f"entry {manifest.entry!r}: expected a hermetic.enclave.App, "
+            f"got {type(target).__name__}"
+        )
+    return target
+
+
+async def run(app_dir: Path) -> int:
+    """Boot and serve until SIGTERM; return the process exit status."""
+    try:
+        manifest = load_manifest(app_dir)
+    except HermeticError as exc:
+        log.error("refusing to start: %s", exc)
+        await report_refusal(f"{type(exc).__name__}: {exc}")
+        return boot.EXIT_REFUSED
+    try:
+        config = await fetch_config(manifest)
+    except HermeticError as exc:
+        log.error("refusing to start: %s", exc)
+        return boot.EXIT_REFUSED
+    try:
+        app = load_app(manifest)
+        nsm = NSMClient.open()
+    except HermeticError as exc:
+        log.error("refusing to start: %s", exc)
+        return boot.EXIT_REFUSED
+    cid = vsock.local_cid()
+    app.bind(
+        EnclaveContext(
+            BoundNSM(nsm, config.digest if config else None), config, cid, manifest.ports
+        )
+    )
+
+    async def on_stream(stream: vsock.VsockStream) -> None:
+        await serve_stream(app, stream.reader, stream.writer)
+
+    listeners = [await vsock.listen(cid, port, on_stream) for port in manifest.ports]
+    ready = await vsock.connect(vsock.PARENT_CID, boot.READY_PORT)
+    ready.writer.write(boot.READY_BYTE)
+    await ready.writer.drain()
+    await ready.aclose()
+    log.info(
+        "%s %s ready on vsock %s ports %s", manifest.name, manifest.version, cid, manifest.ports
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for listener in listeners:
+        await listener.aclose()
+    nsm.close()
+    return 0
+
+
+def main(app_dir: str) -> int:
+    """Process entry point used by the launcher's boot stage (see ``launcher.sandbox``)."""
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s enclave %(levelname)s %(message)s",
+    )
+    return asyncio.run(run(Path(app_dir)))

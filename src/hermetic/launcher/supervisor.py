@@ -1,0 +1,268 @@
+"""One enclave's supervisor: the emulated hypervisor for exactly one enclave.
+
+It owns everything the enclave must not: the image measurement, the NSM (and so the PKI
+keys), the boot listeners and the enclave's lifecycle. ``hermetic run`` starts it as a
+detached process (``python -m hermetic.launcher.supervisor ID``) and returns once the
+enclave is ready, like ``nitro-cli run-enclave``; ``--foreground`` runs it in-process.
+
+Lifecycle written to the enclave record: BOOTING -> RUNNING -> TERMINATED, or
+BOOTING -> FAILED with the reason (the enclave's own refusal from the config channel,
+or its exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from hermetic.enclave import boot
+from hermetic.errors import EnclaveBootError, FrameFormatError, HermeticError
+from hermetic.image.imagefile import extract, open_image
+from hermetic.launcher import records, sandbox
+from hermetic.launcher.records import EnclaveRecord
+from hermetic.nsm.emulator import EmulatedNSM
+from hermetic.nsm.server import start_server
+from hermetic.transport import vsock
+from hermetic.transport.frames import read_frame, write_frame
+
+log = logging.getLogger("hermetic.launcher")
+
+BOOT_TIMEOUT = 60.0
+STOP_GRACE = 5.0
+
+
+def enclave_dir(enclave_id: str) -> Path:
+    return records.records_dir() / enclave_id
+
+
+def console_path(enclave_id: str) -> Path:
+    return records.records_dir() / f"{enclave_id}.console"
+
+
+class Supervisor:
+    """Boot one enclave, keep its record current, tear it down on stop or exit."""
+
+    def __init__(self, record: EnclaveRecord, bundle: bytes | None) -> None:
+        self.record = record
+        self.bundle = bundle
+        self.root = vsock.emulation_root()
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.boot_status: boot.BootStatus | None = None
+        self.process: asyncio.subprocess.Process | None = None
+
+    def _update(self, **changes: object) -> None:
+        self.record = replace(self.record, **changes)  # type: ignore[arg-type]
+        records.save(self.record)
+
+    async def run(self) -> int:
+        """Supervise until the enclave exits or :attr:`stopping` is set."""
+        self._update(
+            supervisor_pid=os.getpid(), supervisor_start=records.process_start(os.getpid())
+        )
+        workdir = enclave_dir(self.record.id)
+        image_dir = workdir / "image"
+        cleanup: list[object] = []
+        try:
+            try:
+                image = open_image(workdir / "image.img")
+                extract(image, image_dir)
+                _make_read_only(image_dir)
+            except HermeticError as exc:
+                self._update(state=records.FAILED, reason=f"{type(exc).__name__}: {exc}")
+                return 1
+            measurements = image.measurements
+            # The image's measurements, as nitro-cli reports them; in debug mode the NSM
+            # (not this record) zeroes PCR0/1/2/8 in attestation documents.
+            self._update(measurements=measurements.to_nitro_json(), ports=image.manifest.ports)
+            nsm = EmulatedNSM(
+                measurements.pcrs(), debug=self.record.debug, module_id=self.record.id
+            )
+            cid_dir = self.root / str(self.record.cid)
+            cid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            nsm_socket = cid_dir / "nsm.sock"
+            nsm_server = await start_server(nsm, nsm_socket)
+            cleanup.append(nsm_server)
+            cleanup.append(
+                await vsock.listen(
+                    vsock.PARENT_CID, boot.READY_PORT, self._on_ready, peer_cid=self.record.cid
+                )
+            )
+            cleanup.append(
+                await vsock.listen(
+                    vsock.PARENT_CID, boot.CONFIG_PORT, self._on_config, peer_cid=self.record.cid
+                )
+            )
+            spec = sandbox.SandboxSpec(
+                image_dir=image_dir,
+                boot_module=image.boot.boot_module,
+                memory_mib=self.record.memory_mib,
+                cpu_ids=self.record.cpu_ids,
+                environment=sandbox.enclave_environment(nsm_socket, self.root, self.record.cid),
+            )
+            return await self._boot_and_wait(spec, image_dir)
+        finally:
+            await self._terminate_child()
+            for item in reversed(cleanup):
+                if isinstance(item, vsock.VsockListener):
+                    await item.aclose()
+                elif isinstance(item, asyncio.Server):
+                    item.close()
+                    await item.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / str(self.record.cid) / "nsm.sock").unlink()
+            _remove_tree(workdir)
+
+    async def _boot_and_wait(self, spec: sandbox.SandboxSpec, image_dir: Path) -> int:
+        if self.record.debug:
+            console = open(console_path(self.record.id), "ab")  # noqa: SIM115
+        else:
+            console = open(os.devnull, "wb")  # noqa: SIM115
+        with console:
+            self.process = await asyncio.create_subprocess_exec(
+                *spec.argv(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                env={},
+            )
+        pid = self.process.pid
+        self._update(pid=pid, pid_start=records.process_start(pid))
+        exited = asyncio.ensure_future(self.process.wait())
+        ready = asyncio.ensure_future(self.ready.wait())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait(
+            {exited, ready, stop}, timeout=BOOT_TIMEOUT, return_when="FIRST_COMPLETED"
+        )
+        ready.cancel()
+        if not self.ready.is_set():
+            exited.cancel()
+            stop.cancel()
+            reason = self._boot_failure_reason()
+            log.error("enclave %s did not start: %s", self.record.id, reason)
+            self._update(state=records.FAILED, reason=reason)
+            return 1
+        checks = sandbox.inspect(pid, image_dir)
+        for what, verdict in checks.items():
+            if verdict.isupper():
+                log.warning("SANDBOX WEAKENED for %s: %s %s", self.record.id, what, verdict)
+        digest = (
+            self.boot_status.digest.hex() if self.boot_status and self.boot_status.digest else None
+        )
+        self._update(state=records.RUNNING, sandbox=checks, config_digest=digest, reason=None)
+        log.info("enclave %s running on CID %d", self.record.id, self.record.cid)
+        await asyncio.wait({exited, stop}, return_when="FIRST_COMPLETED")
+        stop.cancel()
+        if exited.done():
+            reason = f"enclave process exited with status {exited.result()}"
+        else:
+            exited.cancel()
+            reason = "stopped by the operator"
+        await self._terminate_child()
+        self._update(state=records.TERMINATED, reason=reason)
+        log.info("enclave %s terminated: %s", self.record.id, reason)
+        return 0
+
+    def _boot_failure_reason(self) -> str:
+        if self.boot_status is not None and not self.boot_status.ok:
+            return f"enclave refused to start: {self.boot_status.reason}"
+        if self.process is not None and self.process.returncode is not None:
+            return f"enclave exited with status {self.process.returncode} before it was ready"
+        if self.stopping.is_set():
+            return "stopped by the operator during boot"
+        return f"enclave not ready after {BOOT_TIMEOUT:.0f} s"
+
+    async def _on_ready(self, stream: vsock.VsockStream) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            byte = await asyncio.wait_for(stream.reader.readexactly(1), 10)
+            if byte == boot.READY_BYTE:
+                self.ready.set()
+
+    async def _on_config(self, stream: vsock.VsockStream) -> None:
+        try:
+            await write_frame(stream.writer, self.bundle or b"")
+            answer = await asyncio.wait_for(read_frame(stream.reader), 30)
+            if answer is not None:
+                self.boot_status = boot.decode_status(answer)
+                if not self.boot_status.ok:
+                    log.error(
+                        "enclave %s refused its config: %s", self.record.id, self.boot_status.reason
+                    )
+        except (FrameFormatError, HermeticError, TimeoutError) as exc:
+            log.error("config channel with enclave %s failed: %s", self.record.id, exc)
+
+    async def _terminate_child(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def _make_read_only(root: Path) -> None:
+    """Drop write bits too: the read-only mount is the real barrier, this covers non-root."""
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
+        if not path.is_symlink():
+            mode = path.stat().st_mode
+            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _remove_tree(root: Path) -> None:
+    if not root.exists():
+        return
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.chmod(0o700)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def supervise(record: EnclaveRecord, bundle: bytes | None) -> int:
+    """Run a supervisor with SIGTERM/SIGINT wired to a clean stop."""
+    supervisor = Supervisor(record, bundle)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.stopping.set)
+    try:
+        return await supervisor.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hermetic-supervisor", description=__doc__)
+    parser.add_argument("enclave_id")
+    parser.add_argument("--config", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s supervisor %(levelname)s %(message)s",
+    )
+    record = records.load(args.enclave_id)
+    bundle = args.config.read_bytes() if args.config else None
+    try:
+        return asyncio.run(supervise(record, bundle))
+    except EnclaveBootError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The emulated launcher end to end: real processes, real sandbox, real NSM, real CLI.
+
+Each test runs the probe app (tests/apps/probe) in an emulated enclave and asks it, from
+inside, what it can see and do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from apps.probe.harness import MARKER, build_probe, hermetic, run_json, stop_all, wait_state
+from hermetic.attestation.codec import decode
+from hermetic.enclave.client import ServiceClient
+from hermetic.image.build import BuildResult
+from hermetic.launcher import records
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def operator() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def probe(
+    tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey
+) -> BuildResult:
+    return build_probe(tmp_path_factory.mktemp("probe"), operator)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_enclaves() -> Iterator[None]:
+    yield
+    stop_all()
+
+
+async def _call(cid: int, method: str, *args: object) -> object:
+    async with await ServiceClient.vsock(cid, 5000) as client:
+        return await client.call(method, *args)
+
+
+def test_run_then_ps_shows_running_with_measurements_and_document_verifies(
+    probe: BuildResult, tmp_path: Path
+) -> None:
+    started = run_json("run", str(probe.path))
+    assert started["State"] == "RUNNING"
+    listed = {d["EnclaveID"]: d for d in run_json("ps", "--json")}
+    mine = listed[started["EnclaveID"]]
+    assert mine["State"] == "RUNNING"
+    assert mine["Flags"] == "NONE"
+    assert mine["Measurements"]["PCR0"] == probe.measurements.pcr0.hex()
+    assert mine["Measurements"]["PCR2"] == probe.measurements.pcr2.hex()
+
+    document = asyncio.run(_call(started["EnclaveCID"], "attest", b"probe-nonce"))
+    assert isinstance(document, bytes)
+    path = tmp_path / "doc.cbor"
+    path.write_bytes(document)
+    pcr0 = probe.measurements.pcr0.hex()
+    verified = hermetic("attestation", "verify", str(path), "--root", "dev", "--pcr", f"0={pcr0}")
+    assert verified.returncode == 0, verified.stderr
+    wrong = hermetic("attestation", "verify", str(path), "--root", "dev", "--pcr", f"0={'00' * 48}")
+    assert wrong.returncode == 1
+    _, payload = decode(document)
+    assert payload.module_id == started["EnclaveID"]
+    assert payload.nonce == b"probe-nonce"
+
+    assert asyncio.run(_call(started["EnclaveCID"], "extend_pcr", 0)) == "ReadOnlyIndex"
+    assert asyncio.run(_call(started["EnclaveCID"], "extend_pcr", 16)) == "extended"
+
+
+def test_sandbox_blocks_host_network_environment_image_writes_and_console(
+    probe: BuildResult,
+) -> None:
+    host = socket.socket()
+    host.bind(("127.0.0.1", 0))
+    host.listen()
+    port = host.getsockname()[1]
+    try:
+        started = run_json("run", str(probe.path))
+        report = asyncio.run(_call(started["EnclaveCID"], "isolation", port))
+    finally:
+        host.close()
+    assert isinstance(report, dict)
+    assert report["tcp"].startswith("OSError: Network is unreachable"), report["tcp"]
+    # execve gave exactly the four documented variables; the only other one the app sees
+    # is LC_CTYPE, which the interpreter itself adds in the C locale (PEP 538 coercion).
+    assert report["initial_environment"] == [
+        "HERMETIC_NSM_SOCKET",
+        "HERMETIC_VSOCK",
+        "HERMETIC_VSOCK_CID",
+        "HERMETIC_VSOCK_DIR",
+    ]
+    assert set(report["environment"]) - set(report["initial_environment"]) <= {"LC_CTYPE"}
+    assert "Read-only file system" in report["write_image"]
+    record = records.load(started["EnclaveID"])
+    assert record.sandbox["network"] == "isolated"
+    assert record.sandbox["image"] == "read-only mount"
+    # Nothing the app printed reached the host: no file in the state dir holds it.
+    state = Path(os.environ["HERMETIC_STATE_DIR"])
+    for path in state.rglob("*"):
+        if path.is_file() and not path.is_socket():
+            assert MARKER.encode() not in path.read_bytes(), path
+    assert hermetic("console", started["EnclaveID"], "--no-follow").returncode == 1
+
+
+def test_debug_enclave_console_shows_app_output(probe: BuildResult) -> None:
+    started = run_json("run", str(probe.path), "--debug")
+    assert started["Flags"] == "DEBUG_MODE"
+    report = asyncio.run(_call(started["EnclaveCID"], "isolation", 9))
+    assert isinstance(report, dict)
+    console = hermetic("console", started["EnclaveID"], "--no-follow")
+    assert console.returncode == 0
+    assert f"{MARKER} stdout at import" in console.stdout
+    assert f"{MARKER} stderr from a method" in console.stdout
+
+
+def test_killed_enclave_shows_terminated_and_can_be_run_again(probe: BuildResult) -> None:
+    started = run_json("run", str(probe.path))
+    record = records.load(started["EnclaveID"])
+    assert record.pid is not None
+    os.kill(record.pid, signal.SIGKILL)
+    assert wait_state(record.id, "TERMINATED").state == "TERMINATED"
+    listed = {d["EnclaveID"]: d for d in run_json("ps", "--json")}
+    assert listed[record.id]["State"] == "TERMINATED"
+    assert "exited" in listed[record.id]["Reason"] or "gone" in listed[record.id]["Reason"]
+
+    again = run_json("run", str(probe.path))
+    assert again["State"] == "RUNNING"
+    assert again["EnclaveCID"] == started["EnclaveCID"]  # the CID was freed
+    assert asyncio.run(_call(again["EnclaveCID"], "echo", "back")) == "back"
+
+
+def test_stop_terminates_and_frees_resources(probe: BuildResult) -> None:
+    started = run_json("run", str(probe.path))
+    stopped = run_json("stop", started["EnclaveID"])
+    assert stopped == {
+        "EnclaveName": "probe",
+        "EnclaveID": started["EnclaveID"],
+        "Terminated": True,
+    }
+    record = records.load(started["EnclaveID"])
+    assert record.state == "TERMINATED"
+    assert record.pid is not None
+    assert not records.alive(record.pid, record.pid_start)
+    assert not (Path(os.environ["HERMETIC_STATE_DIR"]) / "enclaves" / record.id).exists()
+
+
+def test_stop_of_unknown_enclave_is_a_clean_error() -> None:
+    done = hermetic("stop", "i-00000000000000000-enc0000000000000000")
+    assert done.returncode == 1
+    assert "no such enclave" in done.stderr
+    assert "Traceback" not in done.stderr
