@@ -12,6 +12,7 @@ the verifier; :func:`check_validity` runs on every verification from the stored 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -19,6 +20,7 @@ from typing import TypeVar
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtensionOID
 
 from hermetic.attestation.codec import AttestationDocument
@@ -34,6 +36,16 @@ from hermetic.errors import (
 # as RFC 5280 requires of a validator that does not process it.
 _UNDERSTOOD_CRITICAL = frozenset({ExtensionOID.BASIC_CONSTRAINTS, ExtensionOID.KEY_USAGE})
 _E = TypeVar("_E", bound=x509.ExtensionType)
+# What cryptography raises, eagerly or lazily, on certificate bytes it cannot make sense of
+# (several of these are not ValueError subclasses; the mutation tests found them).
+_X509_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)
 
 
 @dataclass(frozen=True)
@@ -60,10 +72,21 @@ class VerifiedChain:
 
 def parse_certificate(der: bytes, where: str) -> x509.Certificate:
     """Parse one DER certificate; unparseable bytes are a format error naming ``where``."""
-    try:
-        return x509.load_der_x509_certificate(der)
-    except (ValueError, TypeError) as exc:
-        raise AttestationFormatError(f"{where}: not a DER X.509 certificate ({exc})") from None
+    # cryptography only *warns* about some RFC 5280 violations (e.g. a non-positive
+    # serial number); such a certificate is malformed here, and a warning printed on
+    # stderr would break the CLI's one-line error contract.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CryptographyDeprecationWarning)
+        try:
+            certificate = x509.load_der_x509_certificate(der)
+        except _X509_ERRORS as exc:
+            raise AttestationFormatError(f"{where}: not a DER X.509 certificate ({exc})") from None
+    for warning in caught:
+        if issubclass(warning.category, CryptographyDeprecationWarning):
+            raise AttestationFormatError(
+                f"{where}: not a valid X.509 certificate ({warning.message})"
+            )
+    return certificate
 
 
 def describe(certificate: x509.Certificate, role: str, where: str) -> CertificateInfo:
@@ -74,7 +97,7 @@ def describe(certificate: x509.Certificate, role: str, where: str) -> Certificat
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
         )
-    except (ValueError, TypeError) as exc:
+    except _X509_ERRORS as exc:
         raise AttestationFormatError(f"{where}: unreadable subject or validity ({exc})") from None
 
 
@@ -88,37 +111,54 @@ def describe_document_chain(doc: AttestationDocument) -> tuple[CertificateInfo, 
     return tuple(infos)
 
 
-def verify_chain(doc: AttestationDocument, root: TrustRoot) -> VerifiedChain:
-    """Check ``[certificate, cabundle[N-1], ..., cabundle[1]]`` up to the pinned ``root``.
+@dataclass(frozen=True)
+class VerifiedIssuers:
+    """The pinned root and the document's intermediates, verified down to the last CA.
 
-    Raises UntrustedRootError if the document's root is not the pinned one, and
-    CertificateChainError for a broken signature, issuer name, constraint or key type.
+    Shared by every leaf the same parent instance issues, so it is cached on its own.
+    ``certificates`` runs top-down (root first).
     """
-    actual = hashlib.sha256(doc.cabundle[0]).hexdigest()
+
+    issuer: x509.Certificate
+    issuer_where: str
+    certificates: tuple[CertificateInfo, ...]
+
+
+def verify_issuers(cabundle: tuple[bytes, ...], root: TrustRoot) -> VerifiedIssuers:
+    """Check ``cabundle[1..]`` top-down from the pinned ``root`` (time-independent).
+
+    Raises UntrustedRootError if ``cabundle[0]`` is not the pinned root, and
+    CertificateChainError for a broken signature, issuer name or constraint.
+    """
+    actual = hashlib.sha256(cabundle[0]).hexdigest()
     if actual != root.fingerprint:
         raise UntrustedRootError(
             f"cabundle[0]: root SHA-256 expected {root.fingerprint} ({root.name} root), "
             f"got {actual}"
         )
-    # Top-down: the pinned root (not the document's copy), intermediates, then the leaf.
-    chain: list[tuple[str, str, x509.Certificate]] = [
-        ("root", f"{root.name} root", root.certificate)
-    ]
-    for n in range(1, len(doc.cabundle)):
+    # The pinned root's own object is used, not the document's copy of it.
+    parent, parent_where = root.certificate, f"{root.name} root"
+    # Every CA certificate must allow the CAs below it (the leaf is not counted).
+    _check_extensions(parent, "root", parent_where, cas_below=len(cabundle) - 1)
+    infos = [describe(parent, "root", parent_where)]
+    for n in range(1, len(cabundle)):
         where = f"cabundle[{n}]"
-        chain.append(("intermediate", where, parse_certificate(doc.cabundle[n], where)))
-    chain.append(("leaf", "certificate", parse_certificate(doc.certificate, "certificate")))
+        certificate = parse_certificate(cabundle[n], where)
+        _check_issued_by(certificate, where, parent, parent_where)
+        _check_extensions(certificate, "intermediate", where, cas_below=len(cabundle) - 1 - n)
+        infos.append(describe(certificate, "intermediate", where))
+        parent, parent_where = certificate, where
+    return VerifiedIssuers(issuer=parent, issuer_where=parent_where, certificates=tuple(infos))
 
-    for depth, (role, where, certificate) in enumerate(chain):
-        if depth > 0:
-            _check_issued_by(certificate, where, chain[depth - 1][2], chain[depth - 1][1])
-        cas_below = len(chain) - 2 - depth
-        _check_extensions(certificate, role, where, cas_below)
 
-    leaf = chain[-1][2]
+def verify_leaf(certificate: bytes, issuers: VerifiedIssuers) -> VerifiedChain:
+    """Check the leaf against the last verified CA; return its P-384 key and the chain."""
+    leaf = parse_certificate(certificate, "certificate")
+    _check_issued_by(leaf, "certificate", issuers.issuer, issuers.issuer_where)
+    _check_extensions(leaf, "leaf", "certificate", cas_below=0)
     try:
         leaf_key = leaf.public_key()
-    except (ValueError, UnsupportedAlgorithm) as exc:
+    except _X509_ERRORS as exc:
         raise AttestationFormatError(f"certificate: unreadable public key ({exc})") from None
     if not isinstance(leaf_key, ec.EllipticCurvePublicKey) or not isinstance(
         leaf_key.curve, ec.SECP384R1
@@ -126,8 +166,13 @@ def verify_chain(doc: AttestationDocument, root: TrustRoot) -> VerifiedChain:
         raise CertificateChainError(
             f"certificate: expected a P-384 public key (ES384), got {_key_name(leaf_key)}"
         )
-    infos = tuple(describe(cert, role, where) for role, where, cert in reversed(chain))
+    infos = (describe(leaf, "leaf", "certificate"), *reversed(issuers.certificates))
     return VerifiedChain(leaf_key=leaf_key, certificates=infos)
+
+
+def verify_chain(doc: AttestationDocument, root: TrustRoot) -> VerifiedChain:
+    """Check ``[certificate, cabundle[N-1], ..., cabundle[1]]`` up to the pinned ``root``."""
+    return verify_leaf(doc.certificate, verify_issuers(doc.cabundle, root))
 
 
 def check_validity(certificates: tuple[CertificateInfo, ...], now: datetime) -> None:
@@ -150,7 +195,7 @@ def _check_issued_by(
         raise CertificateChainError(
             f"{where}: signature does not verify with the key of {parent_where}"
         ) from None
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except _X509_ERRORS as exc:
         raise CertificateChainError(f"{where}: not issued by {parent_where} ({exc})") from None
 
 
@@ -164,7 +209,7 @@ def _check_extensions(certificate: x509.Certificate, role: str, where: str, cas_
                 )
         constraints = _optional_extension(extensions, x509.BasicConstraints)
         usage = _optional_extension(extensions, x509.KeyUsage)
-    except ValueError as exc:
+    except _X509_ERRORS as exc:
         raise AttestationFormatError(f"{where}: malformed extensions ({exc})") from None
 
     if role == "leaf":

@@ -30,13 +30,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from hermetic.attestation.chain import CertificateInfo, VerifiedChain, check_validity, verify_chain
+from hermetic.attestation.chain import (
+    CertificateInfo,
+    VerifiedChain,
+    VerifiedIssuers,
+    check_validity,
+    verify_issuers,
+    verify_leaf,
+)
 from hermetic.attestation.codec import (
     MAX_PCR_INDEX,
     AttestationDocument,
@@ -59,6 +67,7 @@ from hermetic.errors import (
 
 DEFAULT_CACHE_SIZE = 256
 _HALF = 48  # bytes of r (and of s) in a raw ES384 signature
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,7 @@ class AttestationVerifier:
         self.root = root
         self._cache_size = cache_size
         self._chains: OrderedDict[tuple[bytes, ...], VerifiedChain] = OrderedDict()
+        self._issuers: OrderedDict[tuple[bytes, ...], VerifiedIssuers] = OrderedDict()
         self._lock = threading.Lock()
 
     def verify(
@@ -193,19 +203,37 @@ class AttestationVerifier:
         return len(self._chains)
 
     def _verified_chain(self, doc: AttestationDocument) -> VerifiedChain:
+        # Two levels, both keyed by exact certificate bytes: the CA part (shared by every
+        # enclave of one parent instance) and the full chain with its parsed leaf key.
         key = (doc.certificate, *doc.cabundle)
-        with self._lock:
-            cached = self._chains.get(key)
-            if cached is not None:
-                self._chains.move_to_end(key)
-                return cached
-        chain = verify_chain(doc, self.root)
-        if self._cache_size:
-            with self._lock:
-                self._chains[key] = chain
-                while len(self._chains) > self._cache_size:
-                    self._chains.popitem(last=False)
+        chain = self._lookup(self._chains, key)
+        if chain is None:
+            issuers = self._lookup(self._issuers, doc.cabundle)
+            if issuers is None:
+                issuers = verify_issuers(doc.cabundle, self.root)
+                self._store(self._issuers, doc.cabundle, issuers)
+            chain = verify_leaf(doc.certificate, issuers)
+            self._store(self._chains, key, chain)
         return chain
+
+    def _lookup(
+        self, cache: OrderedDict[tuple[bytes, ...], _T], key: tuple[bytes, ...]
+    ) -> _T | None:
+        with self._lock:
+            found = cache.get(key)
+            if found is not None:
+                cache.move_to_end(key)
+            return found
+
+    def _store(
+        self, cache: OrderedDict[tuple[bytes, ...], _T], key: tuple[bytes, ...], value: _T
+    ) -> None:
+        if not self._cache_size:
+            return
+        with self._lock:
+            cache[key] = value
+            while len(cache) > self._cache_size:
+                cache.popitem(last=False)
 
 
 def verify(
