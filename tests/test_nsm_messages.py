@@ -286,3 +286,24 @@ def test_client_given_any_reply_raises_only_hermetic_errors(reply: bytes) -> Non
     for call in calls:
         with contextlib.suppress(HermeticError):
             call()
+
+
+def test_single_byte_mutations_of_responses_parse_or_fail_typed() -> None:
+    samples = [encode_response(r) for r, _ in RESPONSE_SHAPES] + [
+        bytes.fromhex(h) for _, h in RESPONSE_VECTORS
+    ]
+    codes: set[str] = set()
+    accepted = 0
+    for raw in samples:
+        for position in range(min(len(raw), 120)):
+            for value in (0x00, 0x18, 0x40, 0x60, 0xA1, 0xF5, 0xF6, 0xFF, raw[position] ^ 1):
+                mutated = raw[:position] + bytes([value]) + raw[position + 1 :]
+                try:
+                    parsed = decode_response(mutated)
+                except NSMResponseFormatError as exc:
+                    codes.add(exc.code)
+                else:
+                    accepted += 1
+                    assert decode_response(encode_response(parsed)) == parsed
+    assert codes == {"InvalidResponse"}
+    assert accepted > 0  # some mutations (inside byte strings) are still valid responses
