@@ -21,6 +21,18 @@ LIMIT_MS = 10.0
 
 
 def main() -> bool:
+    previous = os.environ.get("HERMETIC_STATE_DIR")
+    try:
+        return _measure()
+    finally:
+        if previous is None:
+            os.environ.pop("HERMETIC_STATE_DIR", None)
+        else:
+            os.environ["HERMETIC_STATE_DIR"] = previous
+
+
+def _measure() -> bool:
+    # A throw-away state directory: the benchmark must not touch the developer's dev root.
     with tempfile.TemporaryDirectory() as state:
         os.environ["HERMETIC_STATE_DIR"] = state
         from hermetic.nsm import EmulatedNSM, NSMClient, SocketBackend, start_server
