@@ -239,6 +239,21 @@ class LogStore(ABC):
             return self.checkpoint_at(0)
         return self.checkpoint_at(size)
 
+    def latest_cosigned_size(self, minimum: int) -> int | None:
+        """The largest size whose checkpoint carries at least ``minimum`` cosignatures."""
+        if minimum <= 0:
+            return self.tree_size()
+        with self._reading() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT size FROM cosignatures GROUP BY size HAVING COUNT(*) >= ?"
+                    " ORDER BY size DESC LIMIT 1"
+                ),
+                (minimum,),
+            )
+            row = cur.fetchone()
+        return None if row is None else int(row[0])
+
     def checkpoint_sizes(self) -> list[int]:
         """Every size a checkpoint was published for, ascending."""
         with self._reading() as cur:
