@@ -1,0 +1,62 @@
+"""Attestation verification throughput, cold and warm, against one P-384 verify.
+
+Goal: with the chain cache warm, verifying a real document costs at most 1.5x one
+``cryptography`` ECDSA P-384 verify measured in the same run (the rest - CBOR decode,
+validity windows, policy - must be small next to the one signature check that cannot be
+avoided).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from bench.report import p50, print_table, time_per_call
+from hermetic.attestation import AttestationVerifier, Policy, TrustRoot, decode, sig_structure
+from hermetic.paths import shared_dir
+
+VECTOR = "libsignal-2"
+VERIFY_AT = 1705431295
+GOAL = 1.5
+
+
+def main() -> bool:
+    data = (shared_dir() / "vectors" / "nitro" / f"{VECTOR}.cbor").read_bytes()
+    now = datetime.fromtimestamp(VERIFY_AT, UTC)
+    root = TrustRoot.aws()
+    policy = Policy()
+
+    # Peer: one bare P-384 ECDSA verify over a message of the same size, same run.
+    key = ec.generate_private_key(ec.SECP384R1())
+    cose, _ = decode(data)
+    message = sig_structure(cose.protected, cose.payload)
+    signature = key.sign(message, ec.ECDSA(hashes.SHA384()))
+    public = key.public_key()
+
+    def p384() -> None:
+        public.verify(signature, message, ec.ECDSA(hashes.SHA384()))
+
+    def cold() -> None:
+        AttestationVerifier(root).verify(data, policy, now)
+
+    warm_verifier = AttestationVerifier(root)
+    warm_verifier.verify(data, policy, now)
+
+    def warm() -> None:
+        warm_verifier.verify(data, policy, now)
+
+    samples = {
+        "P-384 ECDSA verify (peer)": p50(time_per_call(p384, min_seconds=1.0)),
+        "verify, cold (fresh verifier)": p50(time_per_call(cold, min_seconds=1.0)),
+        "verify, warm (cached chain)": p50(time_per_call(warm, min_seconds=1.0)),
+    }
+    peer = samples["P-384 ECDSA verify (peer)"]
+    rows = [[name, seconds * 1e6, 1 / seconds, seconds / peer] for name, seconds in samples.items()]
+    print(f"document: {VECTOR}.cbor ({len(data)} bytes), single thread, p50 per call")
+    print_table(["operation", "us/call", "docs/s", "x P-384 verify"], rows)
+    ratio = samples["verify, warm (cached chain)"] / peer
+    met = ratio <= GOAL
+    print(f"goal: warm <= {GOAL}x one P-384 verify: {ratio:.2f}x -> {'met' if met else 'NOT met'}")
+    return met
