@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +160,16 @@ def test_stop_of_unknown_enclave_is_a_clean_error() -> None:
     assert done.returncode == 1
     assert "no such enclave" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_killed_supervisor_takes_its_enclave_down_and_ps_says_so(probe: BuildResult) -> None:
+    started = run_json("run", str(probe.path))
+    record = records.load(started["EnclaveID"])
+    assert record.supervisor_pid is not None
+    assert record.pid is not None
+    os.kill(record.supervisor_pid, signal.SIGKILL)
+    assert wait_state(record.id, "TERMINATED").state == "TERMINATED"
+    deadline = time.monotonic() + 10
+    while records.alive(record.pid, record.pid_start) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not records.alive(record.pid, record.pid_start)

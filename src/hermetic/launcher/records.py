@@ -165,13 +165,12 @@ def refresh(record: EnclaveRecord) -> EnclaveRecord:
     """Correct a live-looking record whose processes are gone (crash, SIGKILL)."""
     if record.state not in LIVE_STATES:
         return record
-    supervisor_ok = alive(record.supervisor_pid, record.supervisor_start)
-    enclave_ok = record.pid is None or alive(record.pid, record.pid_start)
     if record.state == BOOTING and record.supervisor_pid is None:
         return record  # `hermetic run` has not started the supervisor yet
-    if supervisor_ok and enclave_ok:
-        return record
-    reason = "enclave process is gone" if not enclave_ok else "supervisor process is gone"
+    if alive(record.supervisor_pid, record.supervisor_start):
+        return record  # the supervisor is the authority and records every change itself
+    enclave_ok = record.pid is not None and alive(record.pid, record.pid_start)
+    reason = "supervisor process is gone" if enclave_ok else "enclave process is gone"
     return replace(record, state=TERMINATED, reason=record.reason or reason)
 
 

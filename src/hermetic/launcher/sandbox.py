@@ -7,7 +7,9 @@ environment:
    new network namespace (no interfaces but a down loopback, so nothing reaches the host's
    network) and a private mount namespace in which the extracted image is bind-mounted
    read-only (root ignores file modes, a read-only mount it cannot ignore); sets
-   ``RLIMIT_AS`` to the enclave's memory and pins the process to its CPUs; then ``execve``
+   ``RLIMIT_AS`` to the enclave's memory and pins the process to its CPUs; asks the
+   kernel to kill it if its supervisor dies (an orphan enclave would outlive the NSM and
+   the record that says it is gone); then ``execve``
    stage 2 with exactly :func:`enclave_environment`.
 2. **boot stage** (:data:`BOOT_STAGE`): puts the image's runtime and app directories first
    on ``sys.path`` and drops any other ``hermetic`` source (the developer's checkout must
@@ -40,6 +42,10 @@ MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
 def warn(what):
     err = ctypes.get_errno()
     sys.stderr.write("hermetic sandbox WARNING: %s: %s\n" % (what, os.strerror(err)))
+PR_SET_PDEATHSIG, SIGKILL = 1, 9
+libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
+if os.getppid() != spec["parent"]:
+    sys.exit("hermetic sandbox: the supervisor died during boot")
 if libc.unshare(CLONE_NEWNET) != 0:
     warn("no network namespace, the enclave shares the host network")
 image = os.fsencode(spec["image"])
@@ -88,6 +94,7 @@ class SandboxSpec:
             "cpu_ids": list(self.cpu_ids),
             "env": self.environment,
             "boot": BOOT_STAGE,
+            "parent": os.getpid(),
         }
         return [sys.executable, "-I", "-c", SANDBOX_STAGE, json.dumps(spec)]
 
