@@ -412,3 +412,41 @@ def test_mutated_image_raises_only_hermetic_errors(small_image: bytes, data: st.
     for candidate in (bytes(image), fixed):
         with contextlib.suppress(HermeticError):
             parse_image(candidate)
+
+
+def _docs_block(language: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "images.md").read_text()
+    start = text.index(f"```{language}\nIMG=" if language == "sh" else f"```{language}\n")
+    body = text[start:].split("\n", 1)[1]
+    return body[: body.index("```")]
+
+
+@pytest.mark.skipif(shutil.which("xxd") is None, reason="the shell recipe needs xxd")
+def test_shell_recipe_in_docs_reproduces_the_pcrs(app: Path, tmp_path: Path, runtime: Path) -> None:
+    m = build_image(app, tmp_path / "echo.img", runtime=runtime).measurements
+    result = subprocess.run(
+        ["bash", "-c", _docs_block("sh")], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "PCR0",
+        m.pcr0.hex(),
+        "PCR1",
+        m.pcr1.hex(),
+        "PCR2",
+        m.pcr2.hex(),
+    ]
+
+
+def test_python_recipe_in_docs_reproduces_the_pcrs(
+    app: Path,
+    tmp_path: Path,
+    runtime: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    m = build_image(app, tmp_path / "echo.img", runtime=runtime).measurements
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_docs_block("python"), "docs/images.md", "exec"), {})
+    out = capsys.readouterr().out.split()
+    assert out == ["PCR0", m.pcr0.hex(), "PCR1", m.pcr1.hex(), "PCR2", m.pcr2.hex()]
