@@ -16,6 +16,7 @@ from hermetic.channel import aio
 from hermetic.channel.noise import XX, StaticKeypair
 from hermetic.errors import (
     EvidenceRejectedError,
+    FrameError,
     HermeticError,
     PolicyError,
     RPCError,
@@ -256,3 +257,21 @@ async def test_websocket_carries_one_noise_message_per_binary_frame() -> None:
     assert frames[0] == 32  # msg1: the client's ephemeral key, no length prefix
     assert max(frames) <= 65535
     assert len(frames) >= 1 + 4  # the 200 kB request needed several Noise messages
+
+
+async def test_stream_ending_inside_a_frame_is_a_frame_error() -> None:
+    async def half_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(2 + 32)
+        writer.write(b"\x00\x60" + bytes(40))  # promises 96 bytes, sends 40
+        writer.close()
+
+    server = await asyncio.start_server(half_frame, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(FrameError, match="40 of 96 bytes"):
+            await aio.open_client(
+                *await asyncio.open_connection("127.0.0.1", port), verify_evidence
+            )
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from hermetic.channel import rpc
-from hermetic.channel.framing import FrameDecoder, frame_prefix
+from hermetic.channel.framing import LENGTH_PREFIX_LEN, MAX_FRAME_LEN, frame_prefix
 from hermetic.channel.noise import NX, StaticKeypair
 from hermetic.channel.session import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -61,9 +61,6 @@ class StreamPipe:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._decoder = FrameDecoder()
-        self._frames: list[bytes] = []
-        self._next = 0
 
     async def send(self, messages: Sequence[bytes]) -> None:
         parts: list[bytes] = []
@@ -77,19 +74,26 @@ class StreamPipe:
             raise TransportError(f"stream write failed ({type(exc).__name__})") from exc
 
     async def receive(self) -> bytes | None:
-        while self._next >= len(self._frames):
+        # readexactly() copies each frame once out of the StreamReader's buffer, where
+        # read() + FrameDecoder would copy it twice; the framing rules are the same.
+        try:
             try:
-                data = await self._reader.read(_READ_SIZE)
-            except (ConnectionError, OSError) as exc:
-                raise TransportError(f"stream read failed ({type(exc).__name__})") from exc
-            if not data:
-                self._decoder.eof()
-                return None
-            self._frames = self._decoder.feed(data)
-            self._next = 0
-        frame = self._frames[self._next]
-        self._next += 1
-        return frame
+                prefix = await self._reader.readexactly(LENGTH_PREFIX_LEN)
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial:
+                    return None  # clean end of stream between frames
+                raise FrameError("stream ended inside a frame's length prefix") from exc
+            size = (prefix[0] << 8) | prefix[1]
+            if size == 0:
+                raise FrameError(f"frame length: expected 1..{MAX_FRAME_LEN}, got 0")
+            try:
+                return await self._reader.readexactly(size)
+            except asyncio.IncompleteReadError as exc:
+                raise FrameError(
+                    f"stream ended inside a frame ({len(exc.partial)} of {size} bytes)"
+                ) from exc
+        except (ConnectionError, OSError) as exc:
+            raise TransportError(f"stream read failed ({type(exc).__name__})") from exc
 
     async def aclose(self) -> None:
         self._writer.close()

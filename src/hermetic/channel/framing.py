@@ -40,29 +40,59 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
-        """Append ``data``; return every frame it completes, in order."""
+        """Append ``data``; return every frame it completes, in order.
+
+        Written for throughput: frames are cut from ``data`` in place and each payload byte
+        is copied once; only a frame that straddles two chunks passes through the buffer.
+        """
         if self._failed is not None:
             raise FrameError(f"decoder already failed: {self._failed}")
-        self._buffer += data
+        view = memoryview(data)
+        end = len(view)
         frames: list[bytes] = []
-        buffer = self._buffer
-        offset = 0
-        end = len(buffer)
-        while end - offset >= LENGTH_PREFIX_LEN:
-            size = (buffer[offset] << 8) | buffer[offset + 1]
+        pos = 0
+        if self._buffer:
+            pos = self._complete_pending(view, frames)
+            if not frames:
+                return frames
+        while end - pos >= LENGTH_PREFIX_LEN:
+            size = (view[pos] << 8) | view[pos + 1]
             if size == 0:
-                self._failed = FrameError(
-                    f"frame length at stream offset +{offset}: expected 1..{MAX_FRAME_LEN}, got 0"
-                )
-                raise self._failed
-            if end - offset - LENGTH_PREFIX_LEN < size:
+                self._fail(pos)
+            if end - pos - LENGTH_PREFIX_LEN < size:
                 break
-            start = offset + LENGTH_PREFIX_LEN
-            frames.append(bytes(buffer[start : start + size]))
-            offset = start + size
-        if offset:
-            del buffer[:offset]
+            start = pos + LENGTH_PREFIX_LEN
+            frames.append(bytes(view[start : start + size]))
+            pos = start + size
+        self._buffer += view[pos:]
         return frames
+
+    def _complete_pending(self, view: memoryview, frames: list[bytes]) -> int:
+        """Top up the buffered partial frame from ``view``; return how many bytes it used."""
+        buffer = self._buffer
+        pos = 0
+        if len(buffer) < LENGTH_PREFIX_LEN:
+            pos = min(LENGTH_PREFIX_LEN - len(buffer), len(view))
+            buffer += view[:pos]
+            if len(buffer) < LENGTH_PREFIX_LEN:
+                return pos
+        size = (buffer[0] << 8) | buffer[1]
+        if size == 0:
+            self._fail(-len(buffer) + pos)
+        need = LENGTH_PREFIX_LEN + size - len(buffer)
+        take = min(need, len(view) - pos)
+        buffer += view[pos : pos + take]
+        pos += take
+        if take == need:
+            frames.append(bytes(memoryview(buffer)[LENGTH_PREFIX_LEN:]))
+            self._buffer = bytearray()
+        return pos
+
+    def _fail(self, offset: int) -> None:
+        self._failed = FrameError(
+            f"frame length at chunk offset {offset}: expected 1..{MAX_FRAME_LEN}, got 0"
+        )
+        raise self._failed
 
     def eof(self) -> None:
         """The stream ended: raise if it ended inside a frame."""

@@ -249,11 +249,16 @@ class _Session:
             raise MessageTooLargeError(
                 f"application message: at most {self.max_message_size} bytes, got at least {size}"
             )
-        self._parts.append(plaintext[CHUNK_HEADER_LEN:])
-        self._parts_size = size
         if flags & CHUNK_MORE:
+            self._parts.append(plaintext)
+            self._parts_size = size
             return []
-        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        if self._parts:
+            # One copy for the whole message: join views that skip each chunk header.
+            self._parts.append(plaintext)
+            data = b"".join(memoryview(p)[CHUNK_HEADER_LEN:] for p in self._parts)
+        else:
+            data = plaintext[CHUNK_HEADER_LEN:]
         self._parts = []
         self._parts_size = 0
         if self.state is State.AWAIT_EVIDENCE:
