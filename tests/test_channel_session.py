@@ -476,3 +476,11 @@ def test_arbitrary_messages_in_every_state_raise_only_hermetic_errors(
             continue
         # Random bytes never authenticate as transport data.
         assert not any(isinstance(e, ApplicationData | PeerVerified) for e in events)
+
+
+def test_connection_lost_closes_the_session_with_the_carriers_error() -> None:
+    client, _ = open_nx()
+    client.connection_lost(SessionClosedError("connection ended without a close message"))
+    assert client.state is State.CLOSED
+    with pytest.raises(SessionClosedError, match="without a close message"):
+        client.send_application(b"x")

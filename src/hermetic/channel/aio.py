@@ -185,9 +185,11 @@ class Channel:
             if message is None:
                 if self.session.state is State.CLOSED:
                     return None
-                raise SessionClosedError(
+                error = SessionClosedError(
                     "connection ended without a close message (possible truncation)"
                 )
+                self.session.connection_lost(error)
+                raise error
             for event in self.session.receive(message):
                 if isinstance(event, ApplicationData):
                     return event.data

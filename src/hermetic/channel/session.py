@@ -191,6 +191,11 @@ class _Session:
         self.state = State.CLOSED
         self.close_reason = reason
 
+    def connection_lost(self, error: HermeticError) -> None:
+        """The carrier failed or ended early: the session is closed with ``error``."""
+        if self.state is not State.CLOSED:
+            self._fail(error)
+
     # -- handshake ------------------------------------------------------------------------
 
     def _receive_handshake(self, message: bytes) -> list[Event]:
