@@ -9,13 +9,18 @@ plays the hypervisor (see docs/runtime.md).
 from __future__ import annotations
 
 import asyncio
+import logging
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from hermetic.cli import echo_json
 from hermetic.launcher import nitro, records
+from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of
+from hermetic.transport.tcp import HostPort, parse_hostport
 
 
 @click.command()
@@ -157,3 +162,220 @@ def console(enclave: str, disconnect_timeout: float | None, no_follow: bool) -> 
     for chunk in emulated.console_lines(enclave, follow=not no_follow, timeout=disconnect_timeout):
         out.write(chunk)
         out.flush()
+
+
+def _hostport(value: str | None, field: str) -> HostPort | None:
+    if value is None:
+        return None
+    return parse_hostport(value, field=field, allow_port_zero=True)
+
+
+async def _until_signal(*also: asyncio.Future[Any]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiter, *also}, return_when="FIRST_COMPLETED")
+    finally:
+        waiter.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _addresses(proxy: ServiceProxy) -> dict[str, str | None]:
+    return {
+        "tcp": str(proxy.tcp_address) if proxy.tcp_address else None,
+        "websocket": f"ws://{proxy.ws_address}" if proxy.ws_address else None,
+        "metrics": f"http://{proxy.metrics_address}/metrics" if proxy.metrics_address else None,
+    }
+
+
+_LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
+
+
+@click.command()
+@click.option("--enclave", "enclave_id", default=None, help="Enclave ID (or CID) to serve.")
+@click.option("--cid", type=int, default=None, help="Enclave CID, when it has no local record.")
+@click.option(
+    "--port",
+    "service_port",
+    type=int,
+    default=None,
+    help="Service vsock port (default: the enclave's first port).",
+)
+@click.option("--listen", default=None, help=_LISTEN_HELP)
+@click.option(
+    "--ws-listen",
+    default=None,
+    help="WebSocket ingress HOST:PORT (one binary message = one frame).",
+)
+@click.option(
+    "--egress-allow",
+    multiple=True,
+    help="Allowed egress HOST:PORT (repeatable; default: the manifest's egress list).",
+)
+@click.option("--metrics", default=None, help="Serve Prometheus /metrics on HOST:PORT.")
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Deliver this runtime config bundle at boot (real Nitro; emulation: `run --config`).",
+)
+def proxy(
+    enclave_id: str | None,
+    cid: int | None,
+    service_port: int | None,
+    listen: str | None,
+    ws_listen: str | None,
+    egress_allow: tuple[str, ...],
+    metrics: str | None,
+    config: Path | None,
+) -> None:
+    """Run the parent-side service proxy for one enclave until Ctrl-C.
+
+    Bridges TCP and WebSocket clients to the enclave's service port, relays the
+    enclave's egress (vsock port 8000, `CONNECT host:port`) to allowlisted destinations
+    only, and exports telemetry. Prints the bound addresses as JSON once listening.
+    """
+    if (enclave_id is None) == (cid is None):
+        raise click.UsageError("give exactly one of --enclave and --cid")
+    state_of: Any = lambda: "UNKNOWN"  # noqa: E731
+    allow = list(egress_allow)
+    if enclave_id is not None:
+        record = records.find(enclave_id)
+        cid = record.cid
+        service_port = service_port or (record.ports[0] if record.ports else None)
+        state_of = enclave_state_of(record.id)
+        if not allow:
+            allow = list(record.egress)
+    if service_port is None:
+        raise click.UsageError("--port: the enclave's service port is unknown, give it")
+    assert cid is not None
+    options = ProxyOptions(
+        cid=cid,
+        service_port=service_port,
+        listen=_hostport(listen, "--listen"),
+        ws_listen=_hostport(ws_listen, "--ws-listen"),
+        egress_allow=frozenset(parse_hostport(a, field="--egress-allow") for a in allow),
+        metrics=_hostport(metrics, "--metrics"),
+        config_bundle=config.read_bytes() if config else None,
+        serve_config=config is not None,
+        enclave_state=state_of,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s proxy %(levelname)s %(message)s")
+
+    async def serve() -> None:
+        async with ServiceProxy(options) as running:
+            echo_json({"EnclaveCID": options.cid, **_addresses(running)})
+            sys.stdout.flush()
+            await _until_signal()
+
+    asyncio.run(serve())
+
+
+@click.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, help=_LISTEN_HELP)
+@click.option("--ws-listen", default=None, help="Also accept WebSocket clients on HOST:PORT.")
+@click.option("--metrics", default=None, help="Serve Prometheus /metrics on HOST:PORT.")
+@click.option(
+    "--egress-allow",
+    multiple=True,
+    help="Extra allowed egress HOST:PORT (the manifest's list is always allowed).",
+)
+@click.option(
+    "--debug", is_flag=True, help="Debug enclave: console on stderr-readable file, PCRs zero."
+)
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Runtime config bundle signed by the operator key.",
+)
+@click.option(
+    "--trust-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a trust bundle (dev root + image measurements) for clients.",
+)
+def up(
+    source: Path,
+    listen: str,
+    ws_listen: str | None,
+    metrics: str | None,
+    egress_allow: tuple[str, ...],
+    debug: bool,
+    config: Path | None,
+    trust_out: Path | None,
+) -> None:
+    """Build (if SOURCE is an app directory), run and expose a service until Ctrl-C.
+
+    Like `docker run -p`: the enclave runs in the foreground, a proxy listens on --listen
+    and forwards to the service's first port, and Ctrl-C or SIGTERM stops both. Prints one
+    JSON line with the enclave ID and the addresses once the service is reachable.
+    """
+    from hermetic.launcher import emulated
+
+    image = source
+    if source.is_dir():
+        from hermetic.image import build_image
+        from hermetic.paths import state_dir
+
+        builds = state_dir() / "builds"
+        builds.mkdir(parents=True, exist_ok=True)
+        result = build_image(source, builds / f"{source.resolve().name}.img")
+        image = result.path
+    record = emulated.prepare(image, debug=debug)
+    if trust_out is not None:
+        _write_trust_bundle(trust_out, record)
+    bundle = config.read_bytes() if config else None
+    allow = {*record.egress, *egress_allow}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s up %(levelname)s %(message)s")
+
+    async def main() -> int:
+        supervisor, task = await emulated.start_in_process(record, bundle)
+        options = ProxyOptions(
+            cid=record.cid,
+            service_port=record.ports[0],
+            listen=_hostport(listen, "--listen"),
+            ws_listen=_hostport(ws_listen, "--ws-listen"),
+            egress_allow=frozenset(parse_hostport(a, field="--egress-allow") for a in allow),
+            metrics=_hostport(metrics, "--metrics"),
+            enclave_state=lambda: supervisor.record.state,
+        )
+        try:
+            async with ServiceProxy(options) as running:
+                echo_json({"EnclaveID": record.id, "EnclaveCID": record.cid, **_addresses(running)})
+                sys.stdout.flush()
+                await _until_signal(task)
+        finally:
+            supervisor.stopping.set()
+            status = await task
+        return 0 if supervisor.record.reason == "stopped by the operator" else max(status, 1)
+
+    sys.exit(asyncio.run(main()))
+
+
+def _write_trust_bundle(path: Path, record: records.EnclaveRecord) -> None:
+    """Dev root + measurements; the channel component adds the log key and release proof."""
+    import json
+    from datetime import UTC, datetime
+
+    from cryptography.hazmat.primitives import serialization
+
+    from hermetic.image import open_image
+    from hermetic.launcher.supervisor import enclave_dir
+    from hermetic.nsm.pki import DevPKI
+
+    root = DevPKI().root(datetime.now(UTC))
+    measurements = open_image(enclave_dir(record.id) / "image.img").measurements
+    bundle = {
+        "format": "hermetic-trust-bundle/v0",
+        "service": record.name,
+        "root": "dev",
+        "root_pem": root.public_bytes(serialization.Encoding.PEM).decode(),
+        "measurements": measurements.to_nitro_json(),
+    }
+    path.write_text(json.dumps(bundle, indent=2) + "\n")

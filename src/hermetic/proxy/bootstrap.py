@@ -1,0 +1,37 @@
+"""Delivering the runtime config bundle to a booting enclave (parent side of CONFIG_PORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hermetic.enclave import boot
+from hermetic.errors import HermeticError
+from hermetic.transport.frames import read_frame, write_frame
+from hermetic.transport.vsock import VsockStream
+
+log = logging.getLogger("hermetic.proxy")
+
+
+async def deliver_config(
+    stream: VsockStream, bundle: bytes | None, *, timeout: float = 30.0
+) -> boot.BootStatus | None:
+    """Send ``bundle`` (or "no config"), return the enclave's verdict (None if it said none).
+
+    A refusal is logged with the enclave's reason: this is where an operator learns that
+    the bundle was unsigned, tampered or signed by the wrong key.
+    """
+    try:
+        await write_frame(stream.writer, bundle or b"")
+        answer = await asyncio.wait_for(read_frame(stream.reader), timeout)
+        if answer is None:
+            return None
+        status = boot.decode_status(answer)
+    except (HermeticError, TimeoutError) as exc:
+        log.error("config delivery to CID %d failed: %s", stream.peer.cid, exc)
+        return None
+    if status.ok:
+        log.info("enclave CID %d: %s", stream.peer.cid, status.reason)
+    else:
+        log.error("enclave CID %d refused its runtime config: %s", stream.peer.cid, status.reason)
+    return status

@@ -1,0 +1,335 @@
+"""The service proxy: ingress bridges, egress relay, config bootstrap, telemetry.
+
+Ingress is a blind byte bridge (TCP) or a frame re-wrapper (WebSocket: one binary
+message is one frame's payload, the 4-byte length is added and stripped here, since a
+WebSocket message is already delimited). The proxy follows frame boundaries on the way
+back, so when the enclave dies it can append one well-formed error frame,
+``[null, false, {"code": "EnclaveUnavailable", ...}]``, before closing: clients see a clean
+error instead of a hang or a torn frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from hermetic.enclave import boot, wire
+from hermetic.errors import FrameFormatError, HermeticError, PeerUnavailableError
+from hermetic.proxy.bootstrap import deliver_config
+from hermetic.proxy.metrics import ProxyMetrics
+from hermetic.transport import egress, vsock
+from hermetic.transport.frames import FrameBoundaryTracker, FrameDecoder, encode_frame
+from hermetic.transport.tcp import HostPort
+
+log = logging.getLogger("hermetic.proxy")
+CHUNK = 256 * 1024
+EGRESS_HEADER_TIMEOUT = 10.0
+
+
+def enclave_unavailable_frame(detail: str) -> bytes:
+    """The error frame a client gets when the enclave is unreachable or went away."""
+    response = wire.error_response(None, "EnclaveUnavailable", detail)
+    return encode_frame(wire.encode_response(response))
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    """What one proxy serves. ``None`` listeners are not started."""
+
+    cid: int
+    service_port: int
+    listen: HostPort | None = None
+    ws_listen: HostPort | None = None
+    egress_allow: frozenset[HostPort] = frozenset()
+    metrics: HostPort | None = None
+    config_bundle: bytes | None = None
+    serve_config: bool = False
+    enclave_state: Callable[[], str] = field(default=lambda: "UNKNOWN")
+
+
+class ServiceProxy:
+    """Start with :meth:`start`, stop with :meth:`aclose` (or ``async with``)."""
+
+    def __init__(self, options: ProxyOptions) -> None:
+        self.options = options
+        self.metrics = ProxyMetrics(options.enclave_state)
+        self.tcp_address: HostPort | None = None
+        self.ws_address: HostPort | None = None
+        self.metrics_address: HostPort | None = None
+        self._tcp: asyncio.Server | None = None
+        self._ws: WsServer | None = None
+        self._listeners: list[vsock.VsockListener] = []
+        self._http: Any = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> ServiceProxy:
+        o = self.options
+        if o.listen is not None:
+            self._tcp = await asyncio.start_server(self._on_tcp, o.listen.host, o.listen.port)
+            host, port = self._tcp.sockets[0].getsockname()[:2]
+            self.tcp_address = HostPort(host, port)
+        if o.ws_listen is not None:
+            self._ws = await serve(
+                self._on_ws, o.ws_listen.host, o.ws_listen.port, max_size=16 * 1024 * 1024
+            )
+            host, port = next(iter(self._ws.sockets)).getsockname()[:2]
+            self.ws_address = HostPort(host, port)
+        self._listeners.append(
+            await vsock.listen(vsock.PARENT_CID, boot.EGRESS_PORT, self._on_egress, peer_cid=o.cid)
+        )
+        if o.serve_config:
+            self._listeners.append(
+                await vsock.listen(
+                    vsock.PARENT_CID, boot.CONFIG_PORT, self._on_config, peer_cid=o.cid
+                )
+            )
+        if o.metrics is not None:
+            from prometheus_client import start_http_server
+
+            # prometheus-client's own exporter (a WSGI server on a daemon thread).
+            server, _ = start_http_server(
+                o.metrics.port, o.metrics.host, registry=self.metrics.registry
+            )
+            self._http = server
+            host, port = server.server_address[:2]
+            self.metrics_address = HostPort(str(host), int(port))
+        return self
+
+    async def aclose(self) -> None:
+        if self._tcp is not None:
+            self._tcp.close()
+        if self._ws is not None:
+            self._ws.close()
+        for listener in self._listeners:
+            await listener.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        if self._ws is not None:
+            await self._ws.wait_closed()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    async def __aenter__(self) -> ServiceProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # --- ingress -------------------------------------------------------------------------
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track()
+        self.metrics.connections.labels("tcp").inc()
+        active = self.metrics.active.labels("tcp")
+        active.inc()
+        try:
+            await self._bridge_tcp(reader, writer)
+        finally:
+            active.dec()
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _bridge_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            enclave = await vsock.connect(self.options.cid, self.options.service_port, timeout=5)
+        except PeerUnavailableError as exc:
+            self.metrics.enclave_errors.inc()
+            writer.write(enclave_unavailable_frame(str(exc)))
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.drain()
+            return
+        tracker = FrameBoundaryTracker()
+        bytes_in = self.metrics.bytes.labels("to_enclave")
+        bytes_out = self.metrics.bytes.labels("from_enclave")
+
+        async def upstream() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await reader.read(CHUNK):
+                    bytes_in.inc(len(data))
+                    enclave.writer.write(data)
+                    await enclave.writer.drain()
+                if enclave.writer.can_write_eof():
+                    enclave.writer.write_eof()
+
+        async def downstream() -> bool:
+            """Relay enclave -> client; True if the enclave side ended."""
+            try:
+                while data := await enclave.reader.read(CHUNK):
+                    tracker.feed(data)
+                    bytes_out.inc(len(data))
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            return True
+
+        up = asyncio.ensure_future(upstream())
+        down = asyncio.ensure_future(downstream())
+        try:
+            await down
+            if not up.done():
+                # The enclave ended while the client still talks to it: it went away.
+                self.metrics.enclave_errors.inc()
+                if tracker.at_boundary:
+                    writer.write(enclave_unavailable_frame("the enclave closed the connection"))
+                    with contextlib.suppress(ConnectionError, OSError):
+                        await writer.drain()
+        finally:
+            up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await up
+            await enclave.aclose()
+
+    async def _on_ws(self, connection: ServerConnection) -> None:
+        self._track()
+        self.metrics.connections.labels("websocket").inc()
+        active = self.metrics.active.labels("websocket")
+        active.inc()
+        try:
+            await self._bridge_ws(connection)
+        finally:
+            active.dec()
+
+    async def _bridge_ws(self, connection: ServerConnection) -> None:
+        try:
+            enclave = await vsock.connect(self.options.cid, self.options.service_port, timeout=5)
+        except PeerUnavailableError as exc:
+            self.metrics.enclave_errors.inc()
+            with contextlib.suppress(ConnectionClosed):
+                await connection.send(enclave_unavailable_frame(str(exc))[4:])
+            await connection.close(1011, "enclave unavailable")
+            return
+        bytes_in = self.metrics.bytes.labels("to_enclave")
+        bytes_out = self.metrics.bytes.labels("from_enclave")
+
+        async def upstream() -> None:
+            with contextlib.suppress(ConnectionClosed, ConnectionError, OSError, FrameFormatError):
+                async for message in connection:
+                    payload = message if isinstance(message, bytes) else message.encode()
+                    frame = encode_frame(payload)
+                    bytes_in.inc(len(frame))
+                    enclave.writer.write(frame)
+                    await enclave.writer.drain()
+
+        async def downstream() -> None:
+            decoder = FrameDecoder()
+            with contextlib.suppress(ConnectionError, OSError, FrameFormatError):
+                while data := await enclave.reader.read(CHUNK):
+                    bytes_out.inc(len(data))
+                    for payload in decoder.feed(data):
+                        await connection.send(payload)
+
+        up = asyncio.ensure_future(upstream())
+        down = asyncio.ensure_future(downstream())
+        try:
+            await asyncio.wait({up, down}, return_when="FIRST_COMPLETED")
+            if down.done() and not up.done():
+                self.metrics.enclave_errors.inc()
+                with contextlib.suppress(ConnectionClosed):
+                    await connection.send(
+                        enclave_unavailable_frame("the enclave closed the connection")[4:]
+                    )
+                await connection.close(1011, "enclave unavailable")
+        except ConnectionClosed:
+            pass
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            await enclave.aclose()
+
+    # --- egress and bootstrap ---------------------------------------------------------------
+
+    async def _on_egress(self, stream: vsock.VsockStream) -> None:
+        self._track()
+        try:
+            line = await asyncio.wait_for(stream.reader.readuntil(b"\n"), EGRESS_HEADER_TIMEOUT)
+            destination = egress.decode_connect(line)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            self.metrics.egress_refused.labels("?", "malformed").inc()
+            return
+        except FrameFormatError as exc:
+            self.metrics.egress_refused.labels("?", "malformed").inc()
+            stream.writer.write(egress.encode_reply(str(exc)))
+            return
+        name = str(destination)
+        if destination not in self.options.egress_allow:
+            self.metrics.egress_refused.labels(name, "not allowlisted").inc()
+            log.warning("egress to %s refused: not on the allowlist", name)
+            stream.writer.write(egress.encode_reply(f"{name} is not on the egress allowlist"))
+            with contextlib.suppress(ConnectionError, OSError):
+                await stream.writer.drain()
+            return
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(destination.host, destination.port), 10
+            )
+        except (OSError, TimeoutError) as exc:
+            self.metrics.egress_refused.labels(name, "unreachable").inc()
+            stream.writer.write(egress.encode_reply(f"{name} unreachable: {exc}"))
+            return
+        self.metrics.egress_allowed.labels(name).inc()
+        stream.writer.write(egress.encode_reply(None))
+        try:
+            await _pump_both(stream.reader, stream.writer, reader, writer, self.metrics)
+        finally:
+            writer.close()
+
+    async def _on_config(self, stream: vsock.VsockStream) -> None:
+        await deliver_config(stream, self.options.config_bundle)
+
+
+async def _pump_both(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+    metrics: ProxyMetrics,
+) -> None:
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, direction: str) -> None:
+        counter = metrics.bytes.labels(direction)
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(CHUNK):
+                counter.inc(len(data))
+                dst.write(data)
+                await dst.drain()
+            if dst.can_write_eof():
+                dst.write_eof()
+
+    await asyncio.gather(
+        pump(a_reader, b_writer, "egress_out"), pump(b_reader, a_writer, "egress_in")
+    )
+
+
+def enclave_state_of(enclave_id: str) -> Callable[[], str]:
+    """A state reader for the metrics gauge, backed by the launcher's records."""
+
+    def current() -> str:
+        from hermetic.launcher import records
+
+        try:
+            return records.load(enclave_id).state
+        except HermeticError:
+            return "UNKNOWN"
+
+    return current
