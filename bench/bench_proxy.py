@@ -1,0 +1,140 @@
+"""Proxy overhead: client -> TCP -> proxy -> emulated vsock -> service, vs a direct Unix socket.
+
+Three processes, as in production: the service (an echo App served both on an emulated
+vsock port and on a plain Unix socket), the proxy (``hermetic proxy``), and this client.
+Both paths are measured in the same run:
+
+* throughput: 64 KiB echo requests, 16 in flight, MiB/s of payload sent;
+* latency: p50 of sequential small echo calls.
+
+Goal: proxied throughput >= 0.5x direct, proxied p50 <= 2x direct.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cbor2
+
+from bench.report import print_table
+from hermetic.enclave.client import ServiceClient
+from hermetic.transport.frames import encode_frame, read_frame
+
+MESSAGE = 64 * 1024
+IN_FLIGHT = 16
+THROUGHPUT_SECONDS = 2.0
+LATENCY_CALLS = 2000
+
+SERVICE = r"""
+import asyncio, sys
+from hermetic.enclave import App
+from hermetic.enclave.service import serve_stream
+from hermetic.transport import vsock
+app = App()
+@app.method("echo")
+async def echo(arg):
+    return arg
+async def main():
+    await vsock.listen(16, 5000, lambda s: serve_stream(app, s.reader, s.writer))
+    await asyncio.start_unix_server(lambda r, w: serve_stream(app, r, w), path=sys.argv[1])
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+async def _throughput(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+    payload = os.urandom(MESSAGE)
+    frames = [encode_frame(cbor2.dumps([i, "echo", [payload]])) for i in range(IN_FLIGHT)]
+    sent = 0
+    start = time.perf_counter()
+    for frame in frames:
+        writer.write(frame)
+    outstanding = IN_FLIGHT
+    while True:
+        reply = await read_frame(reader)
+        assert reply is not None
+        assert len(reply) > MESSAGE
+        sent += MESSAGE
+        outstanding -= 1
+        if time.perf_counter() - start < THROUGHPUT_SECONDS:
+            writer.write(frames[0])
+            outstanding += 1
+        elif outstanding == 0:
+            break
+    return sent / (time.perf_counter() - start) / (1024 * 1024)
+
+
+async def _latency(client: ServiceClient) -> float:
+    samples = []
+    for i in range(LATENCY_CALLS):
+        start = time.perf_counter()
+        await client.call("echo", i)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+async def _measure(open_stream: object) -> tuple[float, float]:
+    reader, writer = await open_stream()  # type: ignore[operator]
+    throughput = await _throughput(reader, writer)
+    writer.close()
+    reader, writer = await open_stream()  # type: ignore[operator]
+    client = ServiceClient(reader, writer)
+    await _latency(client)  # warm up
+    latency = await _latency(client)
+    await client.aclose()
+    return throughput, latency
+
+
+def main() -> bool:
+    with tempfile.TemporaryDirectory(prefix="hbp") as tmp:
+        env = {**os.environ, "HERMETIC_STATE_DIR": tmp, "HERMETIC_VSOCK": "emulated"}
+        direct_path = str(Path(tmp) / "direct.sock")
+        service = subprocess.Popen(
+            [sys.executable, "-c", SERVICE, direct_path], env=env, stdout=subprocess.PIPE, text=True
+        )
+        proxy = None
+        try:
+            assert service.stdout is not None
+            assert service.stdout.readline().strip() == "ready"
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "hermetic", "proxy", "--cid", "16", "--port", "5000",
+                 "--listen", "127.0.0.1:0"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )  # fmt: skip
+            assert proxy.stdout is not None
+            text = ""
+            while True:
+                text += proxy.stdout.readline()
+                try:
+                    address = json.loads(text)["tcp"]
+                    break
+                except ValueError:
+                    continue
+            host, port = address.rsplit(":", 1)
+            direct = asyncio.run(_measure(lambda: asyncio.open_unix_connection(direct_path)))
+            proxied = asyncio.run(_measure(lambda: asyncio.open_connection(host, int(port))))
+        finally:
+            for process in (proxy, service):
+                if process is not None:
+                    process.terminate()
+                    process.wait(10)
+    throughput_ratio = proxied[0] / direct[0]
+    latency_ratio = proxied[1] / direct[1]
+    print_table(
+        ["path", "64 KiB echo MiB/s", "p50 latency us"],
+        [
+            ["direct Unix socket", direct[0], direct[1]],
+            ["TCP -> proxy -> vsock emulation", proxied[0], proxied[1]],
+            ["ratio (goal >= 0.5 / <= 2.0)", throughput_ratio, latency_ratio],
+        ],
+    )
+    return throughput_ratio >= 0.5 and latency_ratio <= 2.0
