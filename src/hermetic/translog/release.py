@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -342,7 +342,7 @@ def load_publisher_key(pem: bytes) -> PublisherPrivateKey:
     """An unencrypted PKCS#8 (or SEC1) PEM private key: Ed25519 or ECDSA P-384."""
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ReleaseFormatError(
             f"publisher key is not an unencrypted PEM private key: {exc}"
         ) from None
@@ -382,7 +382,7 @@ def _load_public_pem(
 ) -> PublisherPublicKey:
     try:
         key = serialization.load_pem_public_key(pem.encode("ascii"))
-    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
         raise error(f"{what} is not a PEM public key: {exc}") from None
     try:
         _check_publisher_key(key, what)
@@ -397,7 +397,7 @@ def _load_cert_pem(
 ) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(pem.encode("ascii"))
-    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm) as exc:
         raise error(f"{what} is not a PEM X.509 certificate: {exc}") from None
 
 
@@ -440,7 +440,10 @@ class SignedStatement:
     def publisher_key(self) -> PublisherPublicKey:
         if self.certificate_pem is not None:
             cert = _load_cert_pem(self.certificate_pem, "publisher.certificate_pem")
-            key = cert.public_key()
+            try:
+                key = cert.public_key()
+            except (ValueError, UnsupportedAlgorithm) as exc:
+                raise ReleaseFormatError(f"publisher certificate key is unusable: {exc}") from None
             _check_publisher_key(key, "publisher certificate key")
             assert isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey)
             return key
@@ -515,7 +518,10 @@ def sign_statement(
     assert isinstance(public, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey)
     if certificate_pem is not None:
         cert = _load_cert_pem(certificate_pem, "publisher certificate")
-        cert_key = cert.public_key()
+        try:
+            cert_key = cert.public_key()
+        except (ValueError, UnsupportedAlgorithm):
+            raise ReleaseFormatError("publisher certificate has an unusable key") from None
         if not isinstance(cert_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) or _spki(
             cert_key
         ) != _spki(public):
@@ -670,7 +676,10 @@ def match_publisher(
                 return publisher
         elif publisher.certificate_pem is not None:
             pinned = _load_cert_pem(publisher.certificate_pem, "trusted certificate")
-            pinned_key = pinned.public_key()
+            try:
+                pinned_key = pinned.public_key()
+            except (ValueError, UnsupportedAlgorithm):
+                continue
             if isinstance(pinned_key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) and (
                 _spki(pinned_key) == spki
             ):
@@ -694,7 +703,7 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate, now: datetime) -> b
     """
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
 
