@@ -173,3 +173,28 @@ def test_killed_supervisor_takes_its_enclave_down_and_ps_says_so(probe: BuildRes
     while records.alive(record.pid, record.pid_start) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not records.alive(record.pid, record.pid_start)
+
+
+def test_bad_run_requests_fail_cleanly_and_leave_nothing_behind(
+    probe: BuildResult, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(b"not an image")
+    state = Path(os.environ["HERMETIC_STATE_DIR"]) / "enclaves"
+    for args, code in (([str(junk)], 2), ([str(probe.path), "--cpus", "0"], 2)):
+        done = hermetic("run", *args)
+        assert done.returncode == code, done.stderr
+        assert "Traceback" not in done.stderr
+        assert not [p for p in state.glob("*") if not p.name.startswith(".")]
+    first = run_json("run", str(probe.path), "--cid", "40")
+    assert first["EnclaveCID"] == 40
+    clash = hermetic("run", str(probe.path), "--cid", "40")
+    assert clash.returncode == 1
+    assert "cid: 40 is used by a running enclave" in clash.stderr
+
+
+def test_enclave_is_pinned_to_the_requested_cpus(probe: BuildResult) -> None:
+    started = run_json("run", str(probe.path), "--cpus", "1")
+    record = records.load(started["EnclaveID"])
+    assert len(started["CPUIDs"]) == 1
+    assert record.sandbox["cpus"] == str(started["CPUIDs"][0])

@@ -46,13 +46,25 @@ def prepare(
     enclave_id = new_module_id(DevPKI().instance_id(), datetime.now(UTC))
     workdir = enclave_dir(enclave_id)
     workdir.mkdir(parents=True, mode=0o700)
-    private = workdir / "image.img"
     try:
-        shutil.copyfile(image_path, private)
-        image = open_image(private)
+        return _prepare_in(workdir, enclave_id, image_path, cpus, memory_mib, cid, debug)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
+
+
+def _prepare_in(
+    workdir: Path,
+    enclave_id: str,
+    image_path: Path,
+    cpus: int | None,
+    memory_mib: int | None,
+    cid: int | None,
+    debug: bool,
+) -> EnclaveRecord:
+    private = workdir / "image.img"
+    shutil.copyfile(image_path, private)
+    image = open_image(private)
     manifest = image.manifest
     cpus = manifest.cpus if cpus is None else cpus
     memory_mib = manifest.memory_mib if memory_mib is None else memory_mib
@@ -73,11 +85,7 @@ def prepare(
         ports=manifest.ports,
         egress=tuple(str(rule) for rule in manifest.egress),
     )
-    try:
-        return records.allocate(draft, cid)
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
+    return records.allocate(draft, cid)
 
 
 def run_detached(
