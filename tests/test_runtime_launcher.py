@@ -198,3 +198,9 @@ def test_enclave_is_pinned_to_the_requested_cpus(probe: BuildResult) -> None:
     record = records.load(started["EnclaveID"])
     assert len(started["CPUIDs"]) == 1
     assert record.sandbox["cpus"] == str(started["CPUIDs"][0])
+
+
+def test_enclave_address_space_is_limited_to_its_memory(probe: BuildResult) -> None:
+    started = run_json("run", str(probe.path), "--memory", "768")
+    assert started["MemoryMiB"] == 768
+    assert records.load(started["EnclaveID"]).sandbox["memory"] == "768 MiB"

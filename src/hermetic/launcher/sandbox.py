@@ -133,6 +133,13 @@ def inspect(pid: int, image_dir: Path) -> dict[str, str]:
     except (OSError, IndexError):
         result["image"] = "unknown"
     try:
+        limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+        line = next(line for line in limits if line.startswith("Max address space"))
+        soft = line.split()[3]
+        result["memory"] = "UNLIMITED" if soft == "unlimited" else f"{int(soft) >> 20} MiB"
+    except (OSError, StopIteration, ValueError, IndexError):
+        result["memory"] = "unknown"
+    try:
         result["cpus"] = ",".join(map(str, sorted(os.sched_getaffinity(pid))))
     except OSError:
         result["cpus"] = "unknown"
