@@ -209,3 +209,19 @@ def test_up_builds_runs_exposes_and_stops_the_echo_example(
     process.send_signal(signal.SIGINT)
     assert process.wait(20) == 0
     assert records.load(addresses["EnclaveID"]).state == "TERMINATED"
+
+
+def test_run_foreground_serves_until_sigterm(
+    probe: BuildResult, background: list[subprocess.Popen[str]]
+) -> None:
+    process, started = _start(background, "run", str(probe.path), "--foreground")
+    assert started["State"] == "RUNNING"
+
+    async def call() -> object:
+        async with await ServiceClient.vsock(started["EnclaveCID"], 5000) as client:
+            return await client.call("echo", "fg")
+
+    assert asyncio.run(call()) == "fg"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(20) == 0
+    assert records.load(started["EnclaveID"]).state == "TERMINATED"
