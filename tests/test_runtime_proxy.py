@@ -79,7 +79,10 @@ def _start(
 async def _ws_call(url: str, request: list[Any]) -> list[Any]:
     ws = await websockets.connect(url)
     try:
-        await ws.send(cbor2.dumps(request))
+        # The proxy may already have answered and closed (dead enclave): the answer
+        # still arrives before the close, so a failed send is not the test's verdict.
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await ws.send(cbor2.dumps(request))
         reply = await asyncio.wait_for(ws.recv(), 10)
     finally:
         with contextlib.suppress(websockets.ConnectionClosed):
