@@ -319,6 +319,49 @@ class RPCError(ChannelError):
         self.remote_message = message
 
 
+# channel assembly (client/evidence): evidence bundles, the client's trust file and policy
+
+
+class EvidenceError(ChannelError):
+    """Evidence bundles and the client assembly that verifies them (docs/evidence.md)."""
+
+
+class EvidenceFormatError(EvidenceError, MalformedInputError):
+    """An evidence bundle is not the deterministic CBOR map docs/evidence.md specifies."""
+
+
+class EvidenceVerificationError(EvidenceError, VerificationError):
+    """A well-formed evidence bundle failed a check of the assembly (not of a component)."""
+
+
+class ConfigDigestMismatchError(EvidenceVerificationError):
+    """The document's user_data does not carry the bundle's config digest (or policy's)."""
+
+
+class ReleasePCRMismatchError(EvidenceVerificationError):
+    """The document's PCRs are not the ones the logged release statement records."""
+
+
+class EndorsementMissingError(EvidenceVerificationError):
+    """A non-debug peer sent evidence without an endorsement (release + log proof)."""
+
+
+class ServiceNotAcceptedError(EvidenceVerificationError):
+    """The verified release is for a service the relying party's policy does not accept."""
+
+
+class ReleaseNotAcceptedError(EvidenceVerificationError):
+    """The verified release (its version or PCR0) is not one the policy accepts."""
+
+
+class ClientTrustError(EvidenceError, UsageError):
+    """The client's trust file or policy file lacks a field or has a bad value."""
+
+
+class ServiceURLError(EvidenceError, UsageError):
+    """A service URL is not tcp://, unix://, ws:// or vsock:// in the documented form."""
+
+
 class TranslogError(HermeticError):
     """The transparency log: proofs, checkpoints, notes, releases."""
 
