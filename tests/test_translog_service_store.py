@@ -261,3 +261,48 @@ def test_any_batching_and_duplicates_give_the_canonical_tree(
             assert all(result.duplicates[n:])
         assert store.tree_size() == total
         assert root_hash(total, store.read_hash) == tree.root()
+
+
+def test_two_writers_on_one_postgres_log_never_fork_it(pg: PostgresServer) -> None:
+    """Two stores (as two server processes would) integrate concurrently into one database."""
+    import threading
+
+    dsn = pg.new_database()
+    first, second = PostgresLogStore(dsn), PostgresLogStore(dsn)
+    try:
+
+        def write(store: LogStore, tag: str) -> None:
+            for n in range(20):
+                store.integrate([f"{tag} {n} {i}".encode() for i in range(5)], text_signer)
+
+        threads = [
+            threading.Thread(target=write, args=(s, t)) for s, t in ((first, "a"), (second, "b"))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert first.tree_size() == 200
+        sizes = first.checkpoint_sizes()
+        assert sizes == sorted(set(sizes))
+        for size in sizes:
+            assert first.checkpoint_at(size).note == text_signer(
+                size, root_hash(size, first.read_hash)
+            )
+    finally:
+        first.close()
+        second.close()
+
+
+def test_log_serve_runs_on_postgresql(pg: PostgresServer, tmp_path: Path) -> None:
+    from test_translog_service_support import LogServerProcess, hermetic, make_log_key
+
+    keys = make_log_key(tmp_path)
+    (tmp_path / "e").write_bytes(b"stored in postgres")
+    with LogServerProcess(pg.new_database(), keys) as server:
+        first = hermetic("log", "append", "--log", server.url, "--log-key", keys.vkey,
+                         str(tmp_path / "e"))  # fmt: skip
+        again = hermetic("log", "append", "--log", server.url, "--log-key", keys.vkey,
+                         str(tmp_path / "e"))  # fmt: skip
+    assert (first.returncode, first.stdout.strip()) == (0, "0"), first.stderr
+    assert again.stdout.strip() == "0"

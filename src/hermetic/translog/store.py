@@ -514,8 +514,9 @@ class PostgresLogStore(LogStore):
             raise LogStoreError(f"cannot open PostgreSQL log database: {exc}") from None
 
     def _begin_write(self, cur: Any) -> None:
-        cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
-        # One writer per log, across every process sharing the database.
+        cur.execute("BEGIN")
+        # One writer per log, across every process sharing the database; after the lock,
+        # READ COMMITTED statements see everything earlier writers committed.
         cur.execute("LOCK TABLE checkpoints IN EXCLUSIVE MODE")
 
     def _commit(self, conn: Any) -> None:
