@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from hermetic.errors import CosignatureRejectedError, CosignatureThresholdError, LogStoreError
@@ -263,3 +265,45 @@ def test_error_bodies_are_json_with_type_and_message(http: TestClient) -> None:
     assert set(body) == {"error", "message"}
     assert body["error"] == "UsageError"
     assert "index" in body["message"]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=st.text(alphabet="0123456789x./pentris", max_size=24),
+    body=st.binary(max_size=300),
+    query=st.text(max_size=8),
+)
+def test_arbitrary_requests_get_client_errors_never_server_errors(
+    service: LogService, path: str, body: bytes, query: str
+) -> None:
+    with TestClient(service.app(), raise_server_exceptions=True) as http:
+        assert http.get(f"/tile/{path}").status_code in (200, 404)
+        assert http.post("/cosignature", content=body).status_code in (400, 403)
+        assert http.get("/proof/inclusion", params={"index": query}).status_code in (200, 400)
+        assert http.get("/proof/consistency", params={"old": query}).status_code in (200, 400)
+        assert http.get("/checkpoint/witnessed", params={"min": query}).status_code in (
+            200,
+            400,
+            404,
+        )
+
+
+def test_mutated_cosignatures_are_never_stored(
+    service: LogService, http: TestClient, witness: CosignatureSigner
+) -> None:
+    service.integrate([b"a", b"b", b"c"])
+    note = http.get("/checkpoint").text
+    good = note + cosign(note, witness, 77)
+    for position in range(0, len(good.encode()), 2):
+        mutated = bytearray(good.encode())
+        mutated[position] ^= 0x01
+        response = http.post("/cosignature", content=bytes(mutated))
+        if response.status_code == 200:
+            # Only harmless mutations can pass, and the stored line must still verify.
+            served = http.get("/checkpoint").text
+            open_checkpoint(served, service.verifier, [witness.verifier], 1)
+        else:
+            assert response.status_code in (400, 403)
+    assert service.store.checkpoint_at(3).cosignatures in ((), (cosign(note, witness, 77),))

@@ -121,7 +121,9 @@ class Sequencer:
         return await future
 
     def start(self) -> None:
+        """Run in the current event loop (a fresh queue: an app may be restarted)."""
         if self._task is None:
+            self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sequencer")
 
     async def stop(self) -> None:
