@@ -16,7 +16,12 @@ from hermetic.client.connect import (
     connect,
     connect_sync,
 )
-from hermetic.client.server import dispatch_handlers, serve_attested, start_tcp_server
+from hermetic.client.server import (
+    dispatch_handlers,
+    serve_attested,
+    serve_attested_websocket,
+    start_tcp_server,
+)
 from hermetic.client.trust import ClientTrust, ServicePolicy, write_trust_bundle
 from hermetic.client.verify import Check, VerificationReport, VerifiedPeer, verify_evidence
 from hermetic.evidence import EvidenceBundle, make_evidence_provider
@@ -36,6 +41,7 @@ __all__ = [
     "dispatch_handlers",
     "make_evidence_provider",
     "serve_attested",
+    "serve_attested_websocket",
     "start_tcp_server",
     "verify_evidence",
     "write_trust_bundle",

@@ -64,6 +64,27 @@ async def serve_attested(
         writer.close()
 
 
+async def serve_attested_websocket(
+    websocket: Any,
+    evidence_provider: MakeEvidence,
+    handlers: Mapping[str, aio.Handler],
+    *,
+    static: StaticKeypair | None = None,
+    protocol_name: str = NX,
+    raise_errors: bool = False,
+) -> None:
+    """:func:`serve_attested` for a ``websockets`` server connection (browser clients)."""
+    key = static if static is not None else StaticKeypair.generate()
+    try:
+        await aio.serve_websocket(
+            websocket, evidence_provider, handlers, static=key, protocol_name=protocol_name
+        )
+    except HermeticError as exc:
+        log.info("attested websocket session ended: %s: %s", type(exc).__name__, exc)
+        if raise_errors:
+            raise
+
+
 def dispatch_handlers(call: Dispatch, methods: Iterable[str]) -> dict[str, aio.Handler]:
     """RPC handlers for an app-style dispatcher: the RPC ``args`` become its one argument.
 
