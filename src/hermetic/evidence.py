@@ -147,14 +147,15 @@ class EvidenceBundle:
         endorsement = None
         if raw_endorsement is not None:
             endorsement = _decode_endorsement(raw_endorsement)
-        bundle = cls(attestation, digest, endorsement)
         # One bundle, one encoding: indefinite lengths, non-minimal integers, unsorted keys
-        # and trailing bytes all fail here, so a bundle's bytes identify it exactly.
-        if bundle.encode() != data:
+        # and trailing bytes all fail here, so a bundle's bytes identify it exactly. The
+        # decoded value is re-encoded as is (its types are checked above, and the entry is
+        # checked canonical by from_entry), which equals encode() of the result.
+        if cbor2.dumps(value, canonical=True) != data:
             raise EvidenceFormatError(
                 "evidence bundle: not in deterministic CBOR encoding (RFC 8949 §4.2.1)"
             )
-        return bundle
+        return cls(attestation, digest, endorsement)
 
 
 def _encode_endorsement(endorsement: Endorsement) -> dict[str, Any]:

@@ -181,14 +181,15 @@ def write_trust_bundle(
     root: TrustRoot | None = None,
     origin: str | None = None,
 ) -> ClientTrust:
-    """Write a client trust file (default root: this machine's emulator dev root).
+    """Write a client trust file (default root: this machine's emulator dev root, created
+    if needed).
 
     ``publishers`` maps a name to a PEM public key or certificate, or is a sequence of
     :class:`TrustedPublisher`. The dev root's PEM is embedded (and pinned by fingerprint)
     so the file works from any state directory. The file is validated by loading it back
     before it replaces ``path`` (atomically).
     """
-    pinned = root if root is not None else TrustRoot.dev()
+    pinned = root if root is not None else _local_dev_root()
     if isinstance(publishers, Mapping):
         items = [
             TrustedPublisher(
@@ -213,6 +214,16 @@ def write_trust_bundle(
         Path(tmp).unlink(missing_ok=True)
         raise
     return trust
+
+
+def _local_dev_root() -> TrustRoot:
+    """This machine's dev root, creating the emulated PKI first if it does not exist yet."""
+    from datetime import UTC, datetime
+
+    from hermetic.nsm.pki import DevPKI
+
+    DevPKI().root(datetime.now(UTC))
+    return TrustRoot.dev()
 
 
 # --- policy ---------------------------------------------------------------------------------
