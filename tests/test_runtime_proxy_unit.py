@@ -76,3 +76,30 @@ async def test_tcp_client_of_an_absent_enclave_gets_an_error_frame_not_a_hang() 
     assert enclave_unavailable_frame("x")[4:] == wire.encode_response(
         wire.error_response(None, "EnclaveUnavailable", "x")
     )
+
+
+async def test_client_that_half_closes_still_gets_its_answer() -> None:
+    from hermetic.enclave import App
+    from hermetic.enclave.service import serve_stream
+    from hermetic.transport.tcp import HostPort
+
+    app = App()
+
+    @app.method("echo")
+    async def echo(arg: object) -> object:
+        await asyncio.sleep(0.05)
+        return arg
+
+    listener = await vsock.listen(16, 5000, lambda s: serve_stream(app, s.reader, s.writer))
+    proxy = ServiceProxy(ProxyOptions(cid=16, service_port=5000, listen=HostPort("127.0.0.1", 0)))
+    async with proxy:
+        assert proxy.tcp_address is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.tcp_address.port)
+        await write_frame(writer, wire.encode_request(wire.ServiceRequest(1, "echo", ("x",))))
+        writer.write_eof()
+        frame = await asyncio.wait_for(read_frame(reader), 5)
+        assert frame is not None
+        assert wire.decode_response(frame) == wire.ServiceResponse(1, True, "x")
+        assert await read_frame(reader) is None  # clean EOF, no error frame
+        writer.close()
+    await listener.aclose()

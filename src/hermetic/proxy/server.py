@@ -25,8 +25,9 @@ from hermetic.enclave import boot, wire
 from hermetic.errors import FrameFormatError, HermeticError, PeerUnavailableError
 from hermetic.proxy.bootstrap import deliver_config
 from hermetic.proxy.metrics import ProxyMetrics
+from hermetic.proxy.relay import IngressRelay
 from hermetic.transport import egress, vsock
-from hermetic.transport.frames import FrameBoundaryTracker, FrameDecoder, encode_frame
+from hermetic.transport.frames import FrameDecoder, encode_frame
 from hermetic.transport.tcp import HostPort
 
 log = logging.getLogger("hermetic.proxy")
@@ -73,7 +74,8 @@ class ServiceProxy:
     async def start(self) -> ServiceProxy:
         o = self.options
         if o.listen is not None:
-            self._tcp = await asyncio.start_server(self._on_tcp, o.listen.host, o.listen.port)
+            loop = asyncio.get_running_loop()
+            self._tcp = await loop.create_server(self._new_ingress, o.listen.host, o.listen.port)
             host, port = self._tcp.sockets[0].getsockname()[:2]
             self.tcp_address = HostPort(host, port)
         if o.ws_listen is not None:
@@ -136,69 +138,32 @@ class ServiceProxy:
 
     # --- ingress -------------------------------------------------------------------------
 
-    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._track()
+    def _new_ingress(self) -> asyncio.Protocol:
+        relay = IngressRelay(self.metrics, enclave_unavailable_frame)
         self.metrics.connections.labels("tcp").inc()
         active = self.metrics.active.labels("tcp")
         active.inc()
+        relay.done.add_done_callback(lambda _: active.dec())
+        task = asyncio.ensure_future(self._attach(relay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return relay.client
+
+    async def _attach(self, relay: IngressRelay) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def connect() -> object:
+            sock = await vsock.connect_socket(
+                self.options.cid, self.options.service_port, timeout=5
+            )
+            return await loop.create_connection(lambda: relay.enclave, sock=sock)
+
         try:
-            await self._bridge_tcp(reader, writer)
+            await asyncio.sleep(0)  # let connection_made run first
+            await relay.attach_enclave(connect)
+            await relay.done
         finally:
-            active.dec()
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-    async def _bridge_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            enclave = await vsock.connect(self.options.cid, self.options.service_port, timeout=5)
-        except PeerUnavailableError as exc:
-            self.metrics.enclave_errors.inc()
-            writer.write(enclave_unavailable_frame(str(exc)))
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.drain()
-            return
-        tracker = FrameBoundaryTracker()
-        bytes_in = self.metrics.bytes.labels("to_enclave")
-        bytes_out = self.metrics.bytes.labels("from_enclave")
-
-        async def upstream() -> None:
-            with contextlib.suppress(ConnectionError, OSError):
-                while data := await reader.read(CHUNK):
-                    bytes_in.inc(len(data))
-                    enclave.writer.write(data)
-                    await enclave.writer.drain()
-                if enclave.writer.can_write_eof():
-                    enclave.writer.write_eof()
-
-        async def downstream() -> bool:
-            """Relay enclave -> client; True if the enclave side ended."""
-            try:
-                while data := await enclave.reader.read(CHUNK):
-                    tracker.feed(data)
-                    bytes_out.inc(len(data))
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            return True
-
-        up = asyncio.ensure_future(upstream())
-        down = asyncio.ensure_future(downstream())
-        try:
-            await down
-            if not up.done():
-                # The enclave ended while the client still talks to it: it went away.
-                self.metrics.enclave_errors.inc()
-                if tracker.at_boundary:
-                    writer.write(enclave_unavailable_frame("the enclave closed the connection"))
-                    with contextlib.suppress(ConnectionError, OSError):
-                        await writer.drain()
-        finally:
-            up.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await up
-            await enclave.aclose()
+            relay.close()  # the proxy is shutting down: do not leave sockets behind
 
     async def _on_ws(self, connection: ServerConnection) -> None:
         self._track()
