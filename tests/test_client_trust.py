@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hermetic.attestation.roots import AWS_ROOT_G1_SHA256
 from hermetic.client import ClientTrust, ServicePolicy, write_trust_bundle
@@ -165,3 +168,61 @@ def test_service_option_narrows_a_policy_and_cannot_widen_it() -> None:
     assert narrow.with_service(None) is narrow
     assert narrow.with_debug(True).allow_debug is True
     assert ServicePolicy(allow_debug=True).with_debug(False).allow_debug is True
+
+
+# --- fuzzing: only HermeticError escapes the file loaders -------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                 max_size=4),
+    max_leaves=16,
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "nitro_root": json_values
+            | st.fixed_dictionaries(
+                {}, optional={"name": json_values, "sha256": json_values, "pem": json_values}
+            ),
+            "log": json_values,
+            "publishers": json_values,
+        },
+    )
+)
+def test_trust_loader_raises_only_hermetic_errors(value: dict[str, Any]) -> None:
+    with contextlib.suppress(HermeticError):
+        ClientTrust.from_json(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "services",
+                "versions",
+                "pcr0",
+                "config_digests",
+                "allow_debug",
+                "max_age_seconds",
+                "x",
+            ]
+        ),
+        json_values,
+    )
+)
+def test_policy_loader_raises_only_hermetic_errors(value: dict[str, Any]) -> None:
+    with contextlib.suppress(HermeticError):
+        ServicePolicy.from_json(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_trust_bytes_raise_only_hermetic_errors(data: bytes) -> None:
+    with contextlib.suppress(HermeticError):
+        ClientTrust.loads(data)

@@ -158,6 +158,11 @@ def verify_evidence(
 ) -> VerifiedPeer:
     """Verify a peer's evidence bundle for this session, or raise the failing check's error."""
     steps = report if report is not None else VerificationReport()
+    for name, value in (("handshake_hash", handshake_hash), ("remote_static", remote_static)):
+        if not isinstance(value, bytes | bytearray) or not value:
+            raise UsageError(f"{name}: expected non-empty bytes, got {type(value).__name__}")
+    if not isinstance(trust, ClientTrust) or not isinstance(policy, ServicePolicy):
+        raise UsageError("verify_evidence: trust must be a ClientTrust, policy a ServicePolicy")
     try:
         return _verify(bundle_bytes, handshake_hash, remote_static, trust, policy, now, steps)
     except HermeticError as exc:
