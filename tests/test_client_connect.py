@@ -84,7 +84,7 @@ async def test_connect_and_call_over_tcp_reports_the_verified_release(stack: Sta
         async with session:
             assert await session.call("echo", {"hello": [1, 2]}) == {"hello": [1, 2]}
             verified = session.verified
-            assert (verified.service, verified.version) == (SERVICE, VERSION)
+            assert (verified.service, verified.release) == (SERVICE, VERSION)
             assert verified.log_index == stack.endorsement.index
             assert verified.config_digest == CONFIG_DIGEST
             assert verified.pcrs[0] == PCRS[0]

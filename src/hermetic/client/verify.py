@@ -135,6 +135,11 @@ class VerifiedPeer:
             raise TypeError("VerifiedPeer is only created by verify_evidence()")
         object.__setattr__(self, "_token", None)
 
+    @property
+    def release(self) -> str | None:
+        """The release (version) the publisher logged for these PCRs."""
+        return self.version
+
     def to_json(self) -> dict[str, Any]:
         """``{service, release, pcrs, log_index, config_digest}`` (hex for bytes)."""
         return {
