@@ -22,6 +22,7 @@ from hermetic.attestation.codec import decode
 from hermetic.enclave.client import ServiceClient
 from hermetic.image.build import BuildResult
 from hermetic.launcher import records
+from hermetic.nsm.pki import pki_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,6 +106,16 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
     record = records.load(started["EnclaveID"])
     assert record.sandbox["network"] == "isolated"
     assert record.sandbox["image"] == "read-only mount"
+    assert record.sandbox["launcher_state"] == "hidden"
+    # The launcher's state (the dev PKI's signing keys, other enclaves) is out of reach:
+    # only the vsock directory and this enclave's own image are there.
+    state_dir = os.environ["HERMETIC_STATE_DIR"]
+    assert pki_dir().is_dir()
+    assert asyncio.run(_call(started["EnclaveCID"], "listdir", state_dir)) == ["enclaves", "vsock"]
+    pki = asyncio.run(_call(started["EnclaveCID"], "listdir", str(pki_dir())))
+    assert pki == "FileNotFoundError: No such file or directory"
+    mine = asyncio.run(_call(started["EnclaveCID"], "listdir", f"{state_dir}/enclaves"))
+    assert mine == [record.id]
     # Nothing the app printed reached the host: no file in the state dir holds it.
     state = Path(os.environ["HERMETIC_STATE_DIR"])
     for path in state.rglob("*"):

@@ -6,7 +6,9 @@ environment:
 1. **sandbox stage** (:data:`SANDBOX_STAGE`, launcher code, never image code): enters a
    new network namespace (no interfaces but a down loopback, so nothing reaches the host's
    network) and a private mount namespace in which the extracted image is bind-mounted
-   read-only (root ignores file modes, a read-only mount it cannot ignore); sets
+   read-only (root ignores file modes, a read-only mount it cannot ignore) and the
+   launcher's state directory (the dev PKI's signing keys, other enclaves) is covered by
+   an empty tmpfs with only the image and the vsock directory brought back; sets
    ``RLIMIT_AS`` to the enclave's memory and pins the process to its CPUs; asks the
    kernel to kill it if its supervisor dies (an orphan enclave would outlive the NSM and
    the record that says it is gone); then ``execve``
@@ -49,11 +51,24 @@ if os.getppid() != spec["parent"]:
 if libc.unshare(CLONE_NEWNET) != 0:
     warn("no network namespace, the enclave shares the host network")
 image = os.fsencode(spec["image"])
+def hide_state():
+    # Cover the launcher's state dir (dev PKI keys, other enclaves) with an empty tmpfs,
+    # then bring back only what the enclave needs: its image and the vsock directory.
+    keep = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in spec["expose"]]
+    hide = os.fsencode(spec["hide"])
+    if libc.mount(b"tmpfs", hide, b"tmpfs", 0, b"mode=0755,size=64k") != 0:
+        return warn("cannot hide the launcher state (PKI keys stay visible)")
+    for path, fd in keep:
+        os.makedirs(path, exist_ok=True)
+        source = ("/proc/self/fd/%d" % fd).encode()
+        if libc.mount(source, os.fsencode(path), None, MS_BIND | MS_REC, None) != 0:
+            warn("cannot expose %s" % path)
+        os.close(fd)
 if libc.unshare(CLONE_NEWNS) != 0:
     warn("no mount namespace, the image is not mounted read-only")
 elif libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
     warn("cannot make mounts private")
-elif libc.mount(image, image, None, MS_BIND | MS_REC, None) != 0:
+elif hide_state() is None and libc.mount(image, image, None, MS_BIND | MS_REC, None) != 0:
     warn("cannot bind-mount the image")
 elif libc.mount(b"none", image, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None) != 0:
     warn("cannot remount the image read-only")
@@ -83,6 +98,8 @@ class SandboxSpec:
     memory_mib: int
     cpu_ids: tuple[int, ...]
     environment: dict[str, str]
+    hidden_state: Path
+    exposed: tuple[Path, ...]
 
     def argv(self) -> list[str]:
         spec = {
@@ -95,6 +112,8 @@ class SandboxSpec:
             "env": self.environment,
             "boot": BOOT_STAGE,
             "parent": os.getpid(),
+            "hide": str(self.hidden_state),
+            "expose": [str(p) for p in self.exposed if p.is_relative_to(self.hidden_state)],
         }
         return [sys.executable, "-I", "-c", SANDBOX_STAGE, json.dumps(spec)]
 
@@ -115,7 +134,7 @@ def pick_cpus(count: int) -> tuple[int, ...]:
     return tuple(available[: max(1, min(count, len(available)))])
 
 
-def inspect(pid: int, image_dir: Path) -> dict[str, str]:
+def inspect(pid: int, image_dir: Path, state: Path) -> dict[str, str]:
     """What the sandbox really achieved, read from /proc (never from the enclave itself)."""
     result: dict[str, str] = {}
     try:
@@ -130,6 +149,8 @@ def inspect(pid: int, image_dir: Path) -> dict[str, str]:
         options = [line.split()[5] for line in mounts if line.split()[4] == target]
         ro = bool(options) and "ro" in options[-1].split(",")
         result["image"] = "read-only mount" if ro else "WRITABLE"
+        hidden = any(line.split()[4] == str(state) and " - tmpfs " in line for line in mounts)
+        result["launcher_state"] = "hidden" if hidden else "VISIBLE"
     except (OSError, IndexError):
         result["image"] = "unknown"
     try:

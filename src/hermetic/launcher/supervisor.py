@@ -31,6 +31,7 @@ from hermetic.launcher import records, sandbox
 from hermetic.launcher.records import EnclaveRecord
 from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.server import start_server
+from hermetic.paths import state_dir
 from hermetic.transport import vsock
 from hermetic.transport.frames import read_frame, write_frame
 
@@ -108,6 +109,8 @@ class Supervisor:
                 memory_mib=self.record.memory_mib,
                 cpu_ids=self.record.cpu_ids,
                 environment=sandbox.enclave_environment(nsm_socket, self.root, self.record.cid),
+                hidden_state=state_dir(),
+                exposed=(self.root, image_dir),
             )
             return await self._boot_and_wait(spec, image_dir)
         finally:
@@ -151,7 +154,7 @@ class Supervisor:
             log.error("enclave %s did not start: %s", self.record.id, reason)
             self._update(state=records.FAILED, reason=reason)
             return 1
-        checks = sandbox.inspect(pid, image_dir)
+        checks = sandbox.inspect(pid, image_dir, state_dir())
         for what, verdict in checks.items():
             if verdict.isupper():
                 log.warning("SANDBOX WEAKENED for %s: %s %s", self.record.id, what, verdict)

@@ -77,3 +77,11 @@ async def egress(host: str, port: int, payload: bytes) -> object:
     data = await reader.read(65536)
     writer.close()
     return {"reply": data}
+
+
+@app.method("listdir")
+async def listdir(path: str) -> object:
+    try:
+        return sorted(os.listdir(path))
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror}"
