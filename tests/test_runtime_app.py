@@ -1,20 +1,32 @@
-"""The app framework and the plain service wire, without any enclave around them."""
+"""The app framework, alone and served through the attested channel as the runtime does.
+
+The runtime serves an :class:`App` with ``dispatch_handlers(app.call, app.methods)`` behind
+``serve_attested``; these tests drive exactly that over a Unix socket with a real emulated
+NSM (debug mode, so no release is needed) and the real client.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-import cbor2
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from hermetic.enclave import App, wire
-from hermetic.enclave.client import ServiceClient
-from hermetic.enclave.service import handle_frame, serve_stream
-from hermetic.errors import FrameFormatError, LauncherError, ServiceError, UsageError
+from hermetic.channel.noise import StaticKeypair
+from hermetic.client import (
+    AttestedSession,
+    ServicePolicy,
+    connect,
+    dispatch_handlers,
+    serve_attested,
+)
+from hermetic.enclave import App
+from hermetic.errors import LauncherError, RPCError, ServiceError, UsageError
+from hermetic.evidence import make_evidence_provider
+from hermetic.launcher.devrelease import DevLog
+from hermetic.nsm import EmulatedNSM, NSMClient
 
 
 def _echo_app() -> App:
@@ -25,67 +37,77 @@ def _echo_app() -> App:
         return arg
 
     @app.method("boom")
-    async def boom() -> None:
+    async def boom(arg: Any) -> None:
         raise RuntimeError("secret-value-must-not-leak")
+
+    @app.method("refuse")
+    async def refuse(arg: Any) -> None:
+        raise ServiceError(f"refuse: expected nothing, got {arg!r}", code="Refused")
 
     return app
 
 
-async def _call(app: App, request: Any) -> list[Any]:
-    result: list[Any] = cbor2.loads(await handle_frame(app, cbor2.dumps(request)))
-    return result
+@pytest.fixture
+async def session(tmp_path: Path) -> AsyncIterator[AttestedSession]:
+    """An attested session to the echo app, served the way the runtime serves it."""
+    app = _echo_app()
+    nsm = NSMClient(EmulatedNSM({}, debug=True))
+    provider = make_evidence_provider(nsm, None, None)
+    handlers = dispatch_handlers(app.call, app.methods)
+    static = StaticKeypair.generate()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_attested(reader, writer, provider, handlers, static=static)
+
+    path = tmp_path / "s.sock"
+    server = await asyncio.start_unix_server(on_client, path=str(path))
+    trust = DevLog(tmp_path / "dev-log").write_trust(tmp_path / "trust.json")
+    opened = await connect(
+        f"unix://{path}", trust=trust, policy=ServicePolicy(allow_debug=True), timeout=10
+    )
+    try:
+        yield opened
+    finally:
+        await opened.close()
+        server.close()
+        await server.wait_closed()
 
 
-async def test_registered_method_answers_with_its_id() -> None:
-    assert await _call(_echo_app(), [7, "echo", [{"a": b"\x00"}]]) == [7, True, {"a": b"\x00"}]
+async def test_registered_method_answers_through_the_attested_channel(
+    session: AttestedSession,
+) -> None:
+    assert session.verified.debug
+    assert await session.call("echo", {"a": b"\x00"}) == {"a": b"\x00"}
+    assert await session.call("echo", [1, 2]) == [1, 2]
 
 
-async def test_unknown_method_is_a_typed_error_response() -> None:
-    assert await _call(_echo_app(), [1, "nope", []]) == [
-        1,
-        False,
-        {"code": "UnknownMethod", "message": "method: no method named 'nope'"},
-    ]
+async def test_unknown_method_is_a_typed_rpc_error(session: AttestedSession) -> None:
+    with pytest.raises(RPCError) as info:
+        await session.call("nope", None)
+    assert info.value.code == "unknown_method"
 
 
-async def test_app_exception_becomes_internal_error_without_its_message() -> None:
-    response = await _call(_echo_app(), [2, "boom", []])
-    assert response[:2] == [2, False]
-    assert response[2]["code"] == "InternalError"
-    assert "secret-value" not in response[2]["message"]
+async def test_app_exception_becomes_internal_error_without_its_message(
+    session: AttestedSession,
+) -> None:
+    with pytest.raises(RPCError) as info:
+        await session.call("boom", None)
+    assert info.value.code == "internal"
+    assert "secret-value" not in str(info.value)
+    assert await session.call("echo", "still served") == "still served"
 
 
-async def test_wrong_arity_is_invalid_arguments() -> None:
-    response = await _call(_echo_app(), [3, "echo", []])
-    assert response[2]["code"] == "InvalidArguments"
+async def test_service_error_is_rejected_with_its_message(session: AttestedSession) -> None:
+    with pytest.raises(RPCError) as info:
+        await session.call("refuse", 7)
+    assert info.value.code == "rejected"
+    assert "refuse: expected nothing, got 7" in info.value.remote_message
 
 
-@pytest.mark.parametrize(
-    "request_value",
-    [[1, "echo"], [-1, "echo", []], [True, "echo", []], [1, "", []], [1, "echo", "x"], {"a": 1}],
-)
-async def test_malformed_requests_get_null_id_error(request_value: Any) -> None:
-    response = await _call(_echo_app(), request_value)
-    assert response[0] is None
-    assert response[2]["code"] == "MalformedRequest"
-
-
-@given(st.binary(max_size=64))
-def test_request_decoder_only_ever_raises_frame_format_error(junk: bytes) -> None:
-    with contextlib.suppress(FrameFormatError):
-        wire.decode_request(junk)
-
-
-@given(st.binary(max_size=64))
-def test_response_decoder_only_ever_raises_frame_format_error(junk: bytes) -> None:
-    with contextlib.suppress(FrameFormatError):
-        wire.decode_response(junk)
-
-
-@given(st.integers(min_value=0, max_value=2**63), st.text(min_size=1, max_size=20))
-def test_request_roundtrips(request_id: int, method: str) -> None:
-    request = wire.ServiceRequest(request_id, method, (1, b"x", None))
-    assert wire.decode_request(wire.encode_request(request)) == request
+async def test_app_call_of_unknown_method_raises_service_error() -> None:
+    with pytest.raises(ServiceError) as info:
+        await _echo_app().call("nope", ())
+    assert info.value.code == "UnknownMethod"
 
 
 def test_method_registered_twice_is_refused() -> None:
@@ -97,34 +119,3 @@ def test_method_registered_twice_is_refused() -> None:
 def test_context_before_boot_is_an_error() -> None:
     with pytest.raises(LauncherError, match="expected a booted enclave runtime"):
         _ = _echo_app().context
-
-
-async def test_client_and_server_over_a_real_stream(tmp_path: Any) -> None:
-    app = _echo_app()
-    path = str(tmp_path / "s.sock")
-    server = await asyncio.start_unix_server(lambda r, w: serve_stream(app, r, w), path=path)
-    reader, writer = await asyncio.open_unix_connection(path)
-    async with ServiceClient(reader, writer) as client:
-        assert await client.call("echo", "hi") == "hi"
-        assert await client.call("echo", [1, 2]) == [1, 2]
-        with pytest.raises(ServiceError) as info:
-            await client.call("nope")
-        assert info.value.code == "UnknownMethod"
-    server.close()
-    await server.wait_closed()
-
-
-async def test_server_answers_broken_framing_with_an_error_frame_then_closes(tmp_path: Any) -> None:
-    app = _echo_app()
-    path = str(tmp_path / "s.sock")
-    server = await asyncio.start_unix_server(lambda r, w: serve_stream(app, r, w), path=path)
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(b"\x00\x00\x00\x09abc")
-    writer.write_eof()
-    data = await asyncio.wait_for(reader.read(), 5)
-    response = wire.decode_response(data[4:])
-    assert response.id is None
-    assert response.error_code == "MalformedFrame"
-    writer.close()
-    server.close()
-    await server.wait_closed()

@@ -6,16 +6,17 @@ import asyncio
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import build_probe, hermetic, run_json, stop_all
+from apps.probe.harness import Release, build_probe, hermetic, release, run_json, stop_all
 from hermetic.attestation.codec import decode
-from hermetic.enclave.client import ServiceClient
 from hermetic.enclave.config import sign_config
-from hermetic.image.build import BuildResult
+from hermetic.enclave.runtime import parse_endorsement
+from hermetic.errors import EnclaveBootError
 
 pytestmark = pytest.mark.timeout(120)
 CONFIG = b'{"environment": "staging", "batch": 64}'
@@ -27,10 +28,9 @@ def operator() -> ed25519.Ed25519PrivateKey:
 
 
 @pytest.fixture(scope="module")
-def probe(
-    tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey
-) -> BuildResult:
-    return build_probe(tmp_path_factory.mktemp("probe"), operator)
+def probe(tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey) -> Release:
+    directory = tmp_path_factory.mktemp("probe")
+    return release(build_probe(directory, operator), directory)
 
 
 @pytest.fixture(autouse=True)
@@ -39,37 +39,48 @@ def _no_leftover_enclaves() -> Iterator[None]:
     stop_all()
 
 
-async def _call(cid: int, method: str, *args: object) -> object:
-    async with await ServiceClient.vsock(cid, 5000) as client:
-        return await client.call(method, *args)
+def _run(probe: Release, *args: str) -> Any:
+    return run_json("run", str(probe.image.path), "--endorsement", str(probe.endorsement), *args)
+
+
+def _url(started: dict[str, Any]) -> str:
+    return f"vsock://{started['EnclaveCID']}:5000"
 
 
 def test_signed_config_is_accepted_and_its_digest_is_in_user_data(
-    probe: BuildResult, operator: ed25519.Ed25519PrivateKey, tmp_path: Path
+    probe: Release, operator: ed25519.Ed25519PrivateKey, tmp_path: Path
 ) -> None:
     bundle = tmp_path / "config.bundle"
     bundle.write_bytes(sign_config(CONFIG, operator))
-    started = run_json("run", str(probe.path), "--config", str(bundle))
+    started = _run(probe, "--config", str(bundle))
     assert started["State"] == "RUNNING"
-    seen = asyncio.run(_call(started["EnclaveCID"], "config"))
+
+    async def scenario() -> tuple[object, object, bytes | None]:
+        async with await probe.connect(_url(started)) as session:
+            seen = await session.call("config")
+            document = await session.call("attest", b"n")
+            return seen, document, session.verified.config_digest
+
+    seen, document, attested_digest = asyncio.run(scenario())
     assert seen == {
         "values": {"environment": "staging", "batch": 64},
         "digest": hashlib.sha256(CONFIG).digest(),
     }
-    document = asyncio.run(_call(started["EnclaveCID"], "attest", b"n"))
+    # The app's own documents carry the bare digest; the channel's evidence carried it too.
     assert isinstance(document, bytes)
     assert decode(document)[1].user_data == hashlib.sha256(CONFIG).digest()
+    assert attested_digest == hashlib.sha256(CONFIG).digest()
 
 
-def test_without_config_user_data_is_null(probe: BuildResult) -> None:
-    started = run_json("run", str(probe.path))
-    document = asyncio.run(_call(started["EnclaveCID"], "attest", b"n"))
+def test_without_config_user_data_is_null(probe: Release) -> None:
+    started = _run(probe)
+    document = asyncio.run(probe.call(_url(started), "attest", b"n"))
     assert isinstance(document, bytes)
     assert decode(document)[1].user_data is None
 
 
-def _refused(probe: BuildResult, bundle: Path, expected: str) -> None:
-    done = hermetic("run", str(probe.path), "--config", str(bundle))
+def _refused(probe: Release, bundle: Path, expected: str) -> None:
+    done = hermetic("run", str(probe.image.path), "--config", str(bundle))
     assert done.returncode == 1
     assert "enclave refused to start" in done.stderr
     assert expected in done.stderr
@@ -79,16 +90,14 @@ def _refused(probe: BuildResult, bundle: Path, expected: str) -> None:
     assert expected in listed[0]["Reason"]
 
 
-def test_unsigned_bundle_makes_the_enclave_refuse_to_start(
-    probe: BuildResult, tmp_path: Path
-) -> None:
+def test_unsigned_bundle_makes_the_enclave_refuse_to_start(probe: Release, tmp_path: Path) -> None:
     bundle = tmp_path / "unsigned.bundle"
     bundle.write_bytes(cbor2.dumps({"config": CONFIG, "signature": b""}))
     _refused(probe, bundle, "expected an operator signature, got none")
 
 
 def test_tampered_bundle_makes_the_enclave_refuse_to_start(
-    probe: BuildResult, operator: ed25519.Ed25519PrivateKey, tmp_path: Path
+    probe: Release, operator: ed25519.Ed25519PrivateKey, tmp_path: Path
 ) -> None:
     good = cbor2.loads(sign_config(CONFIG, operator))
     bundle = tmp_path / "tampered.bundle"
@@ -98,7 +107,42 @@ def test_tampered_bundle_makes_the_enclave_refuse_to_start(
     _refused(probe, bundle, "does not verify with the image's operator key")
 
 
-def test_bundle_from_another_operator_is_refused(probe: BuildResult, tmp_path: Path) -> None:
+def test_bundle_from_another_operator_is_refused(probe: Release, tmp_path: Path) -> None:
     bundle = tmp_path / "other.bundle"
     bundle.write_bytes(sign_config(CONFIG, ed25519.Ed25519PrivateKey.generate()))
     _refused(probe, bundle, "does not verify with the image's operator key")
+
+
+def test_endorsement_for_another_image_or_unreadable_is_refused_before_boot(
+    probe: Release, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    other_release = release(build_probe(other, ed25519.Ed25519PrivateKey.generate()), other)
+    mismatch = hermetic(
+        "run", str(probe.image.path), "--endorsement", str(other_release.endorsement)
+    )
+    assert mismatch.returncode == 1, mismatch.stderr
+    assert f"the image's PCR0 is {probe.image.measurements.pcr0.hex()}" in mismatch.stderr
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"type": "not an endorsement"}')
+    unreadable = hermetic("run", str(probe.image.path), "--endorsement", str(junk))
+    assert unreadable.returncode == 2, unreadable.stderr
+    for done in (mismatch, unreadable):
+        assert "Traceback" not in done.stderr
+    assert run_json("ps", "--json") == []
+
+
+@pytest.mark.parametrize(
+    "frame", [b"{", b'{"type": "hermetic.endorsement/v1"}', b"\xff\xfe", b"[]", b"null"]
+)
+def test_enclave_refuses_an_endorsement_frame_it_could_never_send(frame: bytes) -> None:
+    with pytest.raises(EnclaveBootError, match="endorsement: "):
+        parse_endorsement(frame)
+
+
+def test_enclave_accepts_a_published_endorsement_or_none(probe: Release) -> None:
+    parsed = parse_endorsement(probe.endorsement.read_bytes())
+    assert parsed is not None
+    assert parsed.signed.statement.pcr0 == probe.image.measurements.pcr0.hex()  # type: ignore[union-attr]
+    assert parse_endorsement(b"") is None

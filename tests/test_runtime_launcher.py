@@ -1,7 +1,7 @@
 """The emulated launcher end to end: real processes, real sandbox, real NSM, real CLI.
 
-Each test runs the probe app (tests/apps/probe) in an emulated enclave and asks it, from
-inside, what it can see and do.
+Each test runs the probe app (tests/apps/probe), released to a dev log, in an emulated
+enclave and asks it, through the attested channel, what it can see and do from inside.
 """
 
 from __future__ import annotations
@@ -13,14 +13,22 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import MARKER, build_probe, hermetic, run_json, stop_all, wait_state
+from apps.probe.harness import (
+    MARKER,
+    Release,
+    build_probe,
+    hermetic,
+    release,
+    run_json,
+    stop_all,
+    wait_state,
+)
 from hermetic.attestation.codec import decode
-from hermetic.enclave.client import ServiceClient
-from hermetic.image.build import BuildResult
 from hermetic.launcher import records
 from hermetic.nsm.pki import pki_dir
 
@@ -33,10 +41,9 @@ def operator() -> ed25519.Ed25519PrivateKey:
 
 
 @pytest.fixture(scope="module")
-def probe(
-    tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey
-) -> BuildResult:
-    return build_probe(tmp_path_factory.mktemp("probe"), operator)
+def probe(tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey) -> Release:
+    directory = tmp_path_factory.mktemp("probe")
+    return release(build_probe(directory, operator), directory)
 
 
 @pytest.fixture(autouse=True)
@@ -45,28 +52,31 @@ def _no_leftover_enclaves() -> Iterator[None]:
     stop_all()
 
 
-async def _call(cid: int, method: str, *args: object) -> object:
-    async with await ServiceClient.vsock(cid, 5000) as client:
-        return await client.call(method, *args)
+def _url(started: dict[str, Any]) -> str:
+    return f"vsock://{started['EnclaveCID']}:5000"
+
+
+def _run(probe: Release, *args: str) -> Any:
+    return run_json("run", str(probe.image.path), "--endorsement", str(probe.endorsement), *args)
 
 
 def test_run_then_ps_shows_running_with_measurements_and_document_verifies(
-    probe: BuildResult, tmp_path: Path
+    probe: Release, tmp_path: Path
 ) -> None:
-    started = run_json("run", str(probe.path))
+    started = _run(probe)
     assert started["State"] == "RUNNING"
     listed = {d["EnclaveID"]: d for d in run_json("ps", "--json")}
     mine = listed[started["EnclaveID"]]
     assert mine["State"] == "RUNNING"
     assert mine["Flags"] == "NONE"
-    assert mine["Measurements"]["PCR0"] == probe.measurements.pcr0.hex()
-    assert mine["Measurements"]["PCR2"] == probe.measurements.pcr2.hex()
+    assert mine["Measurements"]["PCR0"] == probe.image.measurements.pcr0.hex()
+    assert mine["Measurements"]["PCR2"] == probe.image.measurements.pcr2.hex()
 
-    document = asyncio.run(_call(started["EnclaveCID"], "attest", b"probe-nonce"))
+    document = asyncio.run(probe.call(_url(started), "attest", b"probe-nonce"))
     assert isinstance(document, bytes)
     path = tmp_path / "doc.cbor"
     path.write_bytes(document)
-    pcr0 = probe.measurements.pcr0.hex()
+    pcr0 = probe.image.measurements.pcr0.hex()
     verified = hermetic("attestation", "verify", str(path), "--root", "dev", "--pcr", f"0={pcr0}")
     assert verified.returncode == 0, verified.stderr
     wrong = hermetic("attestation", "verify", str(path), "--root", "dev", "--pcr", f"0={'00' * 48}")
@@ -75,20 +85,20 @@ def test_run_then_ps_shows_running_with_measurements_and_document_verifies(
     assert payload.module_id == started["EnclaveID"]
     assert payload.nonce == b"probe-nonce"
 
-    assert asyncio.run(_call(started["EnclaveCID"], "extend_pcr", 0)) == "ReadOnlyIndex"
-    assert asyncio.run(_call(started["EnclaveCID"], "extend_pcr", 16)) == "extended"
+    assert asyncio.run(probe.call(_url(started), "extend_pcr", 0)) == "ReadOnlyIndex"
+    assert asyncio.run(probe.call(_url(started), "extend_pcr", 16)) == "extended"
 
 
 def test_sandbox_blocks_host_network_environment_image_writes_and_console(
-    probe: BuildResult,
+    probe: Release,
 ) -> None:
     host = socket.socket()
     host.bind(("127.0.0.1", 0))
     host.listen()
     port = host.getsockname()[1]
     try:
-        started = run_json("run", str(probe.path))
-        report = asyncio.run(_call(started["EnclaveCID"], "isolation", port))
+        started = _run(probe)
+        report = asyncio.run(probe.call(_url(started), "isolation", port))
     finally:
         host.close()
     assert isinstance(report, dict)
@@ -111,10 +121,10 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
     # only the vsock directory and this enclave's own image are there.
     state_dir = os.environ["HERMETIC_STATE_DIR"]
     assert pki_dir().is_dir()
-    assert asyncio.run(_call(started["EnclaveCID"], "listdir", state_dir)) == ["enclaves", "vsock"]
-    pki = asyncio.run(_call(started["EnclaveCID"], "listdir", str(pki_dir())))
+    assert asyncio.run(probe.call(_url(started), "listdir", state_dir)) == ["enclaves", "vsock"]
+    pki = asyncio.run(probe.call(_url(started), "listdir", str(pki_dir())))
     assert pki == "FileNotFoundError: No such file or directory"
-    mine = asyncio.run(_call(started["EnclaveCID"], "listdir", f"{state_dir}/enclaves"))
+    mine = asyncio.run(probe.call(_url(started), "listdir", f"{state_dir}/enclaves"))
     assert mine == [record.id]
     # Nothing the app printed reached the host: no file in the state dir holds it.
     state = Path(os.environ["HERMETIC_STATE_DIR"])
@@ -124,10 +134,10 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
     assert hermetic("console", started["EnclaveID"], "--no-follow").returncode == 1
 
 
-def test_debug_enclave_console_shows_app_output(probe: BuildResult) -> None:
-    started = run_json("run", str(probe.path), "--debug")
+def test_debug_enclave_console_shows_app_output(probe: Release) -> None:
+    started = _run(probe, "--debug")
     assert started["Flags"] == "DEBUG_MODE"
-    report = asyncio.run(_call(started["EnclaveCID"], "isolation", 9))
+    report = asyncio.run(probe.call(_url(started), "isolation", 9, debug=True))
     assert isinstance(report, dict)
     console = hermetic("console", started["EnclaveID"], "--no-follow")
     assert console.returncode == 0
@@ -135,8 +145,8 @@ def test_debug_enclave_console_shows_app_output(probe: BuildResult) -> None:
     assert f"{MARKER} stderr from a method" in console.stdout
 
 
-def test_killed_enclave_shows_terminated_and_can_be_run_again(probe: BuildResult) -> None:
-    started = run_json("run", str(probe.path))
+def test_killed_enclave_shows_terminated_and_can_be_run_again(probe: Release) -> None:
+    started = _run(probe)
     record = records.load(started["EnclaveID"])
     assert record.pid is not None
     os.kill(record.pid, signal.SIGKILL)
@@ -145,14 +155,15 @@ def test_killed_enclave_shows_terminated_and_can_be_run_again(probe: BuildResult
     assert listed[record.id]["State"] == "TERMINATED"
     assert "exited" in listed[record.id]["Reason"] or "gone" in listed[record.id]["Reason"]
 
-    again = run_json("run", str(probe.path))
+    # Run again without --endorsement: the one the enclave ran with is reused.
+    again = run_json("run", str(probe.image.path))
     assert again["State"] == "RUNNING"
     assert again["EnclaveCID"] == started["EnclaveCID"]  # the CID was freed
-    assert asyncio.run(_call(again["EnclaveCID"], "echo", "back")) == "back"
+    assert asyncio.run(probe.call(_url(again), "echo", "back")) == "back"
 
 
-def test_stop_terminates_and_frees_resources(probe: BuildResult) -> None:
-    started = run_json("run", str(probe.path))
+def test_stop_terminates_and_frees_resources(probe: Release) -> None:
+    started = _run(probe)
     stopped = run_json("stop", started["EnclaveID"])
     assert stopped == {
         "EnclaveName": "probe",
@@ -173,8 +184,8 @@ def test_stop_of_unknown_enclave_is_a_clean_error() -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_killed_supervisor_takes_its_enclave_down_and_ps_says_so(probe: BuildResult) -> None:
-    started = run_json("run", str(probe.path))
+def test_killed_supervisor_takes_its_enclave_down_and_ps_says_so(probe: Release) -> None:
+    started = _run(probe)
     record = records.load(started["EnclaveID"])
     assert record.supervisor_pid is not None
     assert record.pid is not None
@@ -187,31 +198,31 @@ def test_killed_supervisor_takes_its_enclave_down_and_ps_says_so(probe: BuildRes
 
 
 def test_bad_run_requests_fail_cleanly_and_leave_nothing_behind(
-    probe: BuildResult, tmp_path: Path
+    probe: Release, tmp_path: Path
 ) -> None:
     junk = tmp_path / "junk.img"
     junk.write_bytes(b"not an image")
     state = Path(os.environ["HERMETIC_STATE_DIR"]) / "enclaves"
-    for args, code in (([str(junk)], 2), ([str(probe.path), "--cpus", "0"], 2)):
+    for args, code in (([str(junk)], 2), ([str(probe.image.path), "--cpus", "0"], 2)):
         done = hermetic("run", *args)
         assert done.returncode == code, done.stderr
         assert "Traceback" not in done.stderr
         assert not [p for p in state.glob("*") if not p.name.startswith(".")]
-    first = run_json("run", str(probe.path), "--cid", "40")
+    first = _run(probe, "--cid", "40")
     assert first["EnclaveCID"] == 40
-    clash = hermetic("run", str(probe.path), "--cid", "40")
+    clash = hermetic("run", str(probe.image.path), "--cid", "40")
     assert clash.returncode == 1
     assert "cid: 40 is used by a running enclave" in clash.stderr
 
 
-def test_enclave_is_pinned_to_the_requested_cpus(probe: BuildResult) -> None:
-    started = run_json("run", str(probe.path), "--cpus", "1")
+def test_enclave_is_pinned_to_the_requested_cpus(probe: Release) -> None:
+    started = _run(probe, "--cpus", "1")
     record = records.load(started["EnclaveID"])
     assert len(started["CPUIDs"]) == 1
     assert record.sandbox["cpus"] == str(started["CPUIDs"][0])
 
 
-def test_enclave_address_space_is_limited_to_its_memory(probe: BuildResult) -> None:
-    started = run_json("run", str(probe.path), "--memory", "768")
+def test_enclave_address_space_is_limited_to_its_memory(probe: Release) -> None:
+    started = _run(probe, "--memory", "768")
     assert started["MemoryMiB"] == 768
     assert records.load(started["EnclaveID"]).sandbox["memory"] == "768 MiB"

@@ -1,9 +1,13 @@
-"""The service proxy and `hermetic up`, driven through the real CLI and real clients."""
+"""The service proxy and `hermetic up`, driven through the real CLI and real clients.
+
+Every client here speaks the attested channel (``hermetic.client.connect`` or
+``hermetic connect``) and verifies the enclave's evidence and its release in a dev log
+before calling it: the enclave has no plaintext service port.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -13,16 +17,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import httpx
 import pytest
-import websockets
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import build_probe, run_json, stop_all, wait_state
-from hermetic.enclave.client import ServiceClient
-from hermetic.errors import ServiceError
-from hermetic.image.build import BuildResult
+from apps.probe.harness import (
+    Release,
+    build_probe,
+    hermetic,
+    release,
+    run_json,
+    stop_all,
+    wait_state,
+)
+from hermetic.errors import SessionClosedError, TransportError
+from hermetic.image import build_image
 from hermetic.launcher import records
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,8 +39,13 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    return build_probe(tmp_path_factory.mktemp("probe"), ed25519.Ed25519PrivateKey.generate())
+def probe(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    directory = tmp_path_factory.mktemp("probe")
+    return release(build_probe(directory, ed25519.Ed25519PrivateKey.generate()), directory)
+
+
+def _run(probe: Release) -> Any:
+    return run_json("run", str(probe.image.path), "--endorsement", str(probe.endorsement))
 
 
 @pytest.fixture
@@ -76,20 +90,8 @@ def _start(
             continue
 
 
-async def _ws_call(url: str, request: list[Any]) -> list[Any]:
-    ws = await websockets.connect(url)
-    try:
-        # The proxy may already have answered and closed (dead enclave): the answer
-        # still arrives before the close, so a failed send is not the test's verdict.
-        with contextlib.suppress(websockets.ConnectionClosed):
-            await ws.send(cbor2.dumps(request))
-        reply = await asyncio.wait_for(ws.recv(), 10)
-    finally:
-        with contextlib.suppress(websockets.ConnectionClosed):
-            await ws.close()
-    assert isinstance(reply, bytes)
-    result: list[Any] = cbor2.loads(reply)
-    return result
+def _connect_cli(url: str, trust: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return hermetic("connect", url, "--trust", str(trust), *args)
 
 
 async def _tcp_echo_server() -> asyncio.Server:
@@ -103,9 +105,9 @@ async def _tcp_echo_server() -> asyncio.Server:
 
 
 def test_proxy_bridges_tcp_and_websocket_and_enforces_egress_allowlist(
-    probe: BuildResult, background: list[subprocess.Popen[str]]
+    probe: Release, background: list[subprocess.Popen[str]]
 ) -> None:
-    started = run_json("run", str(probe.path))
+    started = _run(probe)
 
     async def scenario() -> None:
         allowed = await _tcp_echo_server()
@@ -119,18 +121,16 @@ def test_proxy_bridges_tcp_and_websocket_and_enforces_egress_allowlist(
             "--ws-listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
             "--egress-allow", f"127.0.0.1:{allowed_port}",
         )  # fmt: skip
-        host, port = addresses["tcp"].rsplit(":", 1)
-        async with await ServiceClient.tcp(host, int(port)) as client:
-            assert await client.call("echo", "over tcp") == "over tcp"
-            assert await client.call("echo", b"\x00" * 70000) == b"\x00" * 70000
-            ok = await client.call("egress", "127.0.0.1", allowed_port, b"ping")
+        async with await probe.connect(f"tcp://{addresses['tcp']}") as session:
+            assert await session.call("echo", "over tcp") == "over tcp"
+            assert await session.call("echo", b"\x00" * 70000) == b"\x00" * 70000
+            ok = await session.call("egress", ["127.0.0.1", allowed_port, b"ping"])
             assert ok == {"reply": b"pong:ping"}
-            refused = await client.call("egress", "127.0.0.1", other_port, b"ping")
+            refused = await session.call("egress", ["127.0.0.1", other_port, b"ping"])
             assert refused["error"] == "EgressRefusedError"
             assert "not on the egress allowlist" in refused["message"]
-        assert await _ws_call(addresses["websocket"], [9, "echo", ["over ws"]]) == [
-            9, True, "over ws",
-        ]  # fmt: skip
+        async with await probe.connect(addresses["websocket"]) as session:
+            assert await session.call("echo", "over ws") == "over ws"
         async with httpx.AsyncClient() as http:
             text = (await http.get(addresses["metrics"])).text
         refused_line = (
@@ -152,43 +152,64 @@ def test_proxy_bridges_tcp_and_websocket_and_enforces_egress_allowlist(
     asyncio.run(scenario())
 
 
-def test_clients_of_a_dead_enclave_get_a_clean_error_and_a_rerun_serves_again(
-    probe: BuildResult, background: list[subprocess.Popen[str]]
+def test_hermetic_connect_verifies_and_calls_through_the_proxy_over_tcp_and_websocket(
+    probe: Release, background: list[subprocess.Popen[str]]
 ) -> None:
-    started = run_json("run", str(probe.path))
+    started = _run(probe)
+    _, addresses = _start(
+        background, "proxy", "--enclave", started["EnclaveID"], "--listen", "127.0.0.1:0",
+        "--ws-listen", "127.0.0.1:0",
+    )  # fmt: skip
+    trust = probe.trust_file()
+    pcr0 = probe.image.measurements.pcr0.hex()
+    for url in (f"tcp://{addresses['tcp']}", addresses["websocket"]):
+        done = _connect_cli(url, trust, "--call", "echo", "--json-args", '"hi"', "--json")
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        assert out["result"] == "hi"
+        assert out["verified"]["service"] == "probe"
+        assert out["verified"]["pcrs"]["0"] == pcr0
+        assert isinstance(out["verified"]["log_index"], int)
+        steps = _connect_cli(url, trust, "--call", "echo", "--json-args", '"hi"')
+        assert steps.returncode == 0, steps.stderr
+        assert "✓ release PCRs" in steps.stdout
+        assert "✓ checkpoint" in steps.stdout
+        assert steps.stdout.rstrip().endswith('"hi"')
+
+
+def test_clients_of_a_dead_enclave_get_a_clean_error_and_a_rerun_serves_again(
+    probe: Release, background: list[subprocess.Popen[str]]
+) -> None:
+    started = _run(probe)
     _, addresses = _start(
         background, "proxy", "--cid", str(started["EnclaveCID"]), "--port", "5000",
         "--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0",
     )  # fmt: skip
-    host, port = addresses["tcp"].rsplit(":", 1)
+    tcp = f"tcp://{addresses['tcp']}"
 
     async def scenario() -> None:
-        async with await ServiceClient.tcp(host, int(port)) as client:
-            assert await client.call("echo", 1) == 1
+        async with await probe.connect(tcp) as session:
+            assert await session.call("echo", 1) == 1
             record = records.load(started["EnclaveID"])
             assert record.pid is not None
             os.kill(record.pid, signal.SIGKILL)
-            with pytest.raises(ServiceError) as info:
-                await asyncio.wait_for(client.call("echo", 2), 10)
-            assert info.value.code == "EnclaveUnavailable"
+            with pytest.raises(SessionClosedError):
+                await asyncio.wait_for(session.call("echo", 2), 10)
         assert wait_state(started["EnclaveID"], "TERMINATED").state == "TERMINATED"
-        async with await ServiceClient.tcp(host, int(port)) as client:
-            with pytest.raises(ServiceError) as info:
-                await asyncio.wait_for(client.call("echo", 3), 10)
-            assert info.value.code == "EnclaveUnavailable"
-        reply = await _ws_call(addresses["websocket"], [4, "echo", [4]])
-        assert reply[:2] == [None, False]
-        assert reply[2]["code"] == "EnclaveUnavailable"
-        # `hermetic run` starts it again on the same CID, and the same proxy serves it.
-        again = await asyncio.to_thread(run_json, "run", str(probe.path))
+        for url in (tcp, addresses["websocket"]):
+            with pytest.raises((SessionClosedError, TransportError)):
+                await asyncio.wait_for(probe.connect(url), 10)
+        # `hermetic run` starts it again on the same CID (reusing the endorsement it ran
+        # with), and the same proxy serves it.
+        again = await asyncio.to_thread(run_json, "run", str(probe.image.path))
         assert again["EnclaveCID"] == started["EnclaveCID"]
-        async with await ServiceClient.tcp(host, int(port)) as client:
-            assert await client.call("echo", 5) == 5
+        async with await probe.connect(tcp) as session:
+            assert await session.call("echo", 5) == 5
 
     asyncio.run(scenario())
 
 
-def test_up_builds_runs_exposes_and_stops_the_echo_example(
+def test_up_publishes_to_the_dev_log_and_hermetic_connect_verifies_the_echo_example(
     background: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
     trust = tmp_path / "trust.json"
@@ -196,35 +217,66 @@ def test_up_builds_runs_exposes_and_stops_the_echo_example(
         background, "up", str(EXAMPLES / "echo"), "--listen", "127.0.0.1:0",
         "--ws-listen", "127.0.0.1:0", "--trust-out", str(trust),
     )  # fmt: skip
-    host, port = addresses["tcp"].rsplit(":", 1)
-
-    async def scenario() -> None:
-        async with await ServiceClient.tcp(host, int(port)) as client:
-            assert await client.call("echo", {"hello": "up"}) == {"hello": "up"}
-        assert await _ws_call(addresses["websocket"], [1, "echo", ["ws"]]) == [1, True, "ws"]
-
-    asyncio.run(scenario())
-    bundle = json.loads(trust.read_text())
+    built = build_image(EXAMPLES / "echo", tmp_path / "echo.img").measurements.pcr0.hex()
+    assert addresses["release"]["pcr0"] == built
+    for url in (f"tcp://{addresses['tcp']}", addresses["websocket"]):
+        done = _connect_cli(url, trust, "--call", "echo", "--json-args", '"hi"', "--json")
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        assert out["result"] == "hi"
+        assert out["verified"]["service"] == "echo"
+        assert out["verified"]["pcrs"]["0"] == built
+        assert isinstance(out["verified"]["log_index"], int)
+        assert out["verified"]["log_index"] == addresses["release"]["log_index"]
+    steps = _connect_cli(
+        f"tcp://{addresses['tcp']}", trust, "--call", "echo", "--json-args", '"hi"'
+    )
+    assert steps.returncode == 0, steps.stderr
+    for label in ("nitro root", "attestation", "nonce binding", "publisher", "release PCRs",
+                  "log inclusion", "checkpoint", "policy"):  # fmt: skip
+        assert f"✓ {label}" in steps.stdout, steps.stdout
+    assert steps.stdout.rstrip().endswith('"hi"')
     listed = {d["EnclaveID"]: d for d in run_json("ps", "--json")}
     assert listed[addresses["EnclaveID"]]["State"] == "RUNNING"
-    assert bundle["measurements"] == listed[addresses["EnclaveID"]]["Measurements"]
-    assert bundle["root_pem"].startswith("-----BEGIN CERTIFICATE-----")
+    assert listed[addresses["EnclaveID"]]["Measurements"]["PCR0"] == built
     process.send_signal(signal.SIGINT)
     assert process.wait(20) == 0
     assert records.load(addresses["EnclaveID"]).state == "TERMINATED"
 
 
-def test_run_foreground_serves_until_sigterm(
-    probe: BuildResult, background: list[subprocess.Popen[str]]
+def test_up_debug_serves_without_endorsement_and_clients_must_allow_debug(
+    background: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
-    process, started = _start(background, "run", str(probe.path), "--foreground")
+    trust = tmp_path / "trust.json"
+    process, addresses = _start(
+        background, "up", str(EXAMPLES / "echo"), "--listen", "127.0.0.1:0", "--debug",
+        "--trust-out", str(trust),
+    )  # fmt: skip
+    assert addresses["release"] is None
+    url = f"tcp://{addresses['tcp']}"
+    strict = _connect_cli(url, trust, "--call", "echo", "--json-args", '"hi"')
+    assert strict.returncode == 1
+    assert "✗ debug mode" in strict.stdout
+    assert "Traceback" not in strict.stderr
+    lenient = _connect_cli(url, trust, "--allow-debug", "--call", "echo", "--json-args", "1")
+    assert lenient.returncode == 0, lenient.stderr
+    assert "code is NOT proven" in lenient.stdout
+    process.send_signal(signal.SIGINT)
+    assert process.wait(20) == 0
+    assert process.stderr is not None
+    assert "serving WITHOUT an endorsement" in process.stderr.read()
+
+
+def test_run_foreground_serves_until_sigterm(
+    probe: Release, background: list[subprocess.Popen[str]]
+) -> None:
+    process, started = _start(
+        background, "run", str(probe.image.path), "--endorsement", str(probe.endorsement),
+        "--foreground",
+    )  # fmt: skip
     assert started["State"] == "RUNNING"
-
-    async def call() -> object:
-        async with await ServiceClient.vsock(started["EnclaveCID"], 5000) as client:
-            return await client.call("echo", "fg")
-
-    assert asyncio.run(call()) == "fg"
+    url = f"vsock://{started['EnclaveCID']}:5000"
+    assert asyncio.run(probe.call(url, "echo", "fg")) == "fg"
     process.send_signal(signal.SIGTERM)
     assert process.wait(20) == 0
     assert records.load(started["EnclaveID"]).state == "TERMINATED"

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from hermetic.cli import echo_json
+from hermetic.errors import MalformedInputError, UsageError
 from hermetic.launcher import nitro, records
 from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of
 from hermetic.transport.tcp import HostPort, parse_hostport
@@ -42,6 +43,13 @@ from hermetic.transport.tcp import HostPort, parse_hostport
     help="Runtime config bundle signed by the image's operator key.",
 )
 @click.option(
+    "--endorsement",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Release endorsement (from `hermetic release publish`) the enclave sends its clients "
+    "(default: the one an earlier enclave of the same image ran with, if any).",
+)
+@click.option(
     "--foreground",
     is_flag=True,
     help="Stay attached until the enclave exits or Ctrl-C (default: return once it is ready).",
@@ -53,17 +61,25 @@ def run(
     cid: int | None,
     debug: bool,
     config: Path | None,
+    endorsement: Path | None,
     foreground: bool,
 ) -> None:
     """Start an enclave from IMAGE and print its description (like nitro-cli run-enclave).
+
+    The enclave serves only the attested channel: each client gets an evidence bundle with
+    a fresh attestation document and the release endorsement, so clients (`hermetic
+    connect`) verify that a trusted publisher logged exactly this image. Without an
+    endorsement clients reject it, unless it is a --debug enclave and they allow debug.
 
     Returns once the enclave has signalled ready; exits 1 with the enclave's reason if it
     refused to start (for example a config bundle that is unsigned or tampered).
     """
     if nitro.available():
-        if config is not None:
+        if config is not None or endorsement is not None:
             click.echo(
-                "hermetic: the config bundle is delivered by `hermetic proxy --config`", err=True
+                "hermetic: the config bundle and endorsement are delivered by "
+                "`hermetic proxy --config/--endorsement`",
+                err=True,
             )
         if foreground:
             raise click.UsageError("--foreground is only available in emulation")
@@ -73,7 +89,22 @@ def run(
         return
     from hermetic.launcher import emulated
 
-    record = emulated.prepare(image, cpus=cpus, memory_mib=memory_mib, cid=cid, debug=debug)
+    record = emulated.prepare(
+        image,
+        cpus=cpus,
+        memory_mib=memory_mib,
+        cid=cid,
+        debug=debug,
+        endorsement=_read_file(endorsement, "--endorsement"),
+    )
+    if endorsement is None and record.endorsement is not None:
+        click.echo("hermetic: reusing the endorsement of an earlier run of this image", err=True)
+    elif record.endorsement is None and not debug:
+        click.echo(
+            "hermetic: no endorsement (pass --endorsement FILE): clients will reject this "
+            "enclave, as nothing shows a trusted publisher logged its release",
+            err=True,
+        )
     if not foreground:
         echo_json(emulated.run_detached(record, config).describe())
         return
@@ -164,6 +195,15 @@ def console(enclave: str, disconnect_timeout: float | None, no_follow: bool) -> 
         out.flush()
 
 
+def _read_file(path: Path | None, option: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise MalformedInputError(f"{option}: cannot read {path}: {exc.strerror}") from None
+
+
 def _hostport(value: str | None, field: str) -> HostPort | None:
     if value is None:
         return None
@@ -209,7 +249,7 @@ _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
 @click.option(
     "--ws-listen",
     default=None,
-    help="WebSocket ingress HOST:PORT (one binary message = one frame).",
+    help="WebSocket ingress HOST:PORT (one binary message = one channel message).",
 )
 @click.option(
     "--egress-allow",
@@ -223,6 +263,12 @@ _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
     default=None,
     help="Deliver this runtime config bundle at boot (real Nitro; emulation: `run --config`).",
 )
+@click.option(
+    "--endorsement",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Deliver this release endorsement at boot (real Nitro; emulation: `run --endorsement`).",
+)
 def proxy(
     enclave_id: str | None,
     cid: int | None,
@@ -232,10 +278,12 @@ def proxy(
     egress_allow: tuple[str, ...],
     metrics: str | None,
     config: Path | None,
+    endorsement: Path | None,
 ) -> None:
     """Run the parent-side service proxy for one enclave until Ctrl-C.
 
-    Bridges TCP and WebSocket clients to the enclave's service port, relays the
+    Bridges TCP and WebSocket clients to the enclave's service port, blindly: they speak
+    the attested channel (Noise ciphertext) with the enclave itself. Also relays the
     enclave's egress (vsock port 8000, `CONNECT host:port`) to allowlisted destinations
     only, and exports telemetry. Prints the bound addresses as JSON once listening.
     """
@@ -261,7 +309,8 @@ def proxy(
         egress_allow=frozenset(parse_hostport(a, field="--egress-allow") for a in allow),
         metrics=_hostport(metrics, "--metrics"),
         config_bundle=config.read_bytes() if config else None,
-        serve_config=config is not None,
+        endorsement=_read_file(endorsement, "--endorsement"),
+        serve_config=config is not None or endorsement is not None,
         enclave_state=state_of,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s proxy %(levelname)s %(message)s")
@@ -286,7 +335,9 @@ def proxy(
     help="Extra allowed egress HOST:PORT (the manifest's list is always allowed).",
 )
 @click.option(
-    "--debug", is_flag=True, help="Debug enclave: console on stderr-readable file, PCRs zero."
+    "--debug",
+    is_flag=True,
+    help="Debug enclave: readable console, PCRs zero, so no release can match (no endorsement).",
 )
 @click.option(
     "--config",
@@ -295,10 +346,17 @@ def proxy(
     help="Runtime config bundle signed by the operator key.",
 )
 @click.option(
+    "--endorsement",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve this release endorsement instead of publishing the image to the dev log.",
+)
+@click.option(
     "--trust-out",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write a trust bundle (dev root + image measurements) for clients.",
+    help="Write the client trust file (dev Nitro root, dev log key, dev witness, dev "
+    "publisher) for `hermetic connect --trust`.",
 )
 def up(
     source: Path,
@@ -308,16 +366,34 @@ def up(
     egress_allow: tuple[str, ...],
     debug: bool,
     config: Path | None,
+    endorsement: Path | None,
     trust_out: Path | None,
 ) -> None:
-    """Build (if SOURCE is an app directory), run and expose a service until Ctrl-C.
+    """Build (if SOURCE is an app directory), release, run and expose a service until Ctrl-C.
 
     Like `docker run -p`: the enclave runs in the foreground, a proxy listens on --listen
-    and forwards to the service's first port, and Ctrl-C or SIGTERM stops both. Prints one
-    JSON line with the enclave ID and the addresses once the service is reachable.
-    """
-    from hermetic.launcher import emulated
+    and forwards to the service's first port, and Ctrl-C or SIGTERM stops both.
 
+    So that clients can verify it with no other command, the image's measured PCRs are
+    published as a release to a local dev transparency log (under the state directory,
+    created on first use, with a dev witness and a dev publisher key), the checkpoint is
+    cosigned, and the resulting endorsement is handed to the enclave; --trust-out writes
+    the trust file that pins all of it. Then, in another shell:
+
+        hermetic connect tcp://127.0.0.1:8080 --trust trust.json --call echo --json-args '"hi"'
+
+    Prints one JSON line with the enclave ID, the addresses and the release once the
+    service is reachable.
+    """
+    from hermetic.image import open_image
+    from hermetic.launcher import emulated
+    from hermetic.launcher.devrelease import DevLog
+
+    if endorsement is not None and trust_out is not None:
+        raise UsageError(
+            "--trust-out pins the dev log, which did not log --endorsement; write the trust "
+            "file for your log with `hermetic release trust`"
+        )
     image = source
     if source.is_dir():
         from hermetic.image import build_image
@@ -327,9 +403,30 @@ def up(
         builds.mkdir(parents=True, exist_ok=True)
         result = build_image(source, builds / f"{source.resolve().name}.img")
         image = result.path
-    record = emulated.prepare(image, debug=debug)
-    if trust_out is not None:
-        _write_trust_bundle(trust_out, record)
+    measurements = open_image(image).measurements
+    served = _read_file(endorsement, "--endorsement")
+    release: dict[str, Any] | None = None
+    dev_log = DevLog() if endorsement is None else None
+    if dev_log is not None and debug:
+        click.echo(
+            "hermetic: debug enclave: its PCR0/1/2/8 read as zero in attestation, so no "
+            "logged release can match it; serving WITHOUT an endorsement. Clients must pass "
+            "--allow-debug, and nothing proves which code it runs.",
+            err=True,
+        )
+    elif dev_log is not None:
+        published = dev_log.publish(measurements)
+        served = published.dumps()
+        release = {
+            "service": measurements.service,
+            "version": measurements.version,
+            "pcr0": measurements.pcr0.hex(),
+            "log": published.origin,
+            "log_index": published.index,
+        }
+    record = emulated.prepare(image, debug=debug, endorsement=served, reuse_endorsement=False)
+    if trust_out is not None and dev_log is not None:
+        dev_log.write_trust(trust_out)
     bundle = config.read_bytes() if config else None
     allow = {*record.egress, *egress_allow}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s up %(levelname)s %(message)s")
@@ -347,7 +444,15 @@ def up(
         )
         try:
             async with ServiceProxy(options) as running:
-                echo_json({"EnclaveID": record.id, "EnclaveCID": record.cid, **_addresses(running)})
+                echo_json(
+                    {
+                        "EnclaveID": record.id,
+                        "EnclaveCID": record.cid,
+                        **_addresses(running),
+                        "release": release,
+                        "trust": str(trust_out) if trust_out is not None else None,
+                    }
+                )
                 sys.stdout.flush()
                 await _until_signal(task)
         finally:
@@ -356,26 +461,3 @@ def up(
         return 0 if supervisor.record.reason == "stopped by the operator" else max(status, 1)
 
     sys.exit(asyncio.run(main()))
-
-
-def _write_trust_bundle(path: Path, record: records.EnclaveRecord) -> None:
-    """Dev root + measurements; the channel component adds the log key and release proof."""
-    import json
-    from datetime import UTC, datetime
-
-    from cryptography.hazmat.primitives import serialization
-
-    from hermetic.image import open_image
-    from hermetic.launcher.supervisor import enclave_dir
-    from hermetic.nsm.pki import DevPKI
-
-    root = DevPKI().root(datetime.now(UTC))
-    measurements = open_image(enclave_dir(record.id) / "image.img").measurements
-    bundle = {
-        "format": "hermetic-trust-bundle/v0",
-        "service": record.name,
-        "root": "dev",
-        "root_pem": root.public_bytes(serialization.Encoding.PEM).decode(),
-        "measurements": measurements.to_nitro_json(),
-    }
-    path.write_text(json.dumps(bundle, indent=2) + "\n")

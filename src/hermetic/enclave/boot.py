@@ -2,11 +2,14 @@
 
 Two parent vsock ports matter at boot:
 
-* ``CONFIG_PORT`` (9001): the enclave connects, the parent sends one frame with the
-  runtime config bundle (an empty frame means "no config"), the enclave answers one
-  frame, a CBOR map ``{"ok": bool, "reason": text, "digest": bstr|null}``. A refusal
-  (unsigned or tampered bundle) is reported here before the enclave exits, so the
-  launcher can say *why* it did not start.
+* ``CONFIG_PORT`` (9001): the enclave connects, the parent sends two frames, the runtime
+  config bundle and then the release endorsement (``hermetic.endorsement/v1`` JSON, what
+  ``hermetic release publish`` writes); an empty frame means "none". The enclave answers
+  one frame, a CBOR map ``{"ok": bool, "reason": text, "digest": bstr|null}``. A refusal
+  (unsigned or tampered bundle, unreadable endorsement) is reported here before the
+  enclave exits, so the launcher can say *why* it did not start. The enclave does not
+  verify the endorsement (it cannot know whom its clients trust): it only forwards it in
+  every evidence bundle, and clients verify it.
 * ``READY_PORT`` (9000): the enclave sends the single byte ``0xB7`` once its service
   ports are listening, exactly the heartbeat nitro-cli waits for
   (``ENCLAVE_READY_VSOCK_PORT``, ``HEART_BEAT``).

@@ -1,11 +1,16 @@
 """The enclave side of boot: from a started process to a served app.
 
 This is PID-1-ish code of an enclave (real or emulated): it reads the app's manifest from
-the (measured) image, opens the NSM, fetches and verifies the runtime config from the
-parent, imports the app, listens on the manifest's vsock ports and tells the parent it is
-ready. If anything a relying party depends on is wrong (unsigned or tampered config, a
-manifest that does not load, an entry point that is not an :class:`App`) it refuses to
-start and says why, on the config channel and on its console.
+the (measured) image, opens the NSM, fetches and verifies the runtime config (and receives
+the release endorsement) from the parent, imports the app, listens on the manifest's vsock
+ports and tells the parent it is ready. Every service port speaks only the attested channel
+(``hermetic.client.serve_attested``: Noise handshake, evidence bundle, then RPC): there is
+no plaintext service port, so the parent and its proxy only ever relay ciphertext.
+
+If anything a relying party depends on is wrong (unsigned or tampered config, an
+endorsement that cannot be sent, a manifest that does not load, an entry point that is not
+an :class:`App`) it refuses to start and says why, on the config channel and on its
+console.
 
 Nothing here reads the environment except through the pieces that must (the NSM client's
 ``HERMETIC_NSM_SOCKET``, the vsock emulation's ``HERMETIC_VSOCK_*``), so the launcher can
@@ -20,38 +25,72 @@ import importlib
 import logging
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+from hermetic.channel.noise import StaticKeypair
+from hermetic.client.server import dispatch_handlers, serve_attested
 from hermetic.enclave import boot
 from hermetic.enclave.app import App, BoundNSM, EnclaveContext, RuntimeConfig
 from hermetic.enclave.config import verify_bundle
 from hermetic.enclave.manifest import Manifest, load_manifest
-from hermetic.enclave.service import serve_stream
 from hermetic.errors import EnclaveBootError, HermeticError, RuntimeConfigError
+from hermetic.evidence import EvidenceBundle, make_evidence_provider
 from hermetic.nsm.client import NSMClient
+from hermetic.translog.release import Endorsement
 from hermetic.transport import vsock
 from hermetic.transport.frames import read_frame, write_frame
 
 log = logging.getLogger("hermetic.enclave")
 
 
-async def fetch_config(manifest: Manifest) -> RuntimeConfig | None:
-    """Get the bundle from the parent, verify it, report the verdict back."""
+@dataclass(frozen=True)
+class BootDelivery:
+    """What the parent hands the enclave at boot, checked (config) or well-formed (endorsement)."""
+
+    config: RuntimeConfig | None
+    endorsement: Endorsement | None
+
+
+def parse_endorsement(data: bytes) -> Endorsement | None:
+    """The endorsement frame: empty means none; otherwise it must fit in an evidence bundle.
+
+    The enclave does not verify it (its clients do, against their own trust file); it only
+    refuses one it could never send, so the operator learns at boot rather than every client
+    at every handshake.
+    """
+    if not data:
+        return None
+    try:
+        endorsement = Endorsement.loads(data)
+        EvidenceBundle(b"\x00", None, endorsement).encode()
+    except HermeticError as exc:
+        raise EnclaveBootError(f"endorsement: {type(exc).__name__}: {exc}") from None
+    return endorsement
+
+
+async def fetch_config(manifest: Manifest) -> BootDelivery:
+    """Get the config bundle and the endorsement from the parent, report the verdict back."""
     stream = await vsock.connect(vsock.PARENT_CID, boot.CONFIG_PORT)
     try:
         bundle = await read_frame(stream.reader)
-        if bundle is None:
-            raise EnclaveBootError("config channel: parent closed it before sending a bundle")
+        endorsement_frame = await read_frame(stream.reader)
+        if bundle is None or endorsement_frame is None:
+            raise EnclaveBootError(
+                "config channel: parent closed it before sending the config and endorsement"
+            )
         try:
             config = verify_bundle(bundle, manifest.operator_key) if bundle else None
-        except RuntimeConfigError as exc:
+            endorsement = parse_endorsement(endorsement_frame)
+        except (RuntimeConfigError, EnclaveBootError) as exc:
             status = boot.BootStatus(False, f"{type(exc).__name__}: {exc}", None)
             await write_frame(stream.writer, boot.encode_status(status))
             raise
         digest = config.digest if config else None
         reason = "config verified" if config else "no config delivered"
+        reason += "; endorsement received" if endorsement else "; no endorsement delivered"
         await write_frame(stream.writer, boot.encode_status(boot.BootStatus(True, reason, digest)))
-        return config
+        return BootDelivery(config, endorsement)
     finally:
         await stream.aclose()
 
@@ -87,7 +126,7 @@ async def run(app_dir: Path) -> int:
         await report_refusal(f"{type(exc).__name__}: {exc}")
         return boot.EXIT_REFUSED
     try:
-        config = await fetch_config(manifest)
+        delivered = await fetch_config(manifest)
     except HermeticError as exc:
         log.error("refusing to start: %s", exc)
         return boot.EXIT_REFUSED
@@ -97,15 +136,19 @@ async def run(app_dir: Path) -> int:
     except HermeticError as exc:
         log.error("refusing to start: %s", exc)
         return boot.EXIT_REFUSED
+    config = delivered.config
+    digest = config.digest if config else None
     cid = vsock.local_cid()
-    app.bind(
-        EnclaveContext(
-            BoundNSM(nsm, config.digest if config else None), config, cid, manifest.ports
-        )
-    )
+    app.bind(EnclaveContext(BoundNSM(nsm, digest), config, cid, manifest.ports))
+    # One Noise static key per boot; every handshake gets a fresh NSM document binding it
+    # (public_key) to that session (nonce = handshake hash). The provider needs the raw NSM
+    # client: evidence documents carry hermetic's user_data layout, not the app's.
+    static = StaticKeypair.generate()
+    provider = make_evidence_provider(nsm, delivered.endorsement, digest)
+    handlers = dispatch_handlers(app.call, app.methods)
 
     async def on_stream(stream: vsock.VsockStream) -> None:
-        await serve_stream(app, stream.reader, stream.writer)
+        await serve_attested(stream.reader, stream.writer, provider, handlers, static=static)
 
     listeners = [await vsock.listen(cid, port, on_stream) for port in manifest.ports]
     ready = await vsock.connect(vsock.PARENT_CID, boot.READY_PORT)

@@ -20,13 +20,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hermetic.errors import EnclaveBootError, EnclaveNotFoundError, LauncherError, UsageError
+from hermetic.errors import (
+    EnclaveBootError,
+    EnclaveNotFoundError,
+    HermeticError,
+    LauncherError,
+    ReleaseFormatError,
+    ReleaseMismatchError,
+    UsageError,
+)
 from hermetic.image.imagefile import open_image
 from hermetic.launcher import records, sandbox
 from hermetic.launcher.records import EnclaveRecord
 from hermetic.launcher.supervisor import Supervisor, console_path, enclave_dir
 from hermetic.nsm.emulator import new_module_id
 from hermetic.nsm.pki import DevPKI
+from hermetic.translog.release import Endorsement, ReleaseStatement
 
 STOP_TIMEOUT = 15.0
 MIN_MEMORY_MIB = 64
@@ -39,15 +48,33 @@ def prepare(
     memory_mib: int | None = None,
     cid: int | None = None,
     debug: bool = False,
+    endorsement: bytes | None = None,
+    reuse_endorsement: bool = True,
 ) -> EnclaveRecord:
-    """Copy and check the image, choose resources and a CID, write the BOOTING record."""
+    """Copy and check the image, choose resources and a CID, write the BOOTING record.
+
+    ``endorsement`` (``hermetic release publish`` output) is handed to the enclave at boot
+    and kept in the record. Without one, and with ``reuse_endorsement``, the newest
+    endorsement an earlier enclave of the same image (same PCR0) ran with is reused, so
+    ``hermetic run IMAGE`` restarts a service as its clients knew it.
+    """
     from datetime import UTC, datetime
 
     enclave_id = new_module_id(DevPKI().instance_id(), datetime.now(UTC))
     workdir = enclave_dir(enclave_id)
     workdir.mkdir(parents=True, mode=0o700)
     try:
-        return _prepare_in(workdir, enclave_id, image_path, cpus, memory_mib, cid, debug)
+        return _prepare_in(
+            workdir,
+            enclave_id,
+            image_path,
+            cpus,
+            memory_mib,
+            cid,
+            debug,
+            endorsement,
+            reuse_endorsement,
+        )
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -61,11 +88,20 @@ def _prepare_in(
     memory_mib: int | None,
     cid: int | None,
     debug: bool,
+    endorsement: bytes | None,
+    reuse_endorsement: bool,
 ) -> EnclaveRecord:
     private = workdir / "image.img"
     shutil.copyfile(image_path, private)
     image = open_image(private)
     manifest = image.manifest
+    pcr0 = image.measurements.pcr0.hex()
+    if endorsement is not None:
+        endorsement_text: str | None = check_endorsement(endorsement, pcr0)
+    elif reuse_endorsement:
+        endorsement_text = previous_endorsement(pcr0)
+    else:
+        endorsement_text = None
     cpus = manifest.cpus if cpus is None else cpus
     memory_mib = manifest.memory_mib if memory_mib is None else memory_mib
     if cpus < 1:
@@ -84,8 +120,49 @@ def _prepare_in(
         cpu_ids=sandbox.pick_cpus(cpus),
         ports=manifest.ports,
         egress=tuple(str(rule) for rule in manifest.egress),
+        endorsement=endorsement_text,
     )
     return records.allocate(draft, cid)
+
+
+def check_endorsement(data: bytes, pcr0: str) -> str:
+    """The endorsement's text, if it is one and it endorses an image with this PCR0.
+
+    The launcher does not verify it (the clients do, against their own trust); it refuses
+    one that could never verify for this image, so the mistake shows now, not at every
+    client's handshake.
+    """
+    try:
+        text = data.decode("utf-8")
+        endorsement = Endorsement.loads(text)
+    except UnicodeDecodeError:
+        raise ReleaseFormatError("endorsement: expected UTF-8 JSON text") from None
+    statement = endorsement.signed.statement
+    if not isinstance(statement, ReleaseStatement):
+        raise ReleaseMismatchError(
+            f"endorsement: expected a release statement, got {statement.type!r}"
+        )
+    if statement.pcr0 != pcr0:
+        raise ReleaseMismatchError(
+            f"endorsement: release {statement.service} {statement.version} has PCR0"
+            f" {statement.pcr0}, the image's PCR0 is {pcr0}"
+        )
+    return text
+
+
+def previous_endorsement(pcr0: str) -> str | None:
+    """The newest endorsement an earlier enclave of an image with this PCR0 was given."""
+    found: list[tuple[float, str]] = []
+    for record in records.all_records():
+        if record.endorsement is None:
+            continue
+        try:
+            check_endorsement(record.endorsement.encode("utf-8"), pcr0)
+            when = records.record_path(record.id).stat().st_mtime
+        except (HermeticError, OSError):
+            continue
+        found.append((when, record.endorsement))
+    return max(found)[1] if found else None
 
 
 def run_detached(

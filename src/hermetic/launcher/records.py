@@ -55,6 +55,8 @@ class EnclaveRecord:
     reason: str | None = None
     config_digest: str | None = None
     sandbox: dict[str, str] = field(default_factory=dict)
+    endorsement: str | None = None
+    """The release endorsement (JSON) handed to the enclave at boot, kept for restarts."""
 
     def to_json(self) -> dict[str, Any]:
         value = asdict(self)

@@ -5,6 +5,9 @@ keys), the boot listeners and the enclave's lifecycle. ``hermetic run`` starts i
 detached process (``python -m hermetic.launcher.supervisor ID``) and returns once the
 enclave is ready, like ``nitro-cli run-enclave``; ``--foreground`` runs it in-process.
 
+At boot it hands the enclave its runtime config bundle and the release endorsement kept in
+the record (see ``hermetic.enclave.boot``).
+
 Lifecycle written to the enclave record: BOOTING -> RUNNING -> TERMINATED, or
 BOOTING -> FAILED with the reason (the enclave's own refusal from the config channel,
 or its exit status).
@@ -193,6 +196,8 @@ class Supervisor:
     async def _on_config(self, stream: vsock.VsockStream) -> None:
         try:
             await write_frame(stream.writer, self.bundle or b"")
+            endorsement = self.record.endorsement
+            await write_frame(stream.writer, endorsement.encode() if endorsement else b"")
             answer = await asyncio.wait_for(read_frame(stream.reader), 30)
             if answer is not None:
                 self.boot_status = boot.decode_status(answer)

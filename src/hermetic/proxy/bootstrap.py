@@ -1,4 +1,8 @@
-"""Delivering the runtime config bundle to a booting enclave (parent side of CONFIG_PORT)."""
+"""Delivering the runtime config bundle and the release endorsement to a booting enclave.
+
+This is the parent side of ``CONFIG_PORT`` (see :mod:`hermetic.enclave.boot`) on real
+Nitro, where ``hermetic proxy`` serves it; in emulation the launcher's supervisor does.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,21 @@ log = logging.getLogger("hermetic.proxy")
 
 
 async def deliver_config(
-    stream: VsockStream, bundle: bytes | None, *, timeout: float = 30.0
+    stream: VsockStream,
+    bundle: bytes | None,
+    endorsement: bytes | None = None,
+    *,
+    timeout: float = 30.0,
 ) -> boot.BootStatus | None:
-    """Send ``bundle`` (or "no config"), return the enclave's verdict (None if it said none).
+    """Send ``bundle`` and ``endorsement`` (empty frames for none), return the enclave's
+    verdict (None if it said none).
 
     A refusal is logged with the enclave's reason: this is where an operator learns that
     the bundle was unsigned, tampered or signed by the wrong key.
     """
     try:
         await write_frame(stream.writer, bundle or b"")
+        await write_frame(stream.writer, endorsement or b"")
         answer = await asyncio.wait_for(read_frame(stream.reader), timeout)
         if answer is None:
             return None

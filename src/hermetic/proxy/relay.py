@@ -3,9 +3,13 @@
 Every request crosses the proxy twice, so each hop's cost is paid twice per round trip;
 asyncio protocols forward bytes straight from ``data_received`` to the other transport,
 with flow control in both directions (``pause_writing`` on one side pauses reading on the
-other). The enclave side follows frame boundaries so that, if the enclave goes away while
-the client is still connected, the client receives one well-formed ``EnclaveUnavailable``
-error frame and then EOF, never a hang or a torn frame.
+other).
+
+The relay is blind: what crosses it is the attested channel's Noise ciphertext (2-byte
+length-prefixed messages), which the parent can neither read nor forge. So it follows no
+frame boundaries and never writes a byte of its own: when the enclave is unreachable or
+goes away, the client's connection is simply closed, and the client's channel reports a
+closed session (an untrusted parent has nothing to say that the client should believe).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from collections.abc import Awaitable, Callable
 
 from hermetic.errors import PeerUnavailableError
 from hermetic.proxy.metrics import ProxyMetrics
-from hermetic.transport.frames import FrameBoundaryTracker
 
 
 class _Side(asyncio.Protocol):
@@ -25,7 +28,6 @@ class _Side(asyncio.Protocol):
         self.relay = relay
         self.name = name
         self.transport: asyncio.Transport | None = None
-        self.peer: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -48,14 +50,12 @@ class _Side(asyncio.Protocol):
 
 
 class IngressRelay:
-    """Relay one client connection to the enclave's service port."""
+    """Relay one client connection to the enclave's service port, byte for byte."""
 
-    def __init__(self, metrics: ProxyMetrics, error_frame: Callable[[str], bytes]) -> None:
+    def __init__(self, metrics: ProxyMetrics) -> None:
         self.metrics = metrics
-        self.error_frame = error_frame
         self.client = _Side(self, "client")
         self.enclave = _Side(self, "enclave")
-        self.tracker = FrameBoundaryTracker()
         self.client_finished = False
         self.done = asyncio.get_running_loop().create_future()
         self._to_enclave = metrics.bytes.labels("to_enclave")
@@ -67,7 +67,6 @@ class IngressRelay:
             if self.enclave.transport is not None:
                 self.enclave.transport.write(data)
         else:
-            self.tracker.feed(data)
             self._from_enclave.inc(len(data))
             if self.client.transport is not None:
                 self.client.transport.write(data)
@@ -96,15 +95,11 @@ class IngressRelay:
         if self.done.done():
             return
         client, enclave = self.client.transport, self.enclave.transport
-        went_away = side == "enclave" and not self.client_finished
-        if went_away and client is not None and not client.is_closing():
-            # The enclave went away under a connected client.
-            self.metrics.enclave_errors.inc()
-            if self.tracker.at_boundary:
-                client.write(self.error_frame("the enclave closed the connection"))
+        if side == "enclave" and not self.client_finished:
+            self.metrics.enclave_errors.inc()  # the enclave went away under a client
         for transport in (client, enclave):
             if transport is not None and not transport.is_closing():
-                transport.close()
+                transport.close()  # close() flushes what is buffered, then sends FIN
         self.done.set_result(None)
 
     def close(self) -> None:
@@ -115,14 +110,13 @@ class IngressRelay:
             self.done.set_result(None)
 
     async def attach_enclave(self, connect: Callable[[], Awaitable[object]]) -> None:
-        """Connect the enclave side, or answer the client with an error frame and close."""
+        """Connect the enclave side, or close the client's connection cleanly."""
         assert self.client.transport is not None
         self.client.transport.pause_reading()
         try:
             await connect()
-        except PeerUnavailableError as exc:
+        except PeerUnavailableError:
             self.metrics.enclave_errors.inc()
-            self.client.transport.write(self.error_frame(str(exc)))
             self.client.transport.close()
             if not self.done.done():
                 self.done.set_result(None)

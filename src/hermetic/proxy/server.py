@@ -1,11 +1,17 @@
 """The service proxy: ingress bridges, egress relay, config bootstrap, telemetry.
 
-Ingress is a blind byte bridge (TCP) or a frame re-wrapper (WebSocket: one binary
-message is one frame's payload, the 4-byte length is added and stripped here, since a
-WebSocket message is already delimited). The proxy follows frame boundaries on the way
-back, so when the enclave dies it can append one well-formed error frame,
-``[null, false, {"code": "EnclaveUnavailable", ...}]``, before closing: clients see a clean
-error instead of a hang or a torn frame.
+What the ingress carries is the attested channel (``docs/protocol.md``): Noise messages,
+each with a 2-byte big-endian length on streams, one binary message each on WebSocket.
+The proxy sits on the untrusted parent, so it is blind to it:
+
+* TCP ingress is a byte-for-byte bridge to the enclave's service port (no framing, no
+  bytes of its own); a dead or absent enclave closes the client connection cleanly;
+* WebSocket ingress maps one binary message to one 2-byte length-prefixed message on the
+  vsock stream and back (a WebSocket message is already delimited); a dead or absent
+  enclave closes the WebSocket with code 1011.
+
+The client's channel turns either close into a typed error (the session ended before it
+opened, or without a close message); nothing the parent could inject would be believed.
 """
 
 from __future__ import annotations
@@ -21,24 +27,23 @@ from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from hermetic.enclave import boot, wire
-from hermetic.errors import FrameFormatError, HermeticError, PeerUnavailableError
+from hermetic.channel.framing import MAX_FRAME_LEN, FrameDecoder, encode_frame
+from hermetic.enclave import boot
+from hermetic.errors import FrameError, FrameFormatError, HermeticError, PeerUnavailableError
 from hermetic.proxy.bootstrap import deliver_config
 from hermetic.proxy.metrics import ProxyMetrics
 from hermetic.proxy.relay import IngressRelay
 from hermetic.transport import egress, vsock
-from hermetic.transport.frames import FrameDecoder, encode_frame
 from hermetic.transport.tcp import HostPort
 
 log = logging.getLogger("hermetic.proxy")
 CHUNK = 256 * 1024
 EGRESS_HEADER_TIMEOUT = 10.0
-
-
-def enclave_unavailable_frame(detail: str) -> bytes:
-    """The error frame a client gets when the enclave is unreachable or went away."""
-    response = wire.error_response(None, "EnclaveUnavailable", detail)
-    return encode_frame(wire.encode_response(response))
+WS_ENCLAVE_UNAVAILABLE = 1011
+"""WebSocket close code when the enclave is unreachable or went away (internal error)."""
+WS_NOT_A_NOISE_MESSAGE = 1003
+"""WebSocket close code for a text or empty message (channel messages are binary)."""
+WS_MESSAGE_TOO_BIG = 1009
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class ProxyOptions:
     egress_allow: frozenset[HostPort] = frozenset()
     metrics: HostPort | None = None
     config_bundle: bytes | None = None
+    endorsement: bytes | None = None
     serve_config: bool = False
     enclave_state: Callable[[], str] = field(default=lambda: "UNKNOWN")
 
@@ -139,7 +145,7 @@ class ServiceProxy:
     # --- ingress -------------------------------------------------------------------------
 
     def _new_ingress(self) -> asyncio.Protocol:
-        relay = IngressRelay(self.metrics, enclave_unavailable_frame)
+        relay = IngressRelay(self.metrics)
         self.metrics.connections.labels("tcp").inc()
         active = self.metrics.active.labels("tcp")
         active.inc()
@@ -178,43 +184,56 @@ class ServiceProxy:
     async def _bridge_ws(self, connection: ServerConnection) -> None:
         try:
             enclave = await vsock.connect(self.options.cid, self.options.service_port, timeout=5)
-        except PeerUnavailableError as exc:
+        except PeerUnavailableError:
             self.metrics.enclave_errors.inc()
-            with contextlib.suppress(ConnectionClosed):
-                await connection.send(enclave_unavailable_frame(str(exc))[4:])
-            await connection.close(1011, "enclave unavailable")
+            await connection.close(WS_ENCLAVE_UNAVAILABLE, "enclave unavailable")
             return
         bytes_in = self.metrics.bytes.labels("to_enclave")
         bytes_out = self.metrics.bytes.labels("from_enclave")
+        refused: list[tuple[int, str]] = []
 
         async def upstream() -> None:
-            with contextlib.suppress(ConnectionClosed, ConnectionError, OSError, FrameFormatError):
-                async for message in connection:
-                    payload = message if isinstance(message, bytes) else message.encode()
-                    frame = encode_frame(payload)
-                    bytes_in.inc(len(frame))
-                    enclave.writer.write(frame)
-                    await enclave.writer.drain()
+            try:
+                with contextlib.suppress(ConnectionClosed, ConnectionError, OSError):
+                    async for message in connection:
+                        if isinstance(message, str):
+                            refused.append((WS_NOT_A_NOISE_MESSAGE, "expected binary messages"))
+                            return
+                        if not 0 < len(message) <= MAX_FRAME_LEN:
+                            code = WS_MESSAGE_TOO_BIG if message else WS_NOT_A_NOISE_MESSAGE
+                            refused.append((code, f"message: expected 1..{MAX_FRAME_LEN} bytes"))
+                            return
+                        frame = encode_frame(message)
+                        bytes_in.inc(len(frame))
+                        enclave.writer.write(frame)
+                        await enclave.writer.drain()
+            finally:
+                # The client is done sending (or gone): pass the EOF on, replies still flow.
+                with contextlib.suppress(ConnectionError, OSError):
+                    if enclave.writer.can_write_eof():
+                        enclave.writer.write_eof()
 
         async def downstream() -> None:
             decoder = FrameDecoder()
-            with contextlib.suppress(ConnectionError, OSError, FrameFormatError):
+            with contextlib.suppress(ConnectionError, OSError, FrameError):
                 while data := await enclave.reader.read(CHUNK):
                     bytes_out.inc(len(data))
-                    for payload in decoder.feed(data):
-                        await connection.send(payload)
+                    for message in decoder.feed(data):
+                        await connection.send(message)
 
         up = asyncio.ensure_future(upstream())
         down = asyncio.ensure_future(downstream())
         try:
             await asyncio.wait({up, down}, return_when="FIRST_COMPLETED")
-            if down.done() and not up.done():
+            if up.done() and not refused:
+                await down  # the client half-closed or left: finish relaying the replies
+            if refused:
+                await connection.close(*refused[0])
+            elif down.done() and not up.done():
                 self.metrics.enclave_errors.inc()
-                with contextlib.suppress(ConnectionClosed):
-                    await connection.send(
-                        enclave_unavailable_frame("the enclave closed the connection")[4:]
-                    )
-                await connection.close(1011, "enclave unavailable")
+                await connection.close(WS_ENCLAVE_UNAVAILABLE, "enclave unavailable")
+            else:
+                await connection.close()
         except ConnectionClosed:
             pass
         finally:
@@ -261,7 +280,7 @@ class ServiceProxy:
             writer.close()
 
     async def _on_config(self, stream: vsock.VsockStream) -> None:
-        await deliver_config(stream, self.options.config_bundle)
+        await deliver_config(stream, self.options.config_bundle, self.options.endorsement)
 
 
 async def _pump_both(

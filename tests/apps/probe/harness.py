@@ -1,4 +1,5 @@
-"""Helpers the runtime tests share: build the probe app, run the CLI, clean up enclaves."""
+"""Helpers the runtime tests share: build and release the probe app, run the CLI, call it
+through the attested channel, clean up enclaves."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.image import build_image
 from hermetic.image.build import BuildResult
 from hermetic.launcher import emulated, records
+from hermetic.launcher.devrelease import DevLog
+from hermetic.paths import state_dir
 
 HERE = Path(__file__).parent
 MARKER = "PROBE-CONSOLE-MARKER-7f3a"
@@ -73,3 +78,42 @@ def stop_all() -> None:
     for record in records.all_records():
         if record.state in records.LIVE_STATES:
             emulated.terminate(record.id)
+
+
+@dataclass(frozen=True)
+class Release:
+    """An image published to a dev log under ``directory``, with its endorsement file."""
+
+    image: BuildResult
+    directory: Path
+    endorsement: Path
+
+    def trust_file(self) -> Path:
+        """A client trust file for this test: this test's dev root, the release's dev log."""
+        path = state_dir() / "client-trust.json"
+        DevLog(self.directory / "dev-log").write_trust(path)
+        return path
+
+    def trust(self) -> ClientTrust:
+        return ClientTrust.load(self.trust_file())
+
+    async def connect(self, url: str, *, debug: bool = False) -> AttestedSession:
+        """A verified session to ``url`` (tcp://, ws://, vsock://) of this release."""
+        policy = ServicePolicy(services=frozenset({"probe"}), allow_debug=debug)
+        session = await connect(url, trust=self.trust(), policy=policy, timeout=20)
+        if not debug:
+            assert session.verified.pcrs[0] == self.image.measurements.pcr0
+            assert session.verified.log_index is not None
+        return session
+
+    async def call(self, url: str, method: str, arg: object = None, *, debug: bool = False) -> Any:
+        """Open a verified session to ``url`` and call ``method`` with ``arg``."""
+        async with await self.connect(url, debug=debug) as session:
+            return await session.call(method, arg)
+
+
+def release(image: BuildResult, directory: Path) -> Release:
+    """Publish ``image`` to a fresh dev log in ``directory`` (log, witness, publisher keys)."""
+    endorsement = directory / "probe.endorsement.json"
+    endorsement.write_bytes(DevLog(directory / "dev-log").publish(image.measurements).dumps())
+    return Release(image, directory, endorsement)

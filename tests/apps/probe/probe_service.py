@@ -38,7 +38,7 @@ async def extend_pcr(index: int) -> str:
 
 
 @app.method("config")
-async def config() -> object:
+async def config(_: object = None) -> object:
     current = app.context.config
     return None if current is None else {"values": current.values, "digest": current.digest}
 
@@ -67,7 +67,11 @@ async def isolation(host_port: int) -> dict[str, object]:
 
 
 @app.method("egress")
-async def egress(host: str, port: int, payload: bytes) -> object:
+async def egress(request: list[object]) -> object:
+    """``[host, port, payload]``: send payload through the parent's egress relay."""
+    host, port, payload = request
+    if not (isinstance(host, str) and isinstance(port, int) and isinstance(payload, bytes)):
+        raise TypeError("egress: expected [host: str, port: int, payload: bytes]")
     try:
         reader, writer = await open_egress(host, port)
     except HermeticError as exc:
