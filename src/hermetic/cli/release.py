@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from hermetic.cli import echo_json
 from hermetic.errors import LogServiceError, MalformedInputError, UsageError
+
+if TYPE_CHECKING:
+    from hermetic.attestation import TrustRoot
 
 
 def _hex_option(value: str | None, name: str) -> str | None:
@@ -98,10 +102,20 @@ def key(out: Path, kind: str, force: bool) -> None:  # fmt: skip
     required=True,
     help="NAME=PEMFILE: a trusted publisher's public key or certificate; repeatable.",
 )
+@click.option(
+    "--nitro-root",
+    default=None,
+    help="Also pin the Nitro root, so `hermetic connect` can use the file: aws (AWS Nitro "
+    "Enclaves Root-G1), dev (this machine's emulator root) or a PEM file.",
+)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Trust file to write.")
 def trust(log_key: str, witnesses: tuple[str, ...], threshold: int, publishers: tuple[str, ...],
-          out: Path) -> None:  # fmt: skip
-    """Write a trust file: the log key, witnesses and quorum, and trusted publishers."""
+          nitro_root: str | None, out: Path) -> None:  # fmt: skip
+    """Write a trust file: the log key, witnesses and quorum, and trusted publishers.
+
+    With --nitro-root it also pins the attestation root, which makes it a client trust
+    file for `hermetic connect` (the log tools read the same file and ignore that part).
+    """
     import json
 
     from hermetic.cli.log import _read_text
@@ -124,7 +138,33 @@ def trust(log_key: str, witnesses: tuple[str, ...], threshold: int, publishers: 
         "publishers": items,
     }
     bundle = TrustBundle.from_json(value)  # validate before writing
-    out.write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
+    if nitro_root is None:
+        out.write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
+        return
+    from hermetic.client.trust import ClientTrust
+
+    client_trust = ClientTrust(_nitro_root(nitro_root), bundle)
+    ClientTrust.loads(client_trust.dumps())  # validate the root pin as a client will
+    out.write_bytes(client_trust.dumps())
+
+
+def _nitro_root(choice: str) -> TrustRoot:
+    """``aws``, ``dev`` (created if this machine has no emulator PKI yet) or a PEM file."""
+    from hermetic.attestation import TrustRoot
+
+    if choice == "aws":
+        return TrustRoot.aws()
+    if choice == "dev":
+        from datetime import UTC, datetime
+
+        from hermetic.nsm.pki import DevPKI
+
+        DevPKI().root(datetime.now(UTC))
+        return TrustRoot.dev()
+    path = Path(choice)
+    if not path.is_file():
+        raise UsageError(f"--nitro-root must be aws, dev or a PEM file, got {choice!r}")
+    return TrustRoot.from_pem(_read_pem(path, "Nitro root PEM"), name="custom")
 
 
 @release.command("publish")
