@@ -45,7 +45,9 @@ __all__ = [
     "Statement",
     "canonical_json",
     "default_key_policy",
+    "normalise_condition_key",
     "policy_digest",
+    "wildcard_match",
 ]
 
 MAX_POLICY_BYTES = 32768  # AWS's key-policy size limit
@@ -95,8 +97,10 @@ class Statement:
     def applies_to(self, caller: Caller, action: str, resource: str) -> bool:
         return (
             any(_principal_matches(p, caller) for p in self.principals)
-            and any(_glob(pattern, action, ignore_case=True) for pattern in self.actions)
-            and any(_glob(pattern, resource, ignore_case=False) for pattern in self.resources)
+            and any(wildcard_match(pattern, action, ignore_case=True) for pattern in self.actions)
+            and any(
+                wildcard_match(pattern, resource, ignore_case=False) for pattern in self.resources
+            )
         )
 
     def condition_failure(self, context: Mapping[str, str]) -> str | None:
@@ -312,10 +316,11 @@ def _string_match(operator: str, expected: str, actual: str) -> bool:
         return expected == actual
     if operator == "StringEqualsIgnoreCase":
         return expected.casefold() == actual.casefold()
-    return _glob(expected, actual, ignore_case=False)
+    return wildcard_match(expected, actual, ignore_case=False)
 
 
-def _glob(pattern: str, value: str, *, ignore_case: bool) -> bool:
+def wildcard_match(pattern: str, value: str, *, ignore_case: bool) -> bool:
+    """IAM-style wildcard match of ``value`` against ``pattern``."""
     # IAM wildcards: '*' any run, '?' one character; nothing else is special (unlike fnmatch).
     regex = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
     flags = re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL

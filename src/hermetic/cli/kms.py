@@ -1,0 +1,224 @@
+"""``hermetic kms``: run the local KMS, and write least-privilege key policies for releases.
+
+``serve`` is the development stand-in for AWS KMS (real AWS JSON 1.1 protocol, real
+attestation checks); ``policy`` prints the key policy that releases a key to one measured
+image only, with the digest to publish. See ``docs/kms.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+import click
+
+from hermetic.cli import echo_json
+from hermetic.errors import UsageError
+
+
+@click.group("kms")
+def kms() -> None:
+    """Local KMS server and key-policy helper (attestation-bound key release)."""
+
+
+def _listen(value: str, port: int | None) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--listen: expected HOST:PORT, got {value!r}")
+    try:
+        listen_port = int(port_text) if port is None else port
+    except ValueError:
+        raise UsageError(f"--listen: port must be a number, got {port_text!r}") from None
+    if not 0 <= listen_port <= 65535:
+        raise UsageError(f"port: expected 0..65535, got {listen_port}")
+    return host.strip("[]"), listen_port
+
+
+def _trust_root(choice: str) -> object:
+    from hermetic.attestation import TrustRoot
+
+    if choice == "dev":
+        return TrustRoot.dev()
+    if choice == "aws":
+        return TrustRoot.aws()
+    path = Path(choice)
+    if not path.is_file():
+        raise UsageError(f"--attestation-root: expected dev, aws or a PEM file, got {choice!r}")
+    return TrustRoot.from_pem(path.read_bytes(), name=path.name)
+
+
+@kms.command("serve")
+@click.option(
+    "--listen",
+    default="127.0.0.1:4599",
+    show_default=True,
+    help="HOST:PORT to listen on (use 0 as the port for a free one).",
+)
+@click.option("--port", type=int, default=None, help="Port to listen on (overrides --listen's).")
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="SQLite key store (default: <state dir>/kms/kms.sqlite3; root key beside it).",
+)
+@click.option(
+    "--root-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Server root key file sealing key material (created 0600 if absent).",
+)
+@click.option(
+    "--attestation-root",
+    default="dev",
+    show_default=True,
+    help="Root that Recipient documents must chain to: dev, aws, or a PEM file.",
+)
+@click.option(
+    "--max-document-age",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="Oldest Recipient attestation document accepted, in seconds.",
+)
+@click.option("--account", default="111122223333", show_default=True, help="Account id.")
+@click.option("--region", default="us-east-1", show_default=True, help="Region in key ARNs.")
+def serve(
+    listen: str,
+    port: int | None,
+    db: Path | None,
+    root_key: Path | None,
+    attestation_root: str,
+    max_document_age: int,
+    account: str,
+    region: str,
+) -> None:
+    """Serve the AWS KMS JSON 1.1 API locally (boto3 / aws CLI with --endpoint-url).
+
+    Any SigV4-signed request is accepted (the signature is not verified); its access key id
+    is the caller principal that key policies match. Denials are logged on stderr with the
+    failed check.
+    """
+    import uvicorn
+
+    from hermetic.kms.server import AttestationEvidenceVerifier, KMSService, create_app
+    from hermetic.kms.store import KeyStore
+
+    host, listen_port = _listen(listen, port)
+    root = _trust_root(attestation_root)
+    verifier = AttestationEvidenceVerifier(
+        root,  # type: ignore[arg-type]
+        max_age=timedelta(seconds=max_document_age),
+    )
+    store = KeyStore.open(db, root_key)
+    service = KMSService(store, verifier, account=account, region=region)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    click.echo(
+        f"hermetic kms: serving on http://{host}:{listen_port} "
+        f"(attestation root {verifier.root_name}, max document age {max_document_age}s)",
+        err=True,
+    )
+    config = uvicorn.Config(
+        create_app(service), host=host, port=listen_port, log_level="warning", access_log=False
+    )
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        store.close()
+
+
+@kms.command("policy")
+@click.option(
+    "--release",
+    "release_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Release endorsement (or statement) JSON whose PCR0/1/2 the key is bound to.",
+)
+@click.option("--pcr0", default=None, help="PCR0 (ImageSha384) hex, instead of --release.")
+@click.option(
+    "--pcr",
+    "extra_pcrs",
+    multiple=True,
+    metavar="N=HEX",
+    help="Also require PCR N (e.g. 3=<parent role measurement>); repeatable.",
+)
+@click.option("--principal", default=None, help="Who may receive the key (default: account root).")
+@click.option("--admin", default=None, help="Key administrator ARN (default: account root).")
+@click.option("--account", default="111122223333", show_default=True, help="AWS account id.")
+@click.option(
+    "--immutable",
+    is_flag=True,
+    help="Leave kms:PutKeyPolicy out, so nobody can rewrite the policy later.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the policy here and print {output, sha256} instead of the policy.",
+)
+def policy(
+    release_path: Path | None,
+    pcr0: str | None,
+    extra_pcrs: tuple[str, ...],
+    principal: str | None,
+    admin: str | None,
+    account: str,
+    immutable: bool,
+    output: Path | None,
+) -> None:
+    """Print a least-privilege key policy releasing a key to one measured release.
+
+    The policy allows kms:Decrypt and kms:GenerateDataKey only with an attested Recipient
+    whose PCR0 (ImageSha384), PCR1 and PCR2 (and any --pcr) match; a separate
+    administration statement cannot decrypt. The SHA-256 of the policy's canonical JSON
+    goes to stderr (or into the --output summary) for logging.
+    """
+    from hermetic.kms.keypolicy import (
+        ReleaseReference,
+        load_release_reference,
+        policy_sha256,
+        release_key_policy,
+        rewrite_risks,
+    )
+
+    if (release_path is None) == (pcr0 is None):
+        raise UsageError("give exactly one of --release ENDORSEMENT and --pcr0 HEX")
+    if release_path is not None:
+        reference = load_release_reference(release_path)
+        pcrs = dict(reference.pcrs)
+        service, version = reference.service, reference.version
+    else:
+        pcrs = {0: str(pcr0)}
+        service = version = None
+    for item in extra_pcrs:
+        index_text, sep, value = item.partition("=")
+        if not sep or not index_text.strip().isdigit():
+            raise UsageError(f"--pcr: expected N=HEX, got {item!r}")
+        index = int(index_text)
+        if index in pcrs and pcrs[index].lower() != value.lower():
+            raise UsageError(f"--pcr {index}: conflicts with the release's PCR{index}")
+        pcrs[index] = value
+    reference = ReleaseReference(pcrs=pcrs, service=service, version=version)
+    document = release_key_policy(
+        reference,
+        account=account,
+        principal=principal,
+        admin_principal=admin,
+        immutable=immutable,
+    )
+    sha256 = policy_sha256(document)
+    for risk in rewrite_risks(document):
+        click.echo(
+            f"warning: {risk}; pass --immutable to leave it out (then put the policy with "
+            "BypassPolicyLockoutSafetyCheck)",
+            err=True,
+        )
+    text = json.dumps(document, indent=2)
+    if output is not None:
+        output.write_text(text + "\n", encoding="utf-8")
+        echo_json({"output": str(output), "sha256": sha256})
+        return
+    click.echo(text)
+    click.echo(f"policy sha256 {sha256}", err=True)
