@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,12 +13,14 @@ from typing import Any
 import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apps.probe.harness import Release, build_probe, hermetic, release, run_json, stop_all
 from hermetic.attestation.codec import decode
 from hermetic.enclave.config import sign_config
 from hermetic.enclave.runtime import parse_endorsement
-from hermetic.errors import EnclaveBootError
+from hermetic.errors import EnclaveBootError, EndorsementMissingError
 
 pytestmark = pytest.mark.timeout(120)
 CONFIG = b'{"environment": "staging", "batch": 64}'
@@ -146,3 +150,37 @@ def test_enclave_accepts_a_published_endorsement_or_none(probe: Release) -> None
     assert parsed is not None
     assert parsed.signed.statement.pcr0 == probe.image.measurements.pcr0.hex()  # type: ignore[union-attr]
     assert parse_endorsement(b"") is None
+
+
+def test_production_enclave_without_endorsement_is_run_with_a_warning_and_rejected_by_clients(
+    probe: Release,
+) -> None:
+    done = hermetic("run", str(probe.image.path))
+    assert done.returncode == 0, done.stderr
+    assert "no endorsement (pass --endorsement FILE): clients will reject" in done.stderr
+    started = json.loads(done.stdout)
+    with pytest.raises(EndorsementMissingError):
+        asyncio.run(probe.call(_url(started), "echo", 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_endorsement_frame_parser_only_ever_raises_enclave_boot_error(junk: bytes) -> None:
+    with contextlib.suppress(EnclaveBootError):
+        parse_endorsement(junk)
+
+
+def test_every_single_byte_mutation_of_an_endorsement_is_refused_or_still_parses(
+    probe: Release,
+) -> None:
+    """The enclave does not verify endorsements, but no corruption may crash its boot."""
+    data = probe.endorsement.read_bytes()
+    refused = 0
+    for index in range(0, len(data), 3):
+        mutated = bytearray(data)
+        mutated[index] ^= 0x41
+        try:
+            parse_endorsement(bytes(mutated))
+        except EnclaveBootError:
+            refused += 1
+    assert refused > len(data) // 6  # most corruptions break the JSON or its fields

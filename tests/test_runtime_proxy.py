@@ -152,22 +152,23 @@ def test_proxy_bridges_tcp_and_websocket_and_enforces_egress_allowlist(
     asyncio.run(scenario())
 
 
-def test_hermetic_connect_verifies_and_calls_through_the_proxy_over_tcp_and_websocket(
-    probe: Release, background: list[subprocess.Popen[str]]
+def test_hermetic_connect_verifies_and_calls_the_echo_example_through_the_proxy(
+    background: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
-    started = _run(probe)
+    echo = release(build_image(EXAMPLES / "echo", tmp_path / "echo.img"), tmp_path)
+    started = run_json("run", str(echo.image.path), "--endorsement", str(echo.endorsement))
     _, addresses = _start(
         background, "proxy", "--enclave", started["EnclaveID"], "--listen", "127.0.0.1:0",
         "--ws-listen", "127.0.0.1:0",
     )  # fmt: skip
-    trust = probe.trust_file()
-    pcr0 = probe.image.measurements.pcr0.hex()
+    trust = echo.trust_file()
+    pcr0 = echo.image.measurements.pcr0.hex()
     for url in (f"tcp://{addresses['tcp']}", addresses["websocket"]):
         done = _connect_cli(url, trust, "--call", "echo", "--json-args", '"hi"', "--json")
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
         assert out["result"] == "hi"
-        assert out["verified"]["service"] == "probe"
+        assert out["verified"]["service"] == "echo"
         assert out["verified"]["pcrs"]["0"] == pcr0
         assert isinstance(out["verified"]["log_index"], int)
         steps = _connect_cli(url, trust, "--call", "echo", "--json-args", '"hi"')

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,7 @@ def dev_log_dir() -> Path:
     return state_dir() / "dev-log"
 
 
-def _read_or_create_secret(path: Path, make: object) -> str:
+def _read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
     """The key text in ``path``, created (0600, exclusively) by ``make()`` on first use."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -62,8 +63,7 @@ def _read_or_create_secret(path: Path, make: object) -> str:
                 return text
             time.sleep(0.02)
         raise LogStoreError(f"dev log: key file {path} is empty") from None
-    text = make()  # type: ignore[operator]
-    assert isinstance(text, str)
+    text = make()
     try:
         os.write(fd, text.encode("utf-8") + b"\n")
     finally:

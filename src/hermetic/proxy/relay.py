@@ -22,7 +22,7 @@ from hermetic.proxy.metrics import ProxyMetrics
 
 
 class _Side(asyncio.Protocol):
-    """One end of the relay; ``peer`` is the transport bytes are forwarded to."""
+    """One end of the relay: what it receives is forwarded to the other end's transport."""
 
     def __init__(self, relay: IngressRelay, name: str) -> None:
         self.relay = relay
