@@ -380,9 +380,11 @@ def up(
     cosigned, and the resulting endorsement is handed to the enclave; --trust-out writes
     the trust file that pins all of it. Then, in another shell:
 
-        hermetic connect tcp://127.0.0.1:8080 --trust trust.json --call echo --json-args '"hi"'
+    \b
+        hermetic connect tcp://127.0.0.1:8080 --trust trust.json \\
+            --call echo --json-args '"hi"'
 
-    Prints one JSON line with the enclave ID, the addresses and the release once the
+    Prints one JSON document with the enclave ID, the addresses and the release once the
     service is reachable.
     """
     from hermetic.image import open_image
