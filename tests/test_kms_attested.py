@@ -384,3 +384,75 @@ def test_client_maps_validation_errors_to_typed_errors(
 ) -> None:
     with pytest.raises(KMSValidationError):
         enclave_client.generate_data_key(pinned_key, key_spec="AES_512")
+
+
+# --- document reuse -----------------------------------------------------------------------
+
+
+class _CountingAttester:
+    def __init__(self, inner: NSMClient) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def attest(
+        self,
+        user_data: bytes | None = None,
+        nonce: bytes | None = None,
+        public_key: bytes | None = None,
+    ) -> bytes:
+        self.calls += 1
+        return self.inner.attest(user_data=user_data, nonce=nonce, public_key=public_key)
+
+
+@pytest.mark.parametrize(("ttl", "expected_documents"), [(60.0, 1), (0.0, 3)])
+def test_client_reuses_its_document_only_within_the_ttl(
+    server: ServerThread, launch: Launch, pinned_key: str, ttl: float, expected_documents: int
+) -> None:
+    attester = _CountingAttester(launch(IMAGE))
+    client = EnclaveKMSClient(
+        attester, ENCLAVE, region="us-east-1", endpoint_url=server.endpoint, document_ttl=ttl
+    )
+    for _ in range(3):
+        client.generate_data_key(pinned_key)
+    assert attester.calls == expected_documents
+
+
+def test_per_call_keys_never_reuse_a_document(
+    server: ServerThread, launch: Launch, pinned_key: str
+) -> None:
+    attester = _CountingAttester(launch(IMAGE))
+    client = EnclaveKMSClient(
+        attester,
+        ENCLAVE,
+        region="us-east-1",
+        endpoint_url=server.endpoint,
+        recipient_key="per-call",
+    )
+    client.generate_data_key(pinned_key)
+    client.generate_data_key(pinned_key)
+    assert attester.calls == 2
+
+
+def test_remembered_document_is_rechecked_for_age_and_validity(launch: Launch) -> None:
+    from hermetic.errors import CertificateValidityError, DocumentAgeError
+
+    root_pem = launch.pki.root(datetime.now(UTC)).public_bytes(serialization.Encoding.PEM)
+    times = [datetime.now(UTC)]
+    verifier = AttestationEvidenceVerifier(
+        TrustRoot.from_pem(root_pem), max_age=timedelta(minutes=5), clock=lambda: times[-1]
+    )
+    document = launch(IMAGE).attest(public_key=b"k")
+    pcrs, _, _ = verifier(document)
+    assert pcrs[0] == IMAGE[0]
+    verifier(document)  # remembered: still fine now
+    times.append(times[0] + timedelta(minutes=6))
+    with pytest.raises(DocumentAgeError):
+        verifier(document)
+    verifier_long = AttestationEvidenceVerifier(
+        TrustRoot.from_pem(root_pem), max_age=timedelta(days=1), clock=lambda: times[-1]
+    )
+    times.append(times[0])
+    verifier_long(document)
+    times.append(times[0] + timedelta(hours=4))
+    with pytest.raises(CertificateValidityError):
+        verifier_long(document)

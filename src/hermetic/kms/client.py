@@ -18,6 +18,7 @@ only a KMS that ignored the attestation would send it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -111,9 +112,11 @@ class _RecipientKey:
 class EnclaveKMSClient:
     """KMS calls with ``Recipient``; results are decrypted inside the enclave.
 
-    ``recipient_key="per-boot"`` (default) makes one RSA key for the client's lifetime;
-    ``"per-call"`` makes a fresh one for every request (costlier, no key reuse at all).
-    Every request carries a fresh attestation document either way.
+    ``recipient_key="per-boot"`` (default) makes one RSA key for the client's lifetime
+    and reuses its attestation document for ``document_ttl`` seconds (it only binds that
+    key, whose private half never leaves this object, so a replayed copy releases nothing;
+    keep the TTL below the KMS's maximum document age). ``"per-call"`` makes a fresh key
+    and a fresh document for every request (costlier, no reuse at all).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class EnclaveKMSClient:
         rsa_bits: int = 2048,
         timeout: float = 10.0,
         max_attempts: int = 3,
+        document_ttl: float = 60.0,
     ) -> None:
         if recipient_key not in ("per-boot", "per-call"):
             raise UsageError(
@@ -142,6 +146,8 @@ class EnclaveKMSClient:
         self._bits = rsa_bits
         self._boot_key = None if self._per_call else _RecipientKey(rsa_bits)
         self._attest_lock = threading.Lock()
+        self._document_ttl = document_ttl
+        self._document: tuple[float, bytes] | None = None
         session = boto3.session.Session(
             aws_access_key_id=credentials.access_key_id,
             aws_secret_access_key=credentials.secret_access_key,
@@ -269,8 +275,7 @@ class EnclaveKMSClient:
         from botocore.exceptions import BotoCoreError, ClientError
 
         if key is not None:
-            with self._attest_lock:  # one NSM conversation at a time
-                document = self._attester.attest(public_key=key.spki)
+            document = self._attestation_document(key)
             args["Recipient"] = {
                 "AttestationDocument": document,
                 "KeyEncryptionAlgorithm": RECIPIENT_ALGORITHM,
@@ -286,6 +291,18 @@ class EnclaveKMSClient:
             raise error_type(f"{code}: {message}", code=code, status=status) from None
         except BotoCoreError as exc:
             raise KMSUnavailableError(f"KMS unreachable: {type(exc).__name__}: {exc}") from None
+
+    def _attestation_document(self, key: _RecipientKey) -> bytes:
+        with self._attest_lock:  # one NSM conversation at a time
+            reusable = key is self._boot_key and self._document is not None
+            if reusable and self._document is not None:
+                made, document = self._document
+                if time.monotonic() - made < self._document_ttl:
+                    return document
+            document = self._attester.attest(public_key=key.spki)
+            if key is self._boot_key:
+                self._document = (time.monotonic(), document)
+            return document
 
     @staticmethod
     def _unwrap(response: Any, key: _RecipientKey, plaintext_field: str) -> bytes:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
@@ -50,9 +51,10 @@ import struct
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -78,7 +80,7 @@ from hermetic.kms.store import KeyRecord, KeyStore
 if TYPE_CHECKING:
     from starlette.applications import Starlette
 
-    from hermetic.attestation import TrustRoot
+    from hermetic.attestation import TrustRoot, VerifiedDocument
 
 __all__ = [
     "AttestationEvidenceVerifier",
@@ -142,17 +144,50 @@ class AttestationEvidenceVerifier:
 
     Debug-mode documents are *not* rejected here (AWS does not either): their PCR0 is zero,
     so any policy that pins an image's PCR0 denies them, and the log says so.
+
+    An enclave client reuses one document for a while (same recipient key), so verified
+    documents are remembered by the SHA-256 of their exact bytes; a repeat skips only the
+    time-independent work (chain and COSE signature) and re-checks every certificate's
+    validity and the document's age at the current time.
     """
 
-    def __init__(self, root: TrustRoot, max_age: timedelta = DEFAULT_MAX_DOCUMENT_AGE) -> None:
+    def __init__(
+        self,
+        root: TrustRoot,
+        max_age: timedelta = DEFAULT_MAX_DOCUMENT_AGE,
+        *,
+        cache_size: int = 1024,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         from hermetic.attestation import AttestationVerifier, Policy
 
+        self._clock = clock or (lambda: datetime.now(UTC))
         self._verifier = AttestationVerifier(root)
         self._policy = Policy(allow_debug=True, max_age=max_age)
+        self._cache_size = cache_size
+        self._verified: OrderedDict[bytes, VerifiedDocument] = OrderedDict()
+        self._lock = threading.Lock()
         self.root_name = root.name
 
     def __call__(self, document: bytes) -> tuple[Mapping[int, bytes], bytes | None, str]:
-        verified = self._verifier.verify(document, self._policy)
+        from hermetic.attestation.chain import check_validity
+        from hermetic.attestation.verifier import check_policy
+
+        digest = hashlib.sha256(document).digest()
+        with self._lock:
+            verified = self._verified.get(digest)
+            if verified is not None:
+                self._verified.move_to_end(digest)
+        now = self._clock()
+        if verified is not None:
+            check_validity(verified.certificates, now)
+            check_policy(verified.document, self._policy, now)
+        else:
+            verified = self._verifier.verify(document, self._policy, now)
+            with self._lock:
+                self._verified[digest] = verified
+                while len(self._verified) > self._cache_size:
+                    self._verified.popitem(last=False)
         return verified.pcrs, verified.public_key, verified.module_id
 
 
