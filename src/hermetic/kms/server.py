@@ -883,7 +883,7 @@ def _data_key_size(req: Mapping[str, Any]) -> int:
     if (spec is None) == (count is None):
         raise KMSValidationError("exactly one of KeySpec and NumberOfBytes is required")
     if spec is not None:
-        if spec not in _DATA_KEY_SPECS:
+        if not isinstance(spec, str) or spec not in _DATA_KEY_SPECS:
             raise KMSValidationError(f"KeySpec: expected AES_256 or AES_128, got {spec!r}")
         return _DATA_KEY_SPECS[spec]
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 1024:
@@ -990,6 +990,9 @@ def create_app(service: KMSService) -> Starlette:
         except HermeticError as exc:
             log.error("%s failed: %s: %s", operation, type(exc).__name__, exc)
             return reply(500, {"__type": "KMSInternalException", "message": str(exc)})
+        except Exception:  # a bug: keep the wire AWS-shaped, the traceback in our log only
+            log.exception("%s failed unexpectedly", operation)
+            return reply(500, {"__type": "KMSInternalException", "message": "internal error"})
         return reply(200, result)
 
     return Starlette(routes=[Route("/", endpoint, methods=["POST"])])
