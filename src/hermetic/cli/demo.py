@@ -43,9 +43,15 @@ class Demo:
     work: Path
     env: dict[str, str]
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    enclaves: list[str] = field(default_factory=list)
 
-    def run(self, title: str, args: Sequence[str], *, show: int = 12) -> str:
-        """Run ``hermetic ARGS`` and print the command and (the start of) its output."""
+    def run(
+        self, title: str, args: Sequence[str], *, show: int = 12, expect_failure: bool = False
+    ) -> str:
+        """Run ``hermetic ARGS`` and print the command and (the start of) its output.
+
+        With ``expect_failure`` the step passes only if the command is *rejected* (exit 1).
+        """
         click.secho(f"\n$ hermetic {shlex.join(args)}", fg="cyan")
         result = subprocess.run(
             [sys.executable, "-m", "hermetic", *args],
@@ -62,7 +68,13 @@ class Demo:
             click.echo(f"  {line}")
         if len(lines) > show:
             click.echo(f"  ... ({len(lines) - show} more lines)")
-        if result.returncode != 0:
+        if expect_failure:
+            if result.returncode != 1:
+                raise DemoStepError(
+                    f"{title}: expected a rejection (exit 1), got exit {result.returncode}"
+                )
+            click.secho("  -> rejected, as it must be", fg="green")
+        elif result.returncode != 0:
             raise DemoStepError(
                 f"{title}: 'hermetic {shlex.join(args)}' exited {result.returncode}"
             )
@@ -110,6 +122,14 @@ class Demo:
         click.echo(f"  {title} running (log: {log.name})")
 
     def stop_all(self) -> None:
+        for enclave_id in self.enclaves:
+            subprocess.run(
+                [sys.executable, "-m", "hermetic", "stop", enclave_id],
+                env=self.env,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
         for proc in reversed(self.started):
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -191,6 +211,8 @@ def steps(demo: Demo) -> None:
             "1",
             "--publisher",
             "demo-publisher=publisher.pub.pem",
+            "--nitro-root",
+            "dev",
             "--out",
             "trust.json",
         ],
@@ -234,6 +256,45 @@ def steps(demo: Demo) -> None:
         ],
     )
     demo.run("verify", ["release", "verify", "echo.endorsement.json", "--trust", "trust.json"])
+
+    heading(3, "Run the image in the emulated enclave, behind the parent's service proxy")
+    record = json.loads(
+        demo.run("run", ["run", "echo.img", "--endorsement", "echo.endorsement.json"], show=0)
+    )
+    enclave_id = str(record["EnclaveID"])
+    demo.enclaves.append(enclave_id)
+    click.echo(f"  enclave {enclave_id} {record['State']} on CID {record['EnclaveCID']}")
+    demo.run("ps", ["ps"])
+    proxy_port = free_port()
+    demo.start(
+        "service proxy",
+        ["proxy", "--enclave", enclave_id, "--listen", f"127.0.0.1:{proxy_port}"],
+        proxy_port,
+    )
+
+    heading(4, "Connect: verify the attestation, the release and the log proof, then call")
+    url = f"tcp://127.0.0.1:{proxy_port}"
+    demo.run(
+        "connect",
+        [
+            "connect",
+            url,
+            "--trust",
+            "trust.json",
+            "--call",
+            "echo",
+            "--json-args",
+            '"hello from the demo"',
+        ],
+        show=40,
+    )
+    click.echo("\n  The same service, under a client policy that accepts only another service:")
+    demo.run(
+        "connect (rejected)",
+        ["connect", url, "--trust", "trust.json", "--service", "payments", "--call", "echo"],
+        show=40,
+        expect_failure=True,
+    )
 
 
 @contextlib.contextmanager
