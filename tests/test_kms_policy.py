@@ -402,3 +402,27 @@ def test_helper_policy_admits_exactly_its_release(
     else:
         with pytest.raises(KMSAccessDeniedError, match=f"PCR{differs}|ImageSha384"):
             client.generate_data_key(key)
+
+
+def test_immutable_policy_needs_the_bypass_and_then_cannot_change(
+    release_server: tuple[ServerThread, DevPKI],
+) -> None:
+    server, _ = release_server
+    admin = boto3.session.Session(
+        aws_access_key_id="admin", aws_secret_access_key="x", region_name="us-east-1"
+    ).client("kms", endpoint_url=server.endpoint)
+    key = admin.create_key()["KeyMetadata"]["KeyId"]
+    policy = json.dumps(
+        release_key_policy(ReleaseReference({0: PCR0}), account=ACCOUNT, immutable=True)
+    )
+    with pytest.raises(ClientError) as caught:
+        admin.put_key_policy(KeyId=key, PolicyName="default", Policy=policy)
+    assert caught.value.response["Error"]["Code"] == "MalformedPolicyDocumentException"
+    admin.put_key_policy(
+        KeyId=key, PolicyName="default", Policy=policy, BypassPolicyLockoutSafetyCheck=True
+    )
+    with pytest.raises(ClientError) as caught:
+        admin.put_key_policy(
+            KeyId=key, PolicyName="default", Policy=policy, BypassPolicyLockoutSafetyCheck=True
+        )
+    assert caught.value.response["Error"]["Code"] == "AccessDeniedException"
