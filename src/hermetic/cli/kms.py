@@ -11,11 +11,15 @@ import json
 import logging
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from hermetic.cli import echo_json
 from hermetic.errors import UsageError
+
+if TYPE_CHECKING:
+    from hermetic.attestation import TrustRoot
 
 
 @click.group("kms")
@@ -36,7 +40,7 @@ def _listen(value: str, port: int | None) -> tuple[str, int]:
     return host.strip("[]"), listen_port
 
 
-def _trust_root(choice: str) -> object:
+def _trust_root(choice: str) -> TrustRoot:
     from hermetic.attestation import TrustRoot
 
     if choice == "dev":
@@ -54,7 +58,7 @@ def _trust_root(choice: str) -> object:
     "--listen",
     default="127.0.0.1:4599",
     show_default=True,
-    help="HOST:PORT to listen on (use 0 as the port for a free one).",
+    help="HOST:PORT to listen on.",
 )
 @click.option("--port", type=int, default=None, help="Port to listen on (overrides --listen's).")
 @click.option(
@@ -107,10 +111,7 @@ def serve(
 
     host, listen_port = _listen(listen, port)
     root = _trust_root(attestation_root)
-    verifier = AttestationEvidenceVerifier(
-        root,  # type: ignore[arg-type]
-        max_age=timedelta(seconds=max_document_age),
-    )
+    verifier = AttestationEvidenceVerifier(root, max_age=timedelta(seconds=max_document_age))
     store = KeyStore.open(db, root_key)
     service = KMSService(store, verifier, account=account, region=region)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -63,7 +63,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from hermetic.errors import (
-    AttestationError,
     HermeticError,
     KeyPolicyFormatError,
     KMSAccessDeniedError,
@@ -599,7 +598,7 @@ class KMSService:
         except MalformedInputError as exc:
             self._log_denial(action, key_id, caller, f"attestation document malformed: {exc}")
             raise KMSValidationError(f"Recipient.AttestationDocument: {exc}") from None
-        except (AttestationError, HermeticError) as exc:
+        except HermeticError as exc:
             reason = f"attestation document rejected: {type(exc).__name__}: {exc}"
             self._log_denial(action, key_id, caller, reason)
             raise KMSAccessDeniedError(
