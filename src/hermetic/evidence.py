@@ -16,13 +16,13 @@ client it is given (one fresh attestation per handshake).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cbor2
 
+from hermetic.cbor import canonical_dumps, strict_loads
 from hermetic.errors import EvidenceFormatError, HermeticError, MalformedInputError
 from hermetic.translog.release import Endorsement, SignedStatement
 
@@ -40,13 +40,6 @@ CONFIG_DIGEST_SIZE = 32
 #: followed by the 32-byte SHA-256 of the runtime config, or by nothing without a config.
 USER_DATA_PREFIX = b"hermetic.evidence/v1"
 
-_MAX_DEPTH = 8
-# Tags cbor2 would interpret (dates, bignums, shared references, sets, ...). The bundle
-# uses none; they decode as opaque CBORTag values and the type checks reject them.
-_SEMANTIC_TAGS: tuple[int, ...] = (
-    *(0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100),
-    *(256, 258, 260, 261, 1004, 55799),
-)
 _TOP_KEYS = frozenset({"v", "attestation", "config_digest", "endorsement"})
 _ENDORSEMENT_KEYS = frozenset({"entry", "origin", "index", "inclusion_proof", "checkpoint"})
 
@@ -114,10 +107,7 @@ class EvidenceBundle:
             "config_digest": self.config_digest,
             "endorsement": endorsement,
         }
-        try:
-            data: bytes = cbor2.dumps(value, canonical=True)
-        except (cbor2.CBORError, ValueError, TypeError) as exc:
-            raise EvidenceFormatError(f"evidence bundle: cannot encode ({exc})") from None
+        data = canonical_dumps(value, what="evidence bundle", error=EvidenceFormatError)
         if len(data) > MAX_BUNDLE_SIZE:
             raise EvidenceFormatError(
                 f"evidence bundle: at most {MAX_BUNDLE_SIZE} bytes, got {len(data)}"
@@ -134,7 +124,7 @@ class EvidenceBundle:
             raise EvidenceFormatError(
                 f"evidence bundle: at most {MAX_BUNDLE_SIZE} bytes, got {len(data)}"
             )
-        value = _cbor_loads(data)
+        value = strict_loads(data, what="evidence bundle", error=EvidenceFormatError)
         top = _map(value, "evidence bundle", _TOP_KEYS)
         version = top["v"]
         if type(version) is not int or version != VERSION:
@@ -151,7 +141,7 @@ class EvidenceBundle:
         # and trailing bytes all fail here, so a bundle's bytes identify it exactly. The
         # decoded value is re-encoded as is (its types are checked above, and the entry is
         # checked canonical by from_entry), which equals encode() of the result.
-        if cbor2.dumps(value, canonical=True) != data:
+        if canonical_dumps(value, what="evidence bundle", error=EvidenceFormatError) != data:
             raise EvidenceFormatError(
                 "evidence bundle: not in deterministic CBOR encoding (RFC 8949 §4.2.1)"
             )
@@ -197,33 +187,6 @@ def _decode_endorsement(value: Any) -> Endorsement:
     except HermeticError as exc:  # a well-formed entry cannot fail otherwise; stay typed
         raise EvidenceFormatError(f"endorsement.entry: {type(exc).__name__}: {exc}") from None
     return Endorsement(signed, origin, index, hashes, checkpoint)
-
-
-def _cbor_loads(data: bytes) -> Any:
-    stream = io.BytesIO(data)
-    decoder = cbor2.CBORDecoder(
-        stream,
-        semantic_decoders={tag: _opaque(tag) for tag in _SEMANTIC_TAGS},
-        max_depth=_MAX_DEPTH,
-        allow_duplicate_keys=False,
-        read_size=1,
-    )
-    try:
-        value = decoder.decode()
-    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise EvidenceFormatError(f"evidence bundle: not valid CBOR ({exc})") from None
-    if stream.tell() != len(data):
-        raise EvidenceFormatError(
-            f"evidence bundle: {len(data) - stream.tell()} trailing byte(s) after the CBOR item"
-        )
-    return value
-
-
-def _opaque(tag: int) -> Callable[[Any, bool], Any]:
-    def keep(value: Any, immutable: bool) -> Any:
-        return cbor2.CBORTag(tag, value)
-
-    return keep
 
 
 def _map(value: Any, what: str, keys: frozenset[str]) -> dict[str, Any]:

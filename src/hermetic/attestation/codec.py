@@ -11,14 +11,14 @@ It also encodes, byte-faithfully to the real NSM (definite map ``a9``, fields in
 declaration order, nulls for absent fields, 8-byte timestamp, ascending PCR keys), so the
 emulated NSM produces documents indistinguishable in shape from hardware ones.
 
-cbor2 does the CBOR parsing; this module only adds the structure and limits of the Nitro
-format on top, and assembles the few headers cbor2 would otherwise encode minimally (the
-timestamp is always ``1b`` + 8 bytes on hardware).
+cbor2 does the CBOR parsing, through :func:`hermetic.cbor.strict_loads` (one item, no
+semantic tags, bounded depth, no duplicate keys); this module only adds the structure and
+limits of the Nitro format on top, and assembles the few headers cbor2 would otherwise
+encode minimally (the timestamp is always ``1b`` + 8 bytes on hardware).
 """
 
 from __future__ import annotations
 
-import io
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from typing import Any
 
 import cbor2
 
+from hermetic.cbor import strict_loads
 from hermetic.errors import AttestationFormatError
 
 #: The only protected header accepted and emitted: CBOR ``{1: -35}`` (alg = ES384).
@@ -50,7 +51,6 @@ MAX_PCR_COUNT = 32
 MAX_MODULE_ID_LENGTH = 256
 #: 9999-12-31T23:59:59.999Z; keeps every timestamp convertible to a ``datetime``.
 MAX_TIMESTAMP_MS = 253_402_300_799_999
-_MAX_DEPTH = 8
 _COSE_SIGN1_TAG = 18
 
 # NSM declaration order (serde_cbor writes struct fields in this order, unsorted).
@@ -66,42 +66,6 @@ FIELD_ORDER: tuple[str, ...] = (
     "nonce",
 )
 _REQUIRED = frozenset(FIELD_ORDER[:6])
-
-# Tags cbor2 would otherwise interpret (dates, bignums, shared references that can build
-# cycles, string references, sets, ...). The format uses none of them, so they are decoded
-# as opaque CBORTag values and then rejected by the type checks below.
-_SEMANTIC_TAGS: tuple[int, ...] = (
-    *(0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100),
-    *(256, 258, 260, 261, 1004, 55799),
-)
-
-
-def _opaque(tag: int) -> Any:
-    def keep(value: Any, immutable: bool) -> Any:
-        return cbor2.CBORTag(tag, value)
-
-    return keep
-
-
-def _cbor_loads(data: bytes, what: str) -> Any:
-    """Decode exactly one CBOR item from ``data``; any problem is an AttestationFormatError."""
-    stream = io.BytesIO(data)
-    decoder = cbor2.CBORDecoder(
-        stream,
-        semantic_decoders={tag: _opaque(tag) for tag in _SEMANTIC_TAGS},
-        max_depth=_MAX_DEPTH,
-        allow_duplicate_keys=False,
-        read_size=1,
-    )
-    try:
-        value = decoder.decode()
-    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise AttestationFormatError(f"{what}: not valid CBOR ({exc})") from None
-    if stream.tell() != len(data):
-        raise AttestationFormatError(
-            f"{what}: {len(data) - stream.tell()} trailing byte(s) after the CBOR item"
-        )
-    return value
 
 
 def _type_name(value: object) -> str:
@@ -243,7 +207,7 @@ def decode_cose_sign1(data: bytes) -> CoseSign1:
         raise AttestationFormatError(
             f"document: expected 1..{MAX_DOCUMENT_SIZE} bytes, got {len(data)} bytes"
         )
-    item = _cbor_loads(data, "document")
+    item = strict_loads(data, what="document", error=AttestationFormatError)
     tagged = False
     if isinstance(item, cbor2.CBORTag):
         if item.tag != _COSE_SIGN1_TAG:
@@ -283,7 +247,7 @@ def decode_payload(payload: bytes) -> AttestationDocument:
         raise AttestationFormatError(
             f"payload: expected 1..{MAX_PAYLOAD_SIZE} bytes, got {len(payload)} bytes"
         )
-    fields = _cbor_loads(payload, "payload")
+    fields = strict_loads(payload, what="payload", error=AttestationFormatError)
     if type(fields) is not dict:
         raise AttestationFormatError(f"payload: expected map, got {_type_name(fields)}")
     unknown = [key for key in fields if key not in FIELD_ORDER]

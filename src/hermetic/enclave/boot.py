@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import cbor2
 
+from hermetic.cbor import strict_loads
 from hermetic.errors import FrameFormatError
 
 READY_PORT = 9000
@@ -47,10 +48,7 @@ def encode_status(status: BootStatus) -> bytes:
 
 
 def decode_status(data: bytes) -> BootStatus:
-    try:
-        value = cbor2.loads(data)
-    except Exception as exc:  # cbor2 raises many types on hostile input
-        raise FrameFormatError(f"boot status: not valid CBOR ({type(exc).__name__})") from None
+    value = strict_loads(data, what="boot status", error=FrameFormatError)
     if (
         not isinstance(value, dict)
         or not isinstance(value.get("ok"), bool)

@@ -22,11 +22,11 @@ import hashlib
 import json
 from typing import Any
 
-import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from hermetic.cbor import canonical_dumps, strict_loads
 from hermetic.enclave.app import RuntimeConfig
 from hermetic.errors import RuntimeConfigError, RuntimeConfigFormatError
 
@@ -50,7 +50,11 @@ def sign_config(config: bytes, key: PrivateKey) -> bytes:
         signature = key.sign(message)
     else:
         signature = key.sign(message, ec.ECDSA(_ec_hash(key.curve)))
-    return cbor2.dumps({"config": config, "signature": signature}, canonical=True)
+    return canonical_dumps(
+        {"config": config, "signature": signature},
+        what="config bundle",
+        error=RuntimeConfigFormatError,
+    )
 
 
 def verify_bundle(bundle: bytes, operator_key_pem: bytes) -> RuntimeConfig:
@@ -59,12 +63,7 @@ def verify_bundle(bundle: bytes, operator_key_pem: bytes) -> RuntimeConfig:
         raise RuntimeConfigFormatError(
             f"config bundle size: expected at most {MAX_BUNDLE_SIZE} bytes, got {len(bundle)}"
         )
-    try:
-        value = cbor2.loads(bundle)
-    except Exception as exc:  # cbor2 raises many types on hostile input
-        raise RuntimeConfigFormatError(
-            f"config bundle: not valid CBOR ({type(exc).__name__})"
-        ) from None
+    value = strict_loads(bundle, what="config bundle", error=RuntimeConfigFormatError)
     if not isinstance(value, dict) or set(value) != {"config", "signature"}:
         keys = sorted(map(str, value)) if isinstance(value, dict) else type(value).__name__
         raise RuntimeConfigFormatError(

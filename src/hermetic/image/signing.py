@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from hermetic.cbor import strict_loads
 from hermetic.errors import ImageSignatureError, ImageSignatureFormatError, SigningKeyError
 from hermetic.image.pcrs import pcr_of
 
@@ -126,10 +127,7 @@ def decode_signature_section(data: bytes) -> tuple[PcrSignature, ...]:
 
 
 def _cbor_loads(data: bytes, what: str) -> Any:
-    try:
-        return cbor2.loads(data)
-    except Exception:  # cbor2 raises several types (and RecursionError) on hostile input
-        raise ImageSignatureFormatError(f"{what}: not well-formed CBOR") from None
+    return strict_loads(data, what=what, error=ImageSignatureFormatError)
 
 
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:

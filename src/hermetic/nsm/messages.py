@@ -10,7 +10,8 @@ functions over bytes (sans-IO): the device backend, the socket backend and the e
 share them.
 
 Decoding is strict about shape (exact variant names, field names and CBOR types, u16 ranges,
-no trailing bytes) because these bytes cross the enclave boundary. A request the emulator
+and :func:`hermetic.cbor.strict_loads`: one item, no trailing bytes, no semantic tags, no
+duplicate keys) because these bytes cross the enclave boundary. A request the emulator
 cannot read is answered the way the real module answers it, with ``InvalidArgument``
 (:class:`~hermetic.errors.NSMError`); a response the client cannot read raises
 :class:`~hermetic.errors.NSMResponseFormatError` (a ``MalformedInputError``).
@@ -19,13 +20,13 @@ cannot read is answered the way the real module answers it, with ``InvalidArgume
 from __future__ import annotations
 
 import enum
-import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 
+from hermetic.cbor import strict_loads
 from hermetic.errors import NSMError, NSMResponseFormatError
 
 #: Largest request the driver forwards to the module (``NSM_REQUEST_MAX_SIZE``).
@@ -264,35 +265,34 @@ class _ShapeError(Exception):
     """Internal: the CBOR value does not have the expected shape (message names the field)."""
 
 
+_MALFORMED_REQUEST = "malformed NSM request"
+_MALFORMED_RESPONSE = "malformed NSM response"
+
+
 def decode_request(data: bytes) -> Request:
     """Parse a request as the module does; unreadable input -> NSMError(InvalidArgument)."""
+    value = strict_loads(data, what=_MALFORMED_REQUEST, error=_invalid_argument)
     try:
-        return _request_from_value(_load(data))
+        return _request_from_value(value)
     except _ShapeError as exc:
-        raise NSMError(f"malformed NSM request: {exc}", ErrorCode.INVALID_ARGUMENT.value) from None
+        raise _invalid_argument(f"{_MALFORMED_REQUEST}: {exc}") from None
 
 
 def decode_response(data: bytes) -> Response:
     """Parse a module response; unreadable input -> NSMResponseFormatError."""
+    value = strict_loads(data, what=_MALFORMED_RESPONSE, error=_invalid_response)
     try:
-        return _response_from_value(_load(data))
+        return _response_from_value(value)
     except _ShapeError as exc:
-        raise NSMResponseFormatError(
-            f"malformed NSM response: {exc}", ErrorCode.INVALID_RESPONSE.value
-        ) from None
+        raise _invalid_response(f"{_MALFORMED_RESPONSE}: {exc}") from None
 
 
-def _load(data: bytes) -> object:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise _ShapeError(f"expected bytes, got {type(data).__name__}")
-    stream = io.BytesIO(bytes(data))
-    try:
-        value = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:  # cbor2 raises many types on hostile input; all mean "not CBOR"
-        raise _ShapeError(f"not a CBOR item ({type(exc).__name__})") from None
-    if stream.tell() != len(data):
-        raise _ShapeError(f"{len(data) - stream.tell()} trailing bytes after the CBOR item")
-    return value
+def _invalid_argument(message: str) -> NSMError:
+    return NSMError(message, ErrorCode.INVALID_ARGUMENT.value)
+
+
+def _invalid_response(message: str) -> NSMResponseFormatError:
+    return NSMResponseFormatError(message, ErrorCode.INVALID_RESPONSE.value)
 
 
 def _variant(value: object, units: frozenset[str]) -> tuple[str, object]:

@@ -1,0 +1,85 @@
+"""Strict CBOR decoding and deterministic encoding shared by every hermetic format.
+
+Why this module exists: several formats (the attestation document, the evidence bundle,
+NSM messages, runtime config bundles, the boot status, nitro-cli's PCR signatures) are
+CBOR that arrives from a party we do not trust. Each needs the same guarantees from the
+decoder, and getting any one of them wrong in one place is a parser bug an attacker can
+use, so they are written once here:
+
+* exactly one CBOR item: trailing bytes are an error, not silently ignored (``cbor2.loads``
+  ignores them);
+* no semantic tags interpreted: dates, bignums, shared references (which can build cycles),
+  string references and sets decode as opaque :class:`cbor2.CBORTag` values, so a caller's
+  type checks reject them instead of receiving a coerced ``int`` or ``datetime``;
+* bounded nesting depth and no duplicate map keys;
+* any decoder failure becomes the caller's own :class:`~hermetic.errors.HermeticError`
+  subclass, with the caller's message prefix, so only typed errors escape.
+
+cbor2 does the parsing; this module only configures it and maps its errors.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import cbor2
+
+from hermetic.errors import HermeticError
+
+#: Default nesting bound: every hermetic format is at most a few levels deep.
+MAX_DEPTH = 8
+
+#: Tags cbor2 would otherwise interpret (RFC 8949 and IANA registrations cbor2 implements).
+SEMANTIC_TAGS: tuple[int, ...] = (
+    *(0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100),
+    *(256, 258, 260, 261, 1004, 55799),
+)
+
+#: What builds the caller's error from a message: an error class, or a factory for classes
+#: that take more arguments (``NSMError(message, code)``).
+ErrorFactory = Callable[[str], HermeticError]
+
+
+def _opaque(tag: int) -> Callable[[Any, bool], Any]:
+    def keep(value: Any, immutable: bool) -> Any:
+        return cbor2.CBORTag(tag, value)
+
+    return keep
+
+
+def strict_loads(data: bytes, *, what: str, error: ErrorFactory, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode exactly one CBOR item from ``data`` under the rules in the module docstring.
+
+    Any problem raises ``error(f"{what}: ...")``: ``not valid CBOR (...)`` for undecodable
+    bytes (including too deep, duplicate keys) and ``N trailing byte(s) after the CBOR
+    item`` when more than one item is present.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise error(f"{what}: expected bytes, got {type(data).__name__}")
+    data = bytes(data)
+    stream = io.BytesIO(data)
+    decoder = cbor2.CBORDecoder(
+        stream,
+        semantic_decoders={tag: _opaque(tag) for tag in SEMANTIC_TAGS},
+        max_depth=max_depth,
+        allow_duplicate_keys=False,
+        read_size=1,
+    )
+    try:
+        value = decoder.decode()
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise error(f"{what}: not valid CBOR ({exc})") from None
+    if stream.tell() != len(data):
+        raise error(f"{what}: {len(data) - stream.tell()} trailing byte(s) after the CBOR item")
+    return value
+
+
+def canonical_dumps(value: Any, *, what: str, error: ErrorFactory) -> bytes:
+    """The deterministic encoding (RFC 8949 §4.2.1) of ``value``, or ``error`` if it has none."""
+    try:
+        data: bytes = cbor2.dumps(value, canonical=True)
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise error(f"{what}: cannot encode ({exc})") from None
+    return data
