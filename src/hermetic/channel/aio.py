@@ -41,7 +41,6 @@ Handler = Callable[[Any], Awaitable[Any]]
 """An RPC method: takes the request's ``args``, returns a CBOR-encodable result."""
 
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
-_READ_SIZE = 256 * 1024
 
 
 class MessagePipe(Protocol):

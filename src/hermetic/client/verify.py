@@ -69,7 +69,6 @@ from hermetic.translog.release import (
 )
 
 RELEASE_PCRS = (0, 1, 2, 8)
-_PCR_SIZE = 48
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -203,8 +202,3 @@ def allocate(draft: EnclaveRecord, requested_cid: int | None) -> EnclaveRecord:
         record = replace(draft, cid=cid)
         save(record)
         return record
-
-
-def new_enclave_id(instance_id: str) -> str:
-    """``<instance id>-enc<16 hex>``: the format of real enclave IDs and NSM module ids."""
-    return f"{instance_id}-enc{secrets.token_hex(8)}"

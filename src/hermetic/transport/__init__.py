@@ -1,6 +1,6 @@
 """Byte transports between clients, the parent instance and enclaves.
 
-Everything above this package (the service wire, later the Noise channel) sees a pair of
+Everything above this package (the Noise channel, the boot exchange) sees a pair of
 asyncio streams and never cares whether the bytes crossed a real ``AF_VSOCK`` socket, the
 emulator's Unix sockets, TCP or a WebSocket. Only this package touches sockets.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from hermetic.transport.frames import (
     MAX_FRAME_SIZE,
-    FrameDecoder,
     encode_frame,
     read_frame,
     write_frame,
@@ -27,7 +26,6 @@ __all__ = [
     "FIRST_ENCLAVE_CID",
     "MAX_FRAME_SIZE",
     "PARENT_CID",
-    "FrameDecoder",
     "VsockAddress",
     "VsockStream",
     "connect",

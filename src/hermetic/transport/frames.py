@@ -1,8 +1,11 @@
 """Length-prefixed frames: a 4-byte big-endian length, then that many bytes.
 
-Every service message (and the boot-time config exchange) travels as one frame, so a
-bridge can forward bytes blindly yet still know where one message ends. The decoder is
-sans-IO (feed bytes, get frames); the two coroutines at the bottom are the asyncio edge.
+The boot-time exchange between an enclave and its parent (the config bundle and the
+endorsement in, the boot status out; see :mod:`hermetic.enclave.boot`) travels as frames,
+so each side knows where one message ends on a vsock stream. Service traffic does not: it
+is the Noise channel's own 2-byte framing (:mod:`hermetic.channel.framing`), which the
+proxy relays blindly. :func:`encode_frame` is the pure encoder; the two coroutines are the
+asyncio edge.
 """
 
 from __future__ import annotations
@@ -22,67 +25,6 @@ def encode_frame(payload: bytes, *, max_size: int = MAX_FRAME_SIZE) -> bytes:
     if len(payload) > max_size:
         raise FrameFormatError(f"frame length: expected at most {max_size}, got {len(payload)}")
     return HEADER.pack(len(payload)) + payload
-
-
-class FrameDecoder:
-    """Sans-IO frame splitter: :meth:`feed` bytes as they arrive, get complete frames back."""
-
-    def __init__(self, *, max_size: int = MAX_FRAME_SIZE) -> None:
-        self._buffer = bytearray()
-        self._max_size = max_size
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Append ``data``; return every frame now complete, in order."""
-        self._buffer += data
-        frames: list[bytes] = []
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            if length > self._max_size:
-                raise FrameFormatError(
-                    f"frame length: expected at most {self._max_size}, got {length}"
-                )
-            end = HEADER.size + length
-            if len(self._buffer) < end:
-                break
-            frames.append(bytes(self._buffer[HEADER.size : end]))
-            del self._buffer[:end]
-        return frames
-
-    @property
-    def at_boundary(self) -> bool:
-        """True when no partial frame is buffered (the stream may end cleanly here)."""
-        return not self._buffer
-
-
-class FrameBoundaryTracker:
-    """Follows frame boundaries in a byte stream without keeping the bytes.
-
-    A blind bridge uses it to know whether it may append a frame of its own (an error
-    frame when the far end dies) without corrupting a frame already half forwarded.
-    """
-
-    def __init__(self) -> None:
-        self._header = bytearray()
-        self._remaining = 0
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self._remaining:
-                step = min(self._remaining, len(view))
-                self._remaining -= step
-                view = view[step:]
-                continue
-            need = HEADER.size - len(self._header)
-            self._header += view[:need]
-            view = view[need:]
-            if len(self._header) == HEADER.size:
-                (self._remaining,) = HEADER.unpack(self._header)
-                self._header.clear()
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self._header and not self._remaining
 
 
 async def read_frame(
