@@ -1,0 +1,59 @@
+"""Dependencies point downward: the trust layer never loads the runtime or the platform.
+
+Each check runs in a fresh interpreter, since this test process has long since imported
+everything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+_ABOVE_TRUST = (
+    "hermetic.enclave.app",
+    "hermetic.enclave.runtime",
+    "hermetic.enclave.config",
+    "hermetic.launcher",
+    "hermetic.proxy",
+    "hermetic.client",
+)
+
+
+def _loaded_after_import(module: str) -> list[str]:
+    code = (
+        f"import json, sys, {module}\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hermetic'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+    )
+    loaded: list[str] = json.loads(out.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "module", ["hermetic.image", "hermetic.attestation", "hermetic.translog", "hermetic.nsm"]
+)
+def test_trust_layer_import_does_not_load_the_runtime(module: str) -> None:
+    loaded = _loaded_after_import(module)
+    assert module in loaded
+    assert [m for m in loaded if m.startswith(_ABOVE_TRUST)] == []
+
+
+def test_image_reads_the_manifest_without_the_app_framework() -> None:
+    loaded = _loaded_after_import("hermetic.image")
+    assert "hermetic.enclave.manifest" in loaded
+    assert "hermetic.enclave.app" not in loaded
+    assert "hermetic.enclave.runtime" not in loaded
+
+
+def test_enclave_package_still_exports_the_app_framework() -> None:
+    import hermetic.enclave as enclave
+    from hermetic.enclave.app import App
+
+    assert enclave.App is App
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = enclave.Nope  # type: ignore[attr-defined]
