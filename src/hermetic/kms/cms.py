@@ -193,7 +193,16 @@ def parse_ciphertext_for_recipient(data: bytes) -> CiphertextForRecipient:
     rid_value = _read("KeyTransRecipientInfo.rid", lambda: bytes(rid.chosen.native))
     if not rid_value:
         raise CMSFormatError("KeyTransRecipientInfo.rid: empty subjectKeyIdentifier")
-    _check_oaep(_read("keyEncryptionAlgorithm", lambda: ktri["key_encryption_algorithm"]))
+    key_algorithm = _read("keyEncryptionAlgorithm", lambda: ktri["key_encryption_algorithm"])
+    # Fast path: KMS writes one exact DER encoding; comparing bytes costs nothing, walking
+    # asn1crypto's objects costs a third of the parse. The walk only runs to name the field
+    # of an encoding that differs.
+    if _read("keyEncryptionAlgorithm", lambda: key_algorithm.dump()) != _OAEP_SHA256_DER:
+        _check_oaep(key_algorithm)
+        raise CMSFormatError(
+            "keyEncryptionAlgorithm: expected the DER RSAES-OAEP-SHA256 parameters KMS "
+            "writes, got a different encoding"
+        )
     encrypted_key = _read(
         "KeyTransRecipientInfo.encryptedKey", lambda: ktri["encrypted_key"].native
     )
