@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from hermetic.paths import shared_dir
+
+if TYPE_CHECKING:
+    from apps.probe.harness import Release
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +28,30 @@ def _isolated_state(
 ) -> None:
     """Each test gets its own dev-state directory, never the developer's."""
     monkeypatch.setenv("HERMETIC_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+# --- runtime tests: the probe app, released to a dev log, and enclave clean-up ------------
+
+
+@pytest.fixture(scope="module")
+def operator() -> ed25519.Ed25519PrivateKey:
+    """The operator key the module's probe image trusts for runtime config."""
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey) -> Release:
+    """The probe app built with ``operator``'s key and published to a fresh dev log."""
+    from apps.probe.harness import build_probe, release
+
+    directory = tmp_path_factory.mktemp("probe")
+    return release(build_probe(directory, operator), directory)
+
+
+@pytest.fixture
+def no_leftover_enclaves() -> Iterator[None]:
+    """Terminate every enclave the test started (use with ``pytest.mark.usefixtures``)."""
+    yield
+    from apps.probe.harness import stop_all
+
+    stop_all()

@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import cbor2
 import pytest
@@ -16,39 +14,22 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apps.probe.harness import Release, build_probe, hermetic, release, run_json, stop_all
+from apps.probe.harness import (
+    Release,
+    build_probe,
+    hermetic,
+    refused,
+    release,
+    run_json,
+    vsock_url,
+)
 from hermetic.attestation.codec import decode
 from hermetic.enclave.config import sign_config
 from hermetic.enclave.runtime import parse_endorsement
 from hermetic.errors import EnclaveBootError, EndorsementMissingError
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_enclaves")]
 CONFIG = b'{"environment": "staging", "batch": 64}'
-
-
-@pytest.fixture(scope="module")
-def operator() -> ed25519.Ed25519PrivateKey:
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey) -> Release:
-    directory = tmp_path_factory.mktemp("probe")
-    return release(build_probe(directory, operator), directory)
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_enclaves() -> Iterator[None]:
-    yield
-    stop_all()
-
-
-def _run(probe: Release, *args: str) -> Any:
-    return run_json("run", str(probe.image.path), "--endorsement", str(probe.endorsement), *args)
-
-
-def _url(started: dict[str, Any]) -> str:
-    return f"vsock://{started['EnclaveCID']}:5000"
 
 
 def test_signed_config_is_accepted_and_its_digest_is_in_user_data(
@@ -56,11 +37,11 @@ def test_signed_config_is_accepted_and_its_digest_is_in_user_data(
 ) -> None:
     bundle = tmp_path / "config.bundle"
     bundle.write_bytes(sign_config(CONFIG, operator))
-    started = _run(probe, "--config", str(bundle))
+    started = probe.run("--config", str(bundle))
     assert started["State"] == "RUNNING"
 
     async def scenario() -> tuple[object, object, bytes | None]:
-        async with await probe.connect(_url(started)) as session:
+        async with await probe.connect(vsock_url(started)) as session:
             seen = await session.call("config")
             document = await session.call("attest", b"n")
             return seen, document, session.verified.config_digest
@@ -77,27 +58,16 @@ def test_signed_config_is_accepted_and_its_digest_is_in_user_data(
 
 
 def test_without_config_user_data_is_null(probe: Release) -> None:
-    started = _run(probe)
-    document = asyncio.run(probe.call(_url(started), "attest", b"n"))
+    started = probe.run()
+    document = asyncio.run(probe.call(vsock_url(started), "attest", b"n"))
     assert isinstance(document, bytes)
     assert decode(document)[1].user_data is None
-
-
-def _refused(probe: Release, bundle: Path, expected: str) -> None:
-    done = hermetic("run", str(probe.image.path), "--config", str(bundle))
-    assert done.returncode == 1
-    assert "enclave refused to start" in done.stderr
-    assert expected in done.stderr
-    assert "Traceback" not in done.stderr
-    listed = run_json("ps", "--json")
-    assert [d["State"] for d in listed] == ["FAILED"]
-    assert expected in listed[0]["Reason"]
 
 
 def test_unsigned_bundle_makes_the_enclave_refuse_to_start(probe: Release, tmp_path: Path) -> None:
     bundle = tmp_path / "unsigned.bundle"
     bundle.write_bytes(cbor2.dumps({"config": CONFIG, "signature": b""}))
-    _refused(probe, bundle, "expected an operator signature, got none")
+    refused(probe.image.path, bundle, "expected an operator signature, got none")
 
 
 def test_tampered_bundle_makes_the_enclave_refuse_to_start(
@@ -108,13 +78,13 @@ def test_tampered_bundle_makes_the_enclave_refuse_to_start(
     bundle.write_bytes(
         cbor2.dumps({"config": CONFIG.replace(b"64", b"65"), "signature": good["signature"]})
     )
-    _refused(probe, bundle, "does not verify with the image's operator key")
+    refused(probe.image.path, bundle, "does not verify with the image's operator key")
 
 
 def test_bundle_from_another_operator_is_refused(probe: Release, tmp_path: Path) -> None:
     bundle = tmp_path / "other.bundle"
     bundle.write_bytes(sign_config(CONFIG, ed25519.Ed25519PrivateKey.generate()))
-    _refused(probe, bundle, "does not verify with the image's operator key")
+    refused(probe.image.path, bundle, "does not verify with the image's operator key")
 
 
 def test_endorsement_for_another_image_or_unreadable_is_refused_before_boot(
@@ -160,7 +130,7 @@ def test_production_enclave_without_endorsement_is_run_with_a_warning_and_reject
     assert "no endorsement (pass --endorsement FILE): clients will reject" in done.stderr
     started = json.loads(done.stdout)
     with pytest.raises(EndorsementMissingError):
-        asyncio.run(probe.call(_url(started), "echo", 1))
+        asyncio.run(probe.call(vsock_url(started), "echo", 1))
 
 
 @settings(max_examples=200, deadline=None)

@@ -11,59 +11,22 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import (
-    MARKER,
-    Release,
-    build_probe,
-    hermetic,
-    release,
-    run_json,
-    stop_all,
-    wait_state,
-)
+from apps.probe.harness import MARKER, Release, hermetic, run_json, vsock_url, wait_state
 from hermetic.attestation.codec import decode
 from hermetic.launcher import records
 from hermetic.nsm.pki import pki_dir
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def operator() -> ed25519.Ed25519PrivateKey:
-    return ed25519.Ed25519PrivateKey.generate()
-
-
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey) -> Release:
-    directory = tmp_path_factory.mktemp("probe")
-    return release(build_probe(directory, operator), directory)
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_enclaves() -> Iterator[None]:
-    yield
-    stop_all()
-
-
-def _url(started: dict[str, Any]) -> str:
-    return f"vsock://{started['EnclaveCID']}:5000"
-
-
-def _run(probe: Release, *args: str) -> Any:
-    return run_json("run", str(probe.image.path), "--endorsement", str(probe.endorsement), *args)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("no_leftover_enclaves")]
 
 
 def test_run_then_ps_shows_running_with_measurements_and_document_verifies(
     probe: Release, tmp_path: Path
 ) -> None:
-    started = _run(probe)
+    started = probe.run()
     assert started["State"] == "RUNNING"
     listed = {d["EnclaveID"]: d for d in run_json("ps", "--json")}
     mine = listed[started["EnclaveID"]]
@@ -72,7 +35,7 @@ def test_run_then_ps_shows_running_with_measurements_and_document_verifies(
     assert mine["Measurements"]["PCR0"] == probe.image.measurements.pcr0.hex()
     assert mine["Measurements"]["PCR2"] == probe.image.measurements.pcr2.hex()
 
-    document = asyncio.run(probe.call(_url(started), "attest", b"probe-nonce"))
+    document = asyncio.run(probe.call(vsock_url(started), "attest", b"probe-nonce"))
     assert isinstance(document, bytes)
     path = tmp_path / "doc.cbor"
     path.write_bytes(document)
@@ -85,8 +48,8 @@ def test_run_then_ps_shows_running_with_measurements_and_document_verifies(
     assert payload.module_id == started["EnclaveID"]
     assert payload.nonce == b"probe-nonce"
 
-    assert asyncio.run(probe.call(_url(started), "extend_pcr", 0)) == "ReadOnlyIndex"
-    assert asyncio.run(probe.call(_url(started), "extend_pcr", 16)) == "extended"
+    assert asyncio.run(probe.call(vsock_url(started), "extend_pcr", 0)) == "ReadOnlyIndex"
+    assert asyncio.run(probe.call(vsock_url(started), "extend_pcr", 16)) == "extended"
 
 
 def test_sandbox_blocks_host_network_environment_image_writes_and_console(
@@ -97,8 +60,8 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
     host.listen()
     port = host.getsockname()[1]
     try:
-        started = _run(probe)
-        report = asyncio.run(probe.call(_url(started), "isolation", port))
+        started = probe.run()
+        report = asyncio.run(probe.call(vsock_url(started), "isolation", port))
     finally:
         host.close()
     assert isinstance(report, dict)
@@ -121,10 +84,11 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
     # only the vsock directory and this enclave's own image are there.
     state_dir = os.environ["HERMETIC_STATE_DIR"]
     assert pki_dir().is_dir()
-    assert asyncio.run(probe.call(_url(started), "listdir", state_dir)) == ["enclaves", "vsock"]
-    pki = asyncio.run(probe.call(_url(started), "listdir", str(pki_dir())))
+    listed = asyncio.run(probe.call(vsock_url(started), "listdir", state_dir))
+    assert listed == ["enclaves", "vsock"]
+    pki = asyncio.run(probe.call(vsock_url(started), "listdir", str(pki_dir())))
     assert pki == "FileNotFoundError: No such file or directory"
-    mine = asyncio.run(probe.call(_url(started), "listdir", f"{state_dir}/enclaves"))
+    mine = asyncio.run(probe.call(vsock_url(started), "listdir", f"{state_dir}/enclaves"))
     assert mine == [record.id]
     # Nothing the app printed reached the host: no file in the state dir holds it.
     state = Path(os.environ["HERMETIC_STATE_DIR"])
@@ -135,9 +99,9 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
 
 
 def test_debug_enclave_console_shows_app_output(probe: Release) -> None:
-    started = _run(probe, "--debug")
+    started = probe.run("--debug")
     assert started["Flags"] == "DEBUG_MODE"
-    report = asyncio.run(probe.call(_url(started), "isolation", 9, debug=True))
+    report = asyncio.run(probe.call(vsock_url(started), "isolation", 9, debug=True))
     assert isinstance(report, dict)
     console = hermetic("console", started["EnclaveID"], "--no-follow")
     assert console.returncode == 0
@@ -146,7 +110,7 @@ def test_debug_enclave_console_shows_app_output(probe: Release) -> None:
 
 
 def test_killed_enclave_shows_terminated_and_can_be_run_again(probe: Release) -> None:
-    started = _run(probe)
+    started = probe.run()
     record = records.load(started["EnclaveID"])
     assert record.pid is not None
     os.kill(record.pid, signal.SIGKILL)
@@ -159,11 +123,11 @@ def test_killed_enclave_shows_terminated_and_can_be_run_again(probe: Release) ->
     again = run_json("run", str(probe.image.path))
     assert again["State"] == "RUNNING"
     assert again["EnclaveCID"] == started["EnclaveCID"]  # the CID was freed
-    assert asyncio.run(probe.call(_url(again), "echo", "back")) == "back"
+    assert asyncio.run(probe.call(vsock_url(again), "echo", "back")) == "back"
 
 
 def test_stop_terminates_and_frees_resources(probe: Release) -> None:
-    started = _run(probe)
+    started = probe.run()
     stopped = run_json("stop", started["EnclaveID"])
     assert stopped == {
         "EnclaveName": "probe",
@@ -185,7 +149,7 @@ def test_stop_of_unknown_enclave_is_a_clean_error() -> None:
 
 
 def test_killed_supervisor_takes_its_enclave_down_and_ps_says_so(probe: Release) -> None:
-    started = _run(probe)
+    started = probe.run()
     record = records.load(started["EnclaveID"])
     assert record.supervisor_pid is not None
     assert record.pid is not None
@@ -208,7 +172,7 @@ def test_bad_run_requests_fail_cleanly_and_leave_nothing_behind(
         assert done.returncode == code, done.stderr
         assert "Traceback" not in done.stderr
         assert not [p for p in state.glob("*") if not p.name.startswith(".")]
-    first = _run(probe, "--cid", "40")
+    first = probe.run("--cid", "40")
     assert first["EnclaveCID"] == 40
     clash = hermetic("run", str(probe.image.path), "--cid", "40")
     assert clash.returncode == 1
@@ -216,13 +180,13 @@ def test_bad_run_requests_fail_cleanly_and_leave_nothing_behind(
 
 
 def test_enclave_is_pinned_to_the_requested_cpus(probe: Release) -> None:
-    started = _run(probe, "--cpus", "1")
+    started = probe.run("--cpus", "1")
     record = records.load(started["EnclaveID"])
     assert len(started["CPUIDs"]) == 1
     assert record.sandbox["cpus"] == str(started["CPUIDs"][0])
 
 
 def test_enclave_address_space_is_limited_to_its_memory(probe: Release) -> None:
-    started = _run(probe, "--memory", "768")
+    started = probe.run("--memory", "768")
     assert started["MemoryMiB"] == 768
     assert records.load(started["EnclaveID"]).sandbox["memory"] == "768 MiB"

@@ -19,11 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from apps.probe.harness import (
     Release,
-    build_probe,
     hermetic,
     release,
     run_json,
@@ -36,16 +34,6 @@ from hermetic.launcher import records
 
 pytestmark = pytest.mark.timeout(120)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> Release:
-    directory = tmp_path_factory.mktemp("probe")
-    return release(build_probe(directory, ed25519.Ed25519PrivateKey.generate()), directory)
-
-
-def _run(probe: Release) -> Any:
-    return run_json("run", str(probe.image.path), "--endorsement", str(probe.endorsement))
 
 
 @pytest.fixture
@@ -107,7 +95,7 @@ async def _tcp_echo_server() -> asyncio.Server:
 def test_proxy_bridges_tcp_and_websocket_and_enforces_egress_allowlist(
     probe: Release, background: list[subprocess.Popen[str]]
 ) -> None:
-    started = _run(probe)
+    started = probe.run()
 
     async def scenario() -> None:
         allowed = await _tcp_echo_server()
@@ -181,7 +169,7 @@ def test_hermetic_connect_verifies_and_calls_the_echo_example_through_the_proxy(
 def test_clients_of_a_dead_enclave_get_a_clean_error_and_a_rerun_serves_again(
     probe: Release, background: list[subprocess.Popen[str]]
 ) -> None:
-    started = _run(probe)
+    started = probe.run()
     _, addresses = _start(
         background, "proxy", "--cid", str(started["EnclaveCID"]), "--port", "5000",
         "--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0",

@@ -80,6 +80,23 @@ def stop_all() -> None:
             emulated.terminate(record.id)
 
 
+def refused(image: Path, bundle: Path, expected: str) -> None:
+    """``hermetic run IMAGE --config BUNDLE`` fails with ``expected``; the enclave is FAILED."""
+    done = hermetic("run", str(image), "--config", str(bundle))
+    assert done.returncode == 1, done.stderr
+    assert "enclave refused to start" in done.stderr
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+    listed = run_json("ps", "--json")
+    assert [d["State"] for d in listed] == ["FAILED"]
+    assert expected in listed[0]["Reason"]
+
+
+def vsock_url(started: dict[str, Any], port: int = 5000) -> str:
+    """The vsock URL of ``port`` on an enclave ``hermetic run`` reported as started."""
+    return f"vsock://{started['EnclaveCID']}:{port}"
+
+
 @dataclass(frozen=True)
 class Release:
     """An image published to a dev log under ``directory``, with its endorsement file."""
@@ -87,6 +104,10 @@ class Release:
     image: BuildResult
     directory: Path
     endorsement: Path
+
+    def run(self, *args: str) -> Any:
+        """``hermetic run`` this image with its endorsement (and ``args``); the JSON it prints."""
+        return run_json("run", str(self.image.path), "--endorsement", str(self.endorsement), *args)
 
     def trust_file(self) -> Path:
         """A client trust file for this test: this test's dev root, the release's dev log."""
@@ -97,9 +118,11 @@ class Release:
     def trust(self) -> ClientTrust:
         return ClientTrust.load(self.trust_file())
 
-    async def connect(self, url: str, *, debug: bool = False) -> AttestedSession:
+    async def connect(
+        self, url: str, *, debug: bool = False, service: str = "probe"
+    ) -> AttestedSession:
         """A verified session to ``url`` (tcp://, ws://, vsock://) of this release."""
-        policy = ServicePolicy(services=frozenset({"probe"}), allow_debug=debug)
+        policy = ServicePolicy(services=frozenset({service}), allow_debug=debug)
         session = await connect(url, trust=self.trust(), policy=policy, timeout=20)
         if not debug:
             assert session.verified.pcrs[0] == self.image.measurements.pcr0
