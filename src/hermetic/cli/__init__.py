@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "kms": ("hermetic.cli.kms", "kms", "Local KMS server and key-policy helper."),
     "proxy": ("hermetic.cli.launcher", "proxy", "Run the parent-side service proxy."),
     "demo": ("hermetic.cli.demo", "demo", "Walk through the trust core end to end."),
+    "config": ("hermetic.cli.config", "config", "Sign and inspect runtime config bundles."),
 }
 
 

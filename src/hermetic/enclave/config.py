@@ -22,7 +22,7 @@ import hashlib
 import json
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -32,6 +32,8 @@ from hermetic.errors import RuntimeConfigError, RuntimeConfigFormatError
 
 SIGNING_CONTEXT = b"hermetic runtime config v1\x00"
 MAX_BUNDLE_SIZE = 1024 * 1024
+
+_EC_CURVES = frozenset({"secp256r1", "secp384r1"})
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -57,8 +59,8 @@ def sign_config(config: bytes, key: PrivateKey) -> bytes:
     )
 
 
-def verify_bundle(bundle: bytes, operator_key_pem: bytes) -> RuntimeConfig:
-    """Verify a bundle against the operator key (PEM); return the config or raise."""
+def parse_bundle(bundle: bytes) -> tuple[bytes, bytes]:
+    """Split a bundle into ``(config, signature)`` without verifying anything."""
     if len(bundle) > MAX_BUNDLE_SIZE:
         raise RuntimeConfigFormatError(
             f"config bundle size: expected at most {MAX_BUNDLE_SIZE} bytes, got {len(bundle)}"
@@ -72,6 +74,12 @@ def verify_bundle(bundle: bytes, operator_key_pem: bytes) -> RuntimeConfig:
     config, signature = value["config"], value["signature"]
     if not isinstance(config, bytes) or not isinstance(signature, bytes):
         raise RuntimeConfigFormatError("config bundle: 'config' and 'signature' must be bytes")
+    return config, signature
+
+
+def verify_bundle(bundle: bytes, operator_key_pem: bytes) -> RuntimeConfig:
+    """Verify a bundle against the operator key (PEM); return the config or raise."""
+    config, signature = parse_bundle(bundle)
     if not signature:
         raise RuntimeConfigError(
             "config bundle signature: expected an operator signature, got none"
@@ -89,6 +97,24 @@ def verify_bundle(bundle: bytes, operator_key_pem: bytes) -> RuntimeConfig:
             "(tampered config or wrong key)"
         ) from None
     return RuntimeConfig(config, _parse_values(config), config_digest(config))
+
+
+def load_operator_key(pem: bytes) -> PrivateKey:
+    """The operator's private key from unencrypted PEM: Ed25519, or ECDSA P-256/P-384."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise RuntimeConfigFormatError(
+            "operator key: expected an unencrypted PEM private key"
+        ) from None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name in _EC_CURVES:
+        return key
+    shown = key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+    raise RuntimeConfigFormatError(
+        f"operator key: expected Ed25519 or ECDSA P-256/P-384, got {shown}"
+    )
 
 
 def _parse_values(config: bytes) -> dict[str, Any]:
