@@ -15,8 +15,9 @@ import click
 
 from hermetic.attestation import AttestationVerifier, Policy, TrustRoot, decode
 from hermetic.attestation.chain import CertificateInfo, describe_document_chain
-from hermetic.attestation.codec import MAX_PCR_INDEX, AttestationDocument
+from hermetic.attestation.codec import AttestationDocument
 from hermetic.cli import echo_json
+from hermetic.cli._options import parse_hex, parse_pcr_option
 from hermetic.errors import TrustRootError, UsageError
 
 
@@ -99,11 +100,11 @@ def verify_command(
     if max_age is not None and max_age < 0:
         raise UsageError(f"--max-age: must not be negative, got {max_age}")
     policy = Policy(
-        pcrs=dict(_parse_pcr(spec) for spec in pcrs),
+        pcrs=dict(parse_pcr_option(spec) for spec in pcrs),
         allow_debug=allow_debug,
-        nonce=_parse_hex("--nonce", nonce),
-        public_key=_parse_hex("--public-key", public_key),
-        user_data=_parse_hex("--user-data", user_data),
+        nonce=parse_hex("--nonce", nonce),
+        public_key=parse_hex("--public-key", public_key),
+        user_data=parse_hex("--user-data", user_data),
         max_age=None if max_age is None else timedelta(seconds=max_age),
     )
     now = _parse_time(at) if at is not None else None
@@ -145,27 +146,6 @@ def _load_root(spec: str) -> TrustRoot:
             f"--root: expected aws, dev or a readable PEM file; {spec}: {exc.strerror}"
         ) from None
     return TrustRoot.from_pem(pem, name=str(path))
-
-
-def _parse_hex(option: str, value: str | None) -> bytes | None:
-    if value is None:
-        return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise UsageError(f"{option}: expected hex, got {value[:40]!r}") from None
-
-
-def _parse_pcr(spec: str) -> tuple[int, bytes]:
-    index_text, sep, hex_value = spec.partition("=")
-    if not sep or not index_text.strip().isdigit():
-        raise UsageError(f"--pcr: expected N=HEX, got {spec[:40]!r}")
-    index = int(index_text)
-    if not 0 <= index <= MAX_PCR_INDEX:
-        raise UsageError(f"--pcr: index must be 0..{MAX_PCR_INDEX}, got {index}")
-    value = _parse_hex(f"--pcr {index}", hex_value)
-    assert value is not None
-    return index, value
 
 
 def _parse_time(text: str) -> datetime:

@@ -13,14 +13,8 @@ from pathlib import Path
 import click
 
 from hermetic.cli import echo_json
+from hermetic.cli._options import read_input
 from hermetic.errors import SigningKeyError, UsageError
-
-
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise SigningKeyError(f"{what} {path}: cannot read: {exc.strerror}") from None
 
 
 @click.command(
@@ -74,7 +68,8 @@ def build(
         signing = None
         if sign_key is not None and sign_cert is not None:
             signing = SigningMaterial(
-                _read(sign_key, "signing key"), _read(sign_cert, "signing certificate")
+                read_input(sign_key, "signing key", error=SigningKeyError),
+                read_input(sign_cert, "signing certificate", error=SigningKeyError),
             )
         measurements = build_image(appdir, output, signing=signing).measurements
     echo_json({"Measurements": measurements.to_nitro_json()})

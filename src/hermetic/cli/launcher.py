@@ -18,7 +18,8 @@ from typing import Any
 import click
 
 from hermetic.cli import echo_json
-from hermetic.errors import MalformedInputError, UsageError
+from hermetic.cli._options import read_input
+from hermetic.errors import UsageError
 from hermetic.launcher import nitro, records
 from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of
 from hermetic.transport.tcp import HostPort, parse_hostport
@@ -198,10 +199,7 @@ def console(enclave: str, disconnect_timeout: float | None, no_follow: bool) -> 
 def _read_file(path: Path | None, option: str) -> bytes | None:
     if path is None:
         return None
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise MalformedInputError(f"{option}: cannot read {path}: {exc.strerror}") from None
+    return read_input(path, option)
 
 
 def _hostport(value: str | None, field: str) -> HostPort | None:

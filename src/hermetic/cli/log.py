@@ -14,22 +14,9 @@ from pathlib import Path
 import click
 
 from hermetic.cli import echo_json
+from hermetic.cli._options import write_secret
 from hermetic.errors import HermeticError, MalformedInputError, UsageError
 from hermetic.paths import state_dir
-
-
-def _write_secret(path: Path, text: str, force: bool) -> None:
-    import os
-
-    if path.exists() and not force:
-        raise UsageError(f"{path} exists; pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode() + b"\n")
-    finally:
-        os.close(fd)
-    os.chmod(path, 0o600)
 
 
 def _read_text(value: str, what: str) -> str:
@@ -81,7 +68,7 @@ def key(out: Path, name: str, force: bool) -> None:  # fmt: skip
     from hermetic.translog.note import generate_key
 
     skey, vkey = generate_key(name)
-    _write_secret(out, skey, force)
+    write_secret(out, f"{skey}\n".encode(), force=force)
     click.echo(vkey)
 
 
@@ -102,7 +89,7 @@ def witness_key(out: Path, name: str, force: bool) -> None:  # fmt: skip
     from hermetic.translog.checkpoint import CosignatureSigner
 
     signer = CosignatureSigner.generate(name)
-    _write_secret(out, signer.skey(), force)
+    write_secret(out, f"{signer.skey()}\n".encode(), force=force)
     click.echo(signer.vkey)
 
 
@@ -148,7 +135,7 @@ def serve(db: str | None, listen: str, key_file: Path | None, origin: str | None
         key_file = base / "log.skey"
         if not key_file.exists():
             skey, vkey = generate_key(origin or "hermetic.local/log")
-            _write_secret(key_file, skey, force=False)
+            write_secret(key_file, f"{skey}\n".encode(), force=False)
             click.echo(f"created log key {key_file}; verifier key: {vkey}", err=True)
     signer = Ed25519NoteSigner.from_skey(_read_text(str(key_file), "log key"))
     if db is None:

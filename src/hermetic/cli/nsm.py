@@ -20,10 +20,11 @@ import click
 from cryptography.hazmat.primitives import serialization
 
 from hermetic.cli import echo_json
+from hermetic.cli._options import parse_hex, parse_pcr_option
 from hermetic.errors import UsageError
 from hermetic.nsm.client import NSMClient
 from hermetic.nsm.device import DEVICE_PATH
-from hermetic.nsm.emulator import MAX_PCRS, PCR_SIZE, EmulatedNSM
+from hermetic.nsm.emulator import PCR_SIZE, EmulatedNSM
 from hermetic.nsm.pki import DevPKI, fingerprint, root_path
 from hermetic.nsm.server import SOCKET_ENV, serve_forever
 
@@ -71,8 +72,8 @@ def attest_command(
     """
     initial = dict(_parse_pcr(spec) for spec in pcrs) if pcrs else None
     fields = {
-        "user_data": _parse_hex("--user-data", user_data),
-        "nonce": _parse_hex("--nonce", nonce),
+        "user_data": parse_hex("--user-data", user_data),
+        "nonce": parse_hex("--nonce", nonce),
         "public_key": _parse_public_key(public_key),
     }
     now = datetime.now(UTC)
@@ -157,18 +158,9 @@ def serve_command(socket_path: Path, pcrs: tuple[str, ...], debug: bool) -> None
         asyncio.run(serve_forever(module, socket_path))
 
 
-def _parse_hex(option: str, value: str | None) -> bytes | None:
-    if value is None:
-        return None
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise UsageError(f"{option}: expected hex, got {value[:40]!r}") from None
-
-
 def _parse_public_key(value: str | None) -> bytes | None:
     if value is None or not value.startswith("@"):
-        return _parse_hex("--public-key", value)
+        return parse_hex("--public-key", value)
     path = Path(value[1:])
     pem = path.read_bytes()
     try:
@@ -181,16 +173,10 @@ def _parse_public_key(value: str | None) -> bytes | None:
 
 
 def _parse_pcr(spec: str) -> tuple[int, bytes]:
-    index_text, sep, value_text = spec.partition("=")
-    if not sep or not index_text.strip().isdigit():
-        raise UsageError(f"--pcr: expected N=HEX, got {spec[:40]!r}")
-    index = int(index_text)
-    if not 0 <= index < MAX_PCRS:
-        raise UsageError(f"--pcr: index must be 0..{MAX_PCRS - 1}, got {index}")
-    value = _parse_hex(f"--pcr {index}", value_text)
-    if value is None or len(value) != PCR_SIZE:
+    index, value = parse_pcr_option(spec)
+    if len(value) != PCR_SIZE:
         raise UsageError(
-            f"--pcr {index}: expected {PCR_SIZE} bytes, got {len(value or b'')} "
+            f"--pcr {index}: expected {PCR_SIZE} bytes, got {len(value)} "
             f"(a SHA-384 digest such as {hashlib.sha384(b'').hexdigest()[:16]}...)"
         )
     return index, value

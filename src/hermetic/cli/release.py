@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import click
 
 from hermetic.cli import echo_json
-from hermetic.errors import LogServiceError, MalformedInputError, UsageError
+from hermetic.cli._options import read_input, write_secret
+from hermetic.errors import LogServiceError, UsageError
 
 if TYPE_CHECKING:
     from hermetic.attestation import TrustRoot
@@ -31,13 +32,6 @@ def _hex_option(value: str | None, name: str) -> str | None:
     except ValueError:
         raise UsageError(f"{name} must be hex, got {value!r}") from None
     return text
-
-
-def _read_pem(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise MalformedInputError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
 @click.group("release")
@@ -63,20 +57,12 @@ def release() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing key file.")
 def key(out: Path, kind: str, force: bool) -> None:  # fmt: skip
     """Make a publisher key; print its public key PEM (for trust files)."""
-    import os
-
     from cryptography.hazmat.primitives import serialization
 
     from hermetic.translog.release import generate_publisher_key, load_publisher_key
 
-    if out.exists() and not force:
-        raise UsageError(f"{out} exists; pass --force to replace it")
     pem = generate_publisher_key(kind)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
+    write_secret(out, pem, force=force)
     public = load_publisher_key(pem).public_key()
     click.echo(
         public.public_bytes(
@@ -126,7 +112,7 @@ def trust(log_key: str, witnesses: tuple[str, ...], threshold: int, publishers: 
         name, sep, path = spec.partition("=")
         if not sep or not name:
             raise UsageError(f"--publisher must be NAME=PEMFILE, got {spec!r}")
-        pem = _read_pem(Path(path), "publisher PEM").decode("ascii", errors="replace")
+        pem = read_input(Path(path), "publisher PEM").decode("ascii", errors="replace")
         field = "certificate_pem" if "BEGIN CERTIFICATE" in pem else "public_key_pem"
         items.append({"name": name, field: pem})
     value = {
@@ -164,7 +150,7 @@ def _nitro_root(choice: str) -> TrustRoot:
     path = Path(choice)
     if not path.is_file():
         raise UsageError(f"--nitro-root must be aws, dev or a PEM file, got {choice!r}")
-    return TrustRoot.from_pem(_read_pem(path, "Nitro root PEM"), name="custom")
+    return TrustRoot.from_pem(read_input(path, "Nitro root PEM"), name="custom")
 
 
 @release.command("publish")
@@ -288,8 +274,8 @@ def publish(image: Path | None, key_file: Path, cert_file: Path | None, url: str
         source_revision=source_revision,
         build_time=build_time or utc_timestamp(),
     )
-    private_key = load_publisher_key(_read_pem(key_file, "publisher key"))
-    cert_pem = _read_pem(cert_file, "certificate").decode("ascii") if cert_file else None
+    private_key = load_publisher_key(read_input(key_file, "publisher key"))
+    cert_pem = read_input(cert_file, "certificate").decode("ascii") if cert_file else None
     signed = sign_statement(statement, private_key, cert_pem)
     entry = signed.entry()
 
