@@ -30,14 +30,15 @@ from hermetic.translog.note import (
     NoteSignature,
     NoteSigner,
     NoteVerifier,
-    _check_name,
     _ed25519_verify,
-    _is_hex8,
     b64decode_strict,
+    check_ed25519_public_key,
     check_text,
-    is_valid_key_name,
+    ed25519_private_key,
+    format_key_text,
     key_id,
     open_note,
+    parse_ed25519_skey,
     sign_note,
     split_note,
 )
@@ -127,11 +128,7 @@ class CosignatureVerifier(NoteVerifier):
     key_id: bytes = field(default=b"")
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "witness")
-        if len(self.public_key) != 32:
-            raise NoteFormatError(
-                f"Ed25519 public key must be 32 bytes, got {len(self.public_key)}"
-            )
+        check_ed25519_public_key(self.name, self.public_key, "witness")
         if not self.key_id:
             object.__setattr__(
                 self, "key_id", key_id(self.name, ALG_COSIGNATURE_V1, self.public_key)
@@ -146,19 +143,15 @@ class CosignatureVerifier(NoteVerifier):
 
     @property
     def vkey(self) -> str:
-        encoded = base64.b64encode(bytes([ALG_COSIGNATURE_V1]) + self.public_key).decode()
-        return f"{self.name}+{self.key_hash}+{encoded}"
+        return format_key_text("", self.name, self.key_hash, ALG_COSIGNATURE_V1, self.public_key)
 
 
 class CosignatureSigner:
     """A witness's Ed25519 cosigning key (type 0x04); the seed stays out of repr."""
 
     def __init__(self, name: str, seed: bytes) -> None:
-        _check_name(name, "witness")
-        if len(seed) != 32:
-            raise NoteFormatError(f"Ed25519 seed must be 32 bytes, got {len(seed)}")
+        self._key = ed25519_private_key(name, seed, "witness")
         self.name = name
-        self._key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
         self.public_key = self._key.public_key().public_bytes_raw()
         self.key_id = key_id(name, ALG_COSIGNATURE_V1, self.public_key)
 
@@ -169,27 +162,18 @@ class CosignatureSigner:
     @classmethod
     def from_skey(cls, skey: str) -> CosignatureSigner:
         """Parse ``PRIVATE+KEY+<name>+<8 hex>+<base64(0x04 || seed)>``."""
-        parts = skey.split("+", 4) if isinstance(skey, str) else []
-        if (
-            len(parts) != 5
-            or parts[:2] != ["PRIVATE", "KEY"]
-            or not is_valid_key_name(parts[2])
-            or not _is_hex8(parts[3])
-        ):
-            raise NoteFormatError("malformed witness key: expected PRIVATE+KEY+<name>+<hex>+<b64>")
-        raw = b64decode_strict(parts[4], "witness key")
-        if len(raw) != 33 or raw[0] != ALG_COSIGNATURE_V1:
-            raise NoteFormatError("malformed witness key: expected 0x04 and a 32-byte seed")
-        signer = cls(parts[2], raw[1:])
-        if signer.key_id.hex() != parts[3]:
+        name, seed, key_hash = parse_ed25519_skey(skey, ALG_COSIGNATURE_V1, "witness")
+        signer = cls(name, seed)
+        if signer.key_id.hex() != key_hash:
             raise NoteFormatError("witness name or hash mismatch: key ID does not match the key")
         return signer
 
     def skey(self) -> str:
         """The private key text (a secret: store it, never log it)."""
         seed = self._key.private_bytes_raw()
-        encoded = base64.b64encode(bytes([ALG_COSIGNATURE_V1]) + seed).decode()
-        return f"PRIVATE+KEY+{self.name}+{self.key_id.hex()}+{encoded}"
+        return format_key_text(
+            "PRIVATE+KEY+", self.name, self.key_id.hex(), ALG_COSIGNATURE_V1, seed
+        )
 
     @property
     def verifier(self) -> CosignatureVerifier:

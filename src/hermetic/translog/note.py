@@ -98,11 +98,7 @@ class Ed25519NoteVerifier(NoteVerifier):
     key_id: bytes = field(default=b"")
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "verifier")
-        if len(self.public_key) != 32:
-            raise NoteFormatError(
-                f"Ed25519 public key must be 32 bytes, got {len(self.public_key)}"
-            )
+        check_ed25519_public_key(self.name, self.public_key, "verifier")
         if not self.key_id:
             object.__setattr__(self, "key_id", key_id(self.name, ALG_ED25519, self.public_key))
 
@@ -112,8 +108,7 @@ class Ed25519NoteVerifier(NoteVerifier):
     @property
     def vkey(self) -> str:
         """The C2SP verifier key text."""
-        encoded = base64.b64encode(bytes([ALG_ED25519]) + self.public_key).decode()
-        return f"{self.name}+{self.key_hash}+{encoded}"
+        return format_key_text("", self.name, self.key_hash, ALG_ED25519, self.public_key)
 
 
 @dataclass(frozen=True)
@@ -211,6 +206,50 @@ def _is_hex8(text: str) -> bool:
     return len(text) == 8 and all(c in "0123456789abcdef" for c in text)
 
 
+# Ed25519 key texts are the same for note signers (type 0x01) and witness cosigners (0x04):
+# one parser and one formatter for both, differing only in the type byte.
+
+
+def check_ed25519_public_key(name: str, public_key: bytes, role: str) -> None:
+    """Validate a verifier's key name and raw 32-byte Ed25519 public key."""
+    _check_name(name, role)
+    if len(public_key) != 32:
+        raise NoteFormatError(f"Ed25519 public key must be 32 bytes, got {len(public_key)}")
+
+
+def ed25519_private_key(name: str, seed: bytes, role: str) -> ed25519.Ed25519PrivateKey:
+    """The private key for a named signer, from its raw 32-byte seed."""
+    _check_name(name, role)
+    if len(seed) != 32:
+        raise NoteFormatError(f"Ed25519 seed must be 32 bytes, got {len(seed)}")
+    return ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def format_key_text(prefix: str, name: str, key_hash: str, alg: int, key: bytes) -> str:
+    """``<prefix><name>+<8 hex key ID>+<base64(alg || key)>`` (vkey: no prefix)."""
+    encoded = base64.b64encode(bytes([alg]) + key).decode()
+    return f"{prefix}{name}+{key_hash}+{encoded}"
+
+
+def parse_ed25519_skey(skey: str, alg: int, role: str) -> tuple[str, bytes, str]:
+    """Split ``PRIVATE+KEY+<name>+<8 hex>+<base64(alg || seed)>`` into (name, seed, hex ID).
+
+    The caller rebuilds the key and checks that its key ID is the hex ID given here.
+    """
+    parts = skey.split("+", 4) if isinstance(skey, str) else []
+    if (
+        len(parts) != 5
+        or parts[:2] != ["PRIVATE", "KEY"]
+        or not is_valid_key_name(parts[2])
+        or not _is_hex8(parts[3])
+    ):
+        raise NoteFormatError(f"malformed {role} key: expected PRIVATE+KEY+<name>+<hex>+<b64>")
+    raw = b64decode_strict(parts[4], f"{role} key")
+    if len(raw) != 33 or raw[0] != alg:
+        raise NoteFormatError(f"malformed {role} key: expected 0x{alg:02x} and a 32-byte seed")
+    return parts[2], raw[1:], parts[3]
+
+
 class NoteSigner(ABC):
     """A private key that signs note texts."""
 
@@ -230,30 +269,17 @@ class Ed25519NoteSigner(NoteSigner):
     """An Ed25519 signed-note key (type 0x01). The seed never leaves this object's repr."""
 
     def __init__(self, name: str, seed: bytes) -> None:
-        _check_name(name, "signer")
-        if len(seed) != 32:
-            raise NoteFormatError(f"Ed25519 seed must be 32 bytes, got {len(seed)}")
+        self._key = ed25519_private_key(name, seed, "signer")
         self.name = name
-        self._key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
         self.public_key = self._key.public_key().public_bytes_raw()
         self.key_id = key_id(name, ALG_ED25519, self.public_key)
 
     @classmethod
     def from_skey(cls, skey: str) -> Ed25519NoteSigner:
         """Parse x/mod's ``PRIVATE+KEY+<name>+<8 hex>+<base64(0x01 || seed)>``."""
-        parts = skey.split("+", 4) if isinstance(skey, str) else []
-        if (
-            len(parts) != 5
-            or parts[:2] != ["PRIVATE", "KEY"]
-            or not is_valid_key_name(parts[2])
-            or not _is_hex8(parts[3])
-        ):
-            raise NoteFormatError("malformed signer key: expected PRIVATE+KEY+<name>+<hex>+<b64>")
-        raw = b64decode_strict(parts[4], "signer key")
-        if len(raw) != 33 or raw[0] != ALG_ED25519:
-            raise NoteFormatError("malformed signer key: expected 0x01 and a 32-byte seed")
-        signer = cls(parts[2], raw[1:])
-        if signer.key_hash != parts[3]:
+        name, seed, key_hash = parse_ed25519_skey(skey, ALG_ED25519, "signer")
+        signer = cls(name, seed)
+        if signer.key_hash != key_hash:
             raise NoteFormatError("signer name or hash mismatch: key ID does not match the key")
         return signer
 
@@ -271,8 +297,7 @@ class Ed25519NoteSigner(NoteSigner):
     def skey(self) -> str:
         """The x/mod private key text (a secret: store it, never log it)."""
         seed = self._key.private_bytes_raw()
-        encoded = base64.b64encode(bytes([ALG_ED25519]) + seed).decode()
-        return f"PRIVATE+KEY+{self.name}+{self.key_hash}+{encoded}"
+        return format_key_text("PRIVATE+KEY+", self.name, self.key_hash, ALG_ED25519, seed)
 
     def __repr__(self) -> str:
         return f"Ed25519NoteSigner(name={self.name!r}, key_id={self.key_hash})"
