@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,12 @@ from hermetic.errors import UsageError
 from hermetic.launcher import nitro, records
 from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of
 from hermetic.transport.tcp import HostPort, parse_hostport
+
+_CREDENTIALS_HELP = (
+    "Forward AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN from this "
+    "environment to the enclave at boot, for its KMS calls (kept in memory only: never "
+    "logged, never written to a record or file)."
+)
 
 
 @click.command()
@@ -55,6 +62,7 @@ from hermetic.transport.tcp import HostPort, parse_hostport
     is_flag=True,
     help="Stay attached until the enclave exits or Ctrl-C (default: return once it is ready).",
 )
+@click.option("--aws-credentials-env", "forward_credentials", is_flag=True, help=_CREDENTIALS_HELP)
 def run(
     image: Path,
     cpus: int | None,
@@ -64,6 +72,7 @@ def run(
     config: Path | None,
     endorsement: Path | None,
     foreground: bool,
+    forward_credentials: bool,
 ) -> None:
     """Start an enclave from IMAGE and print its description (like nitro-cli run-enclave).
 
@@ -76,10 +85,10 @@ def run(
     refused to start (for example a config bundle that is unsigned or tampered).
     """
     if nitro.available():
-        if config is not None or endorsement is not None:
+        if config is not None or endorsement is not None or forward_credentials:
             click.echo(
-                "hermetic: the config bundle and endorsement are delivered by "
-                "`hermetic proxy --config/--endorsement`",
+                "hermetic: the config bundle, endorsement and credentials are delivered by "
+                "`hermetic proxy --config/--endorsement/--aws-credentials-env`",
                 err=True,
             )
         if foreground:
@@ -88,8 +97,12 @@ def run(
             nitro.run(image, cpus=cpus or 2, memory_mib=memory_mib or 512, cid=cid, debug=debug)
         )
         return
+    from hermetic.enclave import boot
     from hermetic.launcher import emulated
 
+    # Checked before anything starts, so a missing variable is a usage error, not a
+    # failed boot.
+    credentials = boot.credentials_from_environment(os.environ) if forward_credentials else None
     record = emulated.prepare(
         image,
         cpus=cpus,
@@ -107,14 +120,15 @@ def run(
             err=True,
         )
     if not foreground:
-        echo_json(emulated.run_detached(record, config).describe())
+        started = emulated.run_detached(record, config, forward_credentials=forward_credentials)
+        echo_json(started.describe())
         return
     bundle = config.read_bytes() if config is not None else None
 
     async def attached() -> int:
         from hermetic.launcher.supervisor import supervise
 
-        task = asyncio.ensure_future(supervise(record, bundle))
+        task = asyncio.ensure_future(supervise(record, bundle, credentials))
         while not task.done():
             current = records.load(record.id)
             if current.state != records.BOOTING:
@@ -267,6 +281,12 @@ _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
     default=None,
     help="Deliver this release endorsement at boot (real Nitro; emulation: `run --endorsement`).",
 )
+@click.option(
+    "--aws-credentials-env",
+    "forward_credentials",
+    is_flag=True,
+    help=_CREDENTIALS_HELP + " Real Nitro; emulation: `run --aws-credentials-env`.",
+)
 def proxy(
     enclave_id: str | None,
     cid: int | None,
@@ -277,6 +297,7 @@ def proxy(
     metrics: str | None,
     config: Path | None,
     endorsement: Path | None,
+    forward_credentials: bool,
 ) -> None:
     """Run the parent-side service proxy for one enclave until Ctrl-C.
 
@@ -299,6 +320,9 @@ def proxy(
     if service_port is None:
         raise click.UsageError("--port: the enclave's service port is unknown, give it")
     assert cid is not None
+    from hermetic.enclave import boot
+
+    credentials = boot.credentials_from_environment(os.environ) if forward_credentials else None
     options = ProxyOptions(
         cid=cid,
         service_port=service_port,
@@ -308,7 +332,8 @@ def proxy(
         metrics=_hostport(metrics, "--metrics"),
         config_bundle=config.read_bytes() if config else None,
         endorsement=_read_file(endorsement, "--endorsement"),
-        serve_config=config is not None or endorsement is not None,
+        serve_config=config is not None or endorsement is not None or forward_credentials,
+        credentials=credentials,
         enclave_state=state_of,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s proxy %(levelname)s %(message)s")
@@ -356,6 +381,7 @@ def proxy(
     help="Write the client trust file (dev Nitro root, dev log key, dev witness, dev "
     "publisher) for `hermetic connect --trust`.",
 )
+@click.option("--aws-credentials-env", "forward_credentials", is_flag=True, help=_CREDENTIALS_HELP)
 def up(
     source: Path,
     listen: str,
@@ -366,6 +392,7 @@ def up(
     config: Path | None,
     endorsement: Path | None,
     trust_out: Path | None,
+    forward_credentials: bool,
 ) -> None:
     """Build (if SOURCE is an app directory), release, run and expose a service until Ctrl-C.
 
@@ -385,9 +412,12 @@ def up(
     Prints one JSON document with the enclave ID, the addresses and the release once the
     service is reachable.
     """
+    from hermetic.enclave import boot
     from hermetic.image import open_image
     from hermetic.launcher import emulated
     from hermetic.launcher.devrelease import DevLog
+
+    credentials = boot.credentials_from_environment(os.environ) if forward_credentials else None
 
     if endorsement is not None and trust_out is not None:
         raise UsageError(
@@ -432,7 +462,7 @@ def up(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s up %(levelname)s %(message)s")
 
     async def main() -> int:
-        supervisor, task = await emulated.start_in_process(record, bundle)
+        supervisor, task = await emulated.start_in_process(record, bundle, credentials)
         options = ProxyOptions(
             cid=record.cid,
             service_port=record.ports[0],

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from hermetic.errors import LauncherError, ServiceError, UsageError
 
 if TYPE_CHECKING:
+    from hermetic.kms.client import EnclaveKMSClient
     from hermetic.nsm.client import NSMClient, PCRState
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
@@ -72,12 +73,18 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class EnclaveContext:
-    """What an app can reach at run time: its NSM and its verified config (or None)."""
+    """What an app can reach at run time: its NSM and its verified config (or None).
+
+    ``kms`` is a ready :class:`~hermetic.kms.client.EnclaveKMSClient` when the config has
+    a ``kms`` section (``hermetic.enclave.kmsaccess``), else None. It blocks: call it with
+    ``await asyncio.to_thread(...)`` so the service keeps answering meanwhile.
+    """
 
     nsm: BoundNSM
     config: RuntimeConfig | None
     cid: int
     ports: tuple[int, ...]
+    kms: EnclaveKMSClient | None = None
 
 
 class App:

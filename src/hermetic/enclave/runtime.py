@@ -33,9 +33,11 @@ from hermetic.client.server import dispatch_handlers, serve_attested
 from hermetic.enclave import boot
 from hermetic.enclave.app import App, BoundNSM, EnclaveContext, RuntimeConfig
 from hermetic.enclave.config import verify_bundle
+from hermetic.enclave.kmsaccess import EnclaveKMS, KMSSettings, start_kms
 from hermetic.enclave.manifest import Manifest, load_manifest
-from hermetic.errors import EnclaveBootError, HermeticError, RuntimeConfigError
+from hermetic.errors import EnclaveBootError, FrameFormatError, HermeticError, RuntimeConfigError
 from hermetic.evidence import EvidenceBundle, make_evidence_provider
+from hermetic.kms.client import KMSCredentials
 from hermetic.nsm.client import NSMClient
 from hermetic.translog.release import Endorsement
 from hermetic.transport import vsock
@@ -50,6 +52,11 @@ class BootDelivery:
 
     config: RuntimeConfig | None
     endorsement: Endorsement | None
+    credentials: KMSCredentials | None = None
+    kms: KMSSettings | None = None
+
+    def __repr__(self) -> str:  # the credentials stay out of any log line
+        return f"BootDelivery(config={self.config!r}, kms={self.kms!r})"
 
 
 def parse_endorsement(data: bytes) -> Endorsement | None:
@@ -75,22 +82,33 @@ async def fetch_config(manifest: Manifest) -> BootDelivery:
     try:
         bundle = await read_frame(stream.reader)
         endorsement_frame = await read_frame(stream.reader)
-        if bundle is None or endorsement_frame is None:
+        credentials_frame = await read_frame(stream.reader)
+        if bundle is None or endorsement_frame is None or credentials_frame is None:
             raise EnclaveBootError(
-                "config channel: parent closed it before sending the config and endorsement"
+                "config channel: parent closed it before sending the config, endorsement "
+                "and credentials"
             )
         try:
             config = verify_bundle(bundle, manifest.operator_key) if bundle else None
             endorsement = parse_endorsement(endorsement_frame)
-        except (RuntimeConfigError, EnclaveBootError) as exc:
+            credentials = boot.decode_credentials(credentials_frame)
+            kms = KMSSettings.from_config(config.values) if config else None
+            if kms is not None and credentials is None:
+                raise EnclaveBootError(
+                    "config kms: KMS is configured but the parent forwarded no AWS "
+                    "credentials (run or proxy with --aws-credentials-env)"
+                )
+        except (RuntimeConfigError, EnclaveBootError, FrameFormatError) as exc:
             status = boot.BootStatus(False, f"{type(exc).__name__}: {exc}", None)
             await write_frame(stream.writer, boot.encode_status(status))
             raise
         digest = config.digest if config else None
         reason = "config verified" if config else "no config delivered"
         reason += "; endorsement received" if endorsement else "; no endorsement delivered"
+        if kms is not None:
+            reason += f"; KMS {kms.scheme}://{kms.endpoint} through egress"
         await write_frame(stream.writer, boot.encode_status(boot.BootStatus(True, reason, digest)))
-        return BootDelivery(config, endorsement)
+        return BootDelivery(config, endorsement, credentials, kms)
     finally:
         await stream.aclose()
 
@@ -139,7 +157,19 @@ async def run(app_dir: Path) -> int:
     config = delivered.config
     digest = config.digest if config else None
     cid = vsock.local_cid()
-    app.bind(EnclaveContext(BoundNSM(nsm, digest), config, cid, manifest.ports))
+    kms: EnclaveKMS | None = None
+    if delivered.kms is not None and delivered.credentials is not None:
+        try:
+            # The KMS client gets its own NSM connection: it attests from worker threads
+            # while the evidence provider attests on this loop.
+            kms = start_kms(delivered.kms, delivered.credentials, NSMClient.open())
+        except HermeticError as exc:
+            log.error("refusing to start: %s", exc)
+            return boot.EXIT_REFUSED
+    context = EnclaveContext(
+        BoundNSM(nsm, digest), config, cid, manifest.ports, kms.client if kms else None
+    )
+    app.bind(context)
     # One Noise static key per boot; every handshake gets a fresh NSM document binding it
     # (public_key) to that session (nonce = handshake hash). The provider needs the raw NSM
     # client: evidence documents carry hermetic's user_data layout, not the app's.
@@ -166,6 +196,8 @@ async def run(app_dir: Path) -> int:
     await stop.wait()
     for listener in listeners:
         await listener.aclose()
+    if kms is not None:
+        kms.close()
     nsm.close()
     return 0
 

@@ -117,6 +117,9 @@ class EnclaveKMSClient:
     key, whose private half never leaves this object, so a replayed copy releases nothing;
     keep the TTL below the KMS's maximum document age). ``"per-call"`` makes a fresh key
     and a fresh document for every request (costlier, no reuse at all).
+
+    ``proxies`` is botocore's setting (``{"https": "http://127.0.0.1:port"}``): the
+    enclave runtime routes TLS to real KMS through its egress forwarder this way.
     """
 
     def __init__(
@@ -131,6 +134,7 @@ class EnclaveKMSClient:
         timeout: float = 10.0,
         max_attempts: int = 3,
         document_ttl: float = 60.0,
+        proxies: Mapping[str, str] | None = None,
     ) -> None:
         if recipient_key not in ("per-boot", "per-call"):
             raise UsageError(
@@ -162,6 +166,7 @@ class EnclaveKMSClient:
                 read_timeout=timeout,
                 retries={"max_attempts": max_attempts, "mode": "standard"},
                 max_pool_connections=32,
+                proxies=dict(proxies) if proxies else None,
             ),
         )
 

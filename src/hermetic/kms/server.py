@@ -687,6 +687,14 @@ class KMSService:
                 )
             if record.state != "Enabled":
                 raise _invalid_state(record)
+        if evidence is not None:
+            log.info(
+                "released %s key=%s caller=%s to attested recipient ImageSha384=%s",
+                action,
+                record.key_id,
+                caller.access_key_id,
+                evidence.pcrs[0].hex() if 0 in evidence.pcrs else "none",
+            )
         return record
 
     def _log_denial(self, action: str, key_id: str, caller: Caller, reason: str) -> None:

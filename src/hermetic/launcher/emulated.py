@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hermetic.errors import (
     EnclaveBootError,
@@ -36,6 +36,9 @@ from hermetic.launcher.supervisor import Supervisor, console_path, enclave_dir
 from hermetic.nsm.emulator import new_module_id
 from hermetic.nsm.pki import DevPKI
 from hermetic.translog.release import Endorsement, ReleaseStatement
+
+if TYPE_CHECKING:
+    from hermetic.kms.client import KMSCredentials
 
 STOP_TIMEOUT = 15.0
 MIN_MEMORY_MIB = 64
@@ -166,13 +169,23 @@ def previous_endorsement(pcr0: str) -> str | None:
 
 
 def run_detached(
-    record: EnclaveRecord, config: Path | None, *, timeout: float = 90.0
+    record: EnclaveRecord,
+    config: Path | None,
+    *,
+    timeout: float = 90.0,
+    forward_credentials: bool = False,
 ) -> EnclaveRecord:
-    """Start the supervisor in the background; return once the enclave is RUNNING."""
+    """Start the supervisor in the background; return once the enclave is RUNNING.
+
+    With ``forward_credentials`` the supervisor forwards the AWS credentials of the
+    environment it inherits from this process (never its command line, never a file).
+    """
     log_path = records.records_dir() / f"{record.id}.log"
     command = [sys.executable, "-m", "hermetic.launcher.supervisor", record.id]
     if config is not None:
         command += ["--config", str(Path(config).resolve())]
+    if forward_credentials:
+        command.append("--aws-credentials-env")
     with open(log_path, "ab") as log:
         subprocess.Popen(
             command,
@@ -195,10 +208,10 @@ def run_detached(
 
 
 async def start_in_process(
-    record: EnclaveRecord, bundle: bytes | None
+    record: EnclaveRecord, bundle: bytes | None, credentials: KMSCredentials | None = None
 ) -> tuple[Supervisor, asyncio.Task[int]]:
     """Run the supervisor in this event loop; return once the enclave is RUNNING."""
-    supervisor = Supervisor(record, bundle)
+    supervisor = Supervisor(record, bundle, credentials)
     task = asyncio.ensure_future(supervisor.run())
     ready = asyncio.ensure_future(supervisor.ready.wait())
     await asyncio.wait({task, ready}, return_when="FIRST_COMPLETED")

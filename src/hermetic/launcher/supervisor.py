@@ -5,8 +5,10 @@ keys), the boot listeners and the enclave's lifecycle. ``hermetic run`` starts i
 detached process (``python -m hermetic.launcher.supervisor ID``) and returns once the
 enclave is ready, like ``nitro-cli run-enclave``; ``--foreground`` runs it in-process.
 
-At boot it hands the enclave its runtime config bundle and the release endorsement kept in
-the record (see ``hermetic.enclave.boot``).
+At boot it hands the enclave its runtime config bundle, the release endorsement kept in
+the record and, when asked to (``--aws-credentials-env``), the AWS credentials of its own
+environment (see ``hermetic.enclave.boot``). The credentials stay in this process's
+memory: they are never written to the record, the log or any file.
 
 Lifecycle written to the enclave record: BOOTING -> RUNNING -> TERMINATED, or
 BOOTING -> FAILED with the reason (the enclave's own refusal from the config channel,
@@ -26,9 +28,10 @@ import stat
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hermetic.enclave import boot
-from hermetic.errors import EnclaveBootError, FrameFormatError, HermeticError
+from hermetic.errors import FrameFormatError, HermeticError
 from hermetic.image.imagefile import extract, open_image
 from hermetic.launcher import records, sandbox
 from hermetic.launcher.records import EnclaveRecord
@@ -37,6 +40,9 @@ from hermetic.nsm.server import start_server
 from hermetic.paths import state_dir
 from hermetic.transport import vsock
 from hermetic.transport.frames import read_frame, write_frame
+
+if TYPE_CHECKING:
+    from hermetic.kms.client import KMSCredentials
 
 log = logging.getLogger("hermetic.launcher")
 
@@ -55,9 +61,15 @@ def console_path(enclave_id: str) -> Path:
 class Supervisor:
     """Boot one enclave, keep its record current, tear it down on stop or exit."""
 
-    def __init__(self, record: EnclaveRecord, bundle: bytes | None) -> None:
+    def __init__(
+        self,
+        record: EnclaveRecord,
+        bundle: bytes | None,
+        credentials: KMSCredentials | None = None,
+    ) -> None:
         self.record = record
         self.bundle = bundle
+        self._credentials = credentials
         self.root = vsock.emulation_root()
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
@@ -198,6 +210,7 @@ class Supervisor:
             await write_frame(stream.writer, self.bundle or b"")
             endorsement = self.record.endorsement
             await write_frame(stream.writer, endorsement.encode() if endorsement else b"")
+            await write_frame(stream.writer, boot.encode_credentials(self._credentials))
             answer = await asyncio.wait_for(read_frame(stream.reader), 30)
             if answer is not None:
                 self.boot_status = boot.decode_status(answer)
@@ -240,9 +253,11 @@ def _remove_tree(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-async def supervise(record: EnclaveRecord, bundle: bytes | None) -> int:
+async def supervise(
+    record: EnclaveRecord, bundle: bytes | None, credentials: KMSCredentials | None = None
+) -> int:
     """Run a supervisor with SIGTERM/SIGINT wired to a clean stop."""
-    supervisor = Supervisor(record, bundle)
+    supervisor = Supervisor(record, bundle, credentials)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stopping.set)
@@ -257,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hermetic-supervisor", description=__doc__)
     parser.add_argument("enclave_id")
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument(
+        "--aws-credentials-env",
+        action="store_true",
+        help="forward AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN at boot",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -266,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     record = records.load(args.enclave_id)
     bundle = args.config.read_bytes() if args.config else None
     try:
-        return asyncio.run(supervise(record, bundle))
-    except EnclaveBootError as exc:
+        credentials = (
+            boot.credentials_from_environment(os.environ) if args.aws_credentials_env else None
+        )
+        return asyncio.run(supervise(record, bundle, credentials))
+    except HermeticError as exc:
         log.error("%s", exc)
         return 1
 

@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
@@ -35,6 +35,9 @@ from hermetic.proxy.metrics import ProxyMetrics
 from hermetic.proxy.relay import IngressRelay
 from hermetic.transport import egress, vsock
 from hermetic.transport.tcp import HostPort
+
+if TYPE_CHECKING:
+    from hermetic.kms.client import KMSCredentials
 
 log = logging.getLogger("hermetic.proxy")
 CHUNK = 256 * 1024
@@ -59,6 +62,8 @@ class ProxyOptions:
     config_bundle: bytes | None = None
     endorsement: bytes | None = None
     serve_config: bool = False
+    credentials: KMSCredentials | None = field(default=None, repr=False)
+    """AWS credentials forwarded at boot (with ``serve_config``); memory only, never logged."""
     enclave_state: Callable[[], str] = field(default=lambda: "UNKNOWN")
 
 
@@ -280,7 +285,9 @@ class ServiceProxy:
             writer.close()
 
     async def _on_config(self, stream: vsock.VsockStream) -> None:
-        await deliver_config(stream, self.options.config_bundle, self.options.endorsement)
+        await deliver_config(
+            stream, self.options.config_bundle, self.options.endorsement, self.options.credentials
+        )
 
 
 async def _pump_both(
