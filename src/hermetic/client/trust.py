@@ -32,6 +32,7 @@ from hermetic.translog.release import (
     TrustBundle,
     TrustedPublisher,
     VerifiedRelease,
+    load_json_file,
     parse_json,
 )
 
@@ -107,11 +108,7 @@ class ClientTrust:
 
     @classmethod
     def load(cls, path: str | Path) -> ClientTrust:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ClientTrustError(f"cannot read trust file {path}: {exc.strerror}") from None
-        return cls.loads(data, f"trust file {path}")
+        return cls.from_json(load_json_file(path, "trust file", ClientTrustError))
 
     def to_json(self) -> dict[str, Any]:
         return _trust_json(self.root, self.translog)
@@ -319,15 +316,7 @@ class ServicePolicy:
 
     @classmethod
     def load(cls, path: str | Path) -> ServicePolicy:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ClientTrustError(f"cannot read policy file {path}: {exc.strerror}") from None
-        try:
-            value = parse_json(data, f"policy file {path}")
-        except ReleaseFormatError as exc:
-            raise ClientTrustError(str(exc)) from None
-        return cls.from_json(value)
+        return cls.from_json(load_json_file(path, "policy file", ClientTrustError))
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

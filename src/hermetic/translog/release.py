@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hermetic.errors import (
     CheckpointError,
     CosignatureThresholdError,
+    HermeticError,
     NoteFormatError,
     RekorSubmissionError,
     ReleaseFormatError,
@@ -95,6 +96,22 @@ def _check_canonical_value(value: Any, where: str) -> None:
             _check_canonical_value(item, f"{where}.{key}")
         return
     raise ReleaseFormatError(f"{where}: {type(value).__name__} is not allowed in canonical JSON")
+
+
+def load_json_file(path: str | Path, what: str, error: type[HermeticError]) -> Any:
+    """Read and strictly parse (:func:`parse_json`) a JSON file; any problem is ``error``.
+
+    Trust files, client policies and the like are all loaded this way, so "cannot read"
+    and "not valid JSON" read the same whichever file it was.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        return parse_json(data, f"{what} {path}")
+    except ReleaseFormatError as exc:
+        raise error(str(exc)) from None
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -616,15 +633,7 @@ class TrustBundle:
 
     @classmethod
     def load(cls, path: str | Path) -> TrustBundle:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise TrustBundleError(f"cannot read trust file {path}: {exc.strerror}") from None
-        try:
-            value = parse_json(data, f"trust file {path}")
-        except ReleaseFormatError as exc:
-            raise TrustBundleError(str(exc)) from None
-        return cls.from_json(value)
+        return cls.from_json(load_json_file(path, "trust file", TrustBundleError))
 
     def to_json(self) -> dict[str, Any]:
         log: dict[str, Any] = {
