@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from helpers import hermetic
 from test_attestation_verify import VECTORS, Vector, _window_end
 
 IDS = [v.name for v in VECTORS]
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", "attestation", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return hermetic("attestation", *args, timeout=60)
 
 
 def _assert_rejected(result: subprocess.CompletedProcess[str], code: int, needle: str) -> None:

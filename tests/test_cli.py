@@ -1,19 +1,17 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import click
 import pytest
 
+from helpers import hermetic
 from hermetic import cli as cli_module
 from hermetic.errors import HermeticError, MalformedInputError, VerificationError
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", *args], capture_output=True, text=True, timeout=120
-    )
+    return hermetic(*args, timeout=120)
 
 
 def test_help_lists_commands_and_exits_zero() -> None:

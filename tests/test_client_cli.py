@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 
 import pytest
 
+import helpers
 from hermetic.client import start_tcp_server
 from test_client_stack import CONFIG_DIGEST, PCRS, SERVICE, VERSION, Stack, build_stack
 
@@ -69,16 +68,8 @@ def serve() -> Iterator[Callable[[Provider], str]]:
 
 def hermetic(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # A different state dir than the server's: the trust file must be self-contained.
-    env = {**os.environ, "HERMETIC_STATE_DIR": str(cwd / "client-state")}
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=cwd,
-        check=False,
-    )
+    env = {"HERMETIC_STATE_DIR": str(cwd / "client-state")}
+    return helpers.hermetic(*args, env=env, cwd=cwd, timeout=60)
 
 
 def test_connect_prints_each_check_then_the_result(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from hermetic.image import measure_file
 from test_image_eif import BOOTSTRAP, CMDLINE, CUSTOMER, KERNEL, make_eif, make_signer, tpm_pcr
 
@@ -19,17 +20,11 @@ ECHO = ROOT / "examples" / "echo"
 
 
 def hermetic(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env.pop("SOURCE_DATE_EPOCH", None)
+    """The CLI without SOURCE_DATE_EPOCH (reproducibility must not depend on it)."""
+    env: dict[str, str | None] = {"SOURCE_DATE_EPOCH": None}
     if path is not None:
         env["PATH"] = path
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    return helpers.hermetic(*args, env=env, timeout=60)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -> None:

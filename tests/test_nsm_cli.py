@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +12,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import helpers
 from hermetic.attestation.codec import decode
 from hermetic.nsm.pki import root_path
 
 
 def hermetic(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HERMETIC_NSM_SOCKET": ""},
-    )
+    """The CLI with no NSM socket configured (commands fall back to the emulator)."""
+    return helpers.hermetic(*args, env={"HERMETIC_NSM_SOCKET": ""}, timeout=120)
 
 
 def test_attest_then_verify_with_dev_root_passes_and_aws_root_fails(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from helpers import hermetic
 from hermetic.attestation import TrustRoot
 from hermetic.channel.noise import StaticKeypair
 from hermetic.client import ClientTrust, ServicePolicy, connect, serve_attested
@@ -38,14 +38,7 @@ def _measurements(label: bytes) -> Measurements:
 
 
 def _hermetic(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ.copy(),
-        check=False,
-    )
+    return hermetic(*args, timeout=60)
 
 
 def test_dev_release_verifies_offline_against_the_trust_it_writes(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import hermetic
+
 PG_APT_PACKAGE = "postgresql"
 
 
@@ -105,16 +107,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def hermetic(
-    *args: str, check: bool = False, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", *args],
-        capture_output=True, text=True, timeout=timeout, check=check,
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,7 @@ through the attested channel, clean up enclaves."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +13,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from helpers import hermetic
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.image import build_image
 from hermetic.image.build import BuildResult
@@ -44,18 +42,6 @@ def build_probe(
         f'egress = [{egress_toml}]\noperator_key = "operator.pub.pem"\n'
     )
     return build_image(app, workdir / "probe.img")
-
-
-def hermetic(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess (same state dir, through the environment)."""
-    return subprocess.run(
-        [sys.executable, "-m", "hermetic", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-        check=False,
-    )
 
 
 def run_json(*args: str) -> Any:

@@ -1,0 +1,38 @@
+"""Helpers every kind of test shares (runtime-specific ones live in apps/probe/harness.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def hermetic(
+    *args: str | Path,
+    env: Mapping[str, str | None] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 90,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (``python -m hermetic``) in a subprocess and capture its output.
+
+    It inherits this test's environment, so its own HERMETIC_STATE_DIR; ``env`` overrides
+    variables (None removes one).
+    """
+    environment = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    return subprocess.run(
+        [sys.executable, "-m", "hermetic", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        cwd=cwd,
+        check=check,
+    )
