@@ -7,7 +7,6 @@ so colleagues editing the source tree while the tests run cannot make two builds
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import io
 import os
@@ -21,10 +20,8 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,6 +38,7 @@ from hermetic.image import SigningMaterial, build_image, extract, measure_file, 
 from hermetic.image.archive import LayerEntry, write_layer
 from hermetic.image.build import assemble_image, runtime_root
 from hermetic.image.imagefile import ImageSections, decode_image, encode_image, parse_image
+from test_image_eif import make_signer
 
 ECHO = Path(__file__).resolve().parents[1] / "examples" / "echo"
 
@@ -254,36 +252,15 @@ def test_extract_read_only(app: Path, tmp_path: Path, tiny_runtime: Path) -> Non
 # --- signing -------------------------------------------------------------------------------
 
 
-def _signer(tmp_path: Path, curve: ec.EllipticCurve) -> tuple[bytes, bytes, bytes]:
-    key = ec.generate_private_key(curve)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "publisher")])
-    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .sign(key, hashes.SHA384())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return (
-        key_pem,
-        cert.public_bytes(serialization.Encoding.PEM),
-        cert.public_bytes(serialization.Encoding.DER),
-    )
+def _signer() -> tuple[bytes, bytes, bytes]:
+    signer = make_signer(ec.SECP384R1())
+    return signer.key_pem, signer.cert_pem, signer.cert_der
 
 
 def test_signing_sets_pcr8_to_certificate_and_keeps_pcr0(
     app: Path, tmp_path: Path, tiny_runtime: Path
 ) -> None:
-    key_pem, cert_pem, cert_der = _signer(tmp_path, ec.SECP384R1())
+    key_pem, cert_pem, cert_der = _signer()
     unsigned = build_image(app, tmp_path / "u.img", runtime=tiny_runtime).measurements
     signed = build_image(
         app, tmp_path / "s.img", runtime=tiny_runtime, signing=SigningMaterial(key_pem, cert_pem)
@@ -303,7 +280,7 @@ def test_signing_sets_pcr8_to_certificate_and_keeps_pcr0(
 def test_signature_over_other_image_is_rejected(
     app: Path, tmp_path: Path, tiny_runtime: Path
 ) -> None:
-    key_pem, cert_pem, _ = _signer(tmp_path, ec.SECP384R1())
+    key_pem, cert_pem, _ = _signer()
     signing = SigningMaterial(key_pem, cert_pem)
     signed = decode_image(
         build_image(
@@ -324,8 +301,8 @@ def test_signature_over_other_image_is_rejected(
 
 
 def test_signing_key_must_match_certificate_and_be_ecdsa(app: Path, tmp_path: Path) -> None:
-    key_pem, _, _ = _signer(tmp_path, ec.SECP384R1())
-    _, other_cert, _ = _signer(tmp_path, ec.SECP384R1())
+    key_pem, _, _ = _signer()
+    _, other_cert, _ = _signer()
     with pytest.raises(SigningKeyError, match="does not match"):
         build_image(app, tmp_path / "x.img", signing=SigningMaterial(key_pem, other_cert))
     ed = ed25519.Ed25519PrivateKey.generate().private_bytes(

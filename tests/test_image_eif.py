@@ -71,6 +71,15 @@ class Signer:
     cert_pem: bytes
     cert_der: bytes
 
+    @property
+    def key_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM (what --sign-key files hold)."""
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
 
 def make_signer(curve: ec.EllipticCurve | None = None) -> Signer:
     key = ec.generate_private_key(curve or ec.SECP384R1())
