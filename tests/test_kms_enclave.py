@@ -1,0 +1,463 @@
+"""KMS key release to a real (emulated) enclave, through the proxy's egress.
+
+Everything here is a real process driven through the CLI: ``hermetic kms serve`` (dev
+attestation root), ``hermetic build``/``image measure``/``kms policy``, ``hermetic run``
+of ``examples/vault`` with a signed config and forwarded credentials, and ``hermetic
+proxy`` with ``--egress-allow`` for the KMS. The attestation documents KMS checks come
+from the launcher-served NSM of that enclave, so their PCRs are the image's measured
+ones; KMS decides on them, and its log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from apps.probe.harness import hermetic, run_json, stop_all
+from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
+from hermetic.enclave.config import sign_config
+from hermetic.errors import RPCError
+from hermetic.image import open_image
+from hermetic.launcher import records
+from hermetic.launcher.devrelease import DevLog
+from hermetic.nsm import DevPKI
+from hermetic.paths import state_dir
+
+pytestmark = pytest.mark.timeout(180)
+VAULT = Path(__file__).resolve().parents[1] / "examples" / "vault"
+REGION = "us-east-1"
+ENCLAVE_ROLE = "arn:aws:iam::111122223333:role/enclave"
+ADMIN_ENV = {"AWS_ACCESS_KEY_ID": "admin", "AWS_SECRET_ACCESS_KEY": "dummy-admin-secret"}
+
+
+@dataclass(frozen=True)
+class KMSServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def boto(self, access_key_id: str, secret: str) -> Any:
+        return boto3.session.Session(
+            aws_access_key_id=access_key_id, aws_secret_access_key=secret, region_name=REGION
+        ).client("kms", endpoint_url=self.endpoint)
+
+
+@dataclass(frozen=True)
+class VaultImage:
+    """A vault image built from a temporary copy with a generated operator key."""
+
+    path: Path
+    pcr0: str
+    directory: Path
+    operator: ed25519.Ed25519PrivateKey
+    endorsement: Path
+
+    def bundle(self, config: dict[str, Any], name: str = "config.bundle") -> Path:
+        path = self.directory / name
+        path.write_bytes(sign_config(json.dumps(config).encode(), self.operator))
+        return path
+
+
+@dataclass(frozen=True)
+class Credentials:
+    access_key_id: str
+    secret_access_key: str
+    session_token: str
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_SESSION_TOKEN": self.session_token,
+        }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"kms serve exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"kms serve not listening on {port}")
+
+
+def _build_vault(
+    directory: Path, operator: ed25519.Ed25519PrivateKey, change: str = ""
+) -> VaultImage:
+    """``hermetic build`` a copy of examples/vault; PCR0 from ``hermetic image measure``."""
+    app = directory / "vault"
+    shutil.copytree(VAULT, app)
+    (app / "operator.pub.pem").write_bytes(
+        operator.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    if change:
+        source = app / "vault_service.py"
+        source.write_text(source.read_text() + change)
+    image = directory / "vault.img"
+    built = hermetic("build", str(app), "-o", str(image))
+    assert built.returncode == 0, built.stderr
+    pcr0 = str(run_json("image", "measure", str(image), "--json")["PCR0"])
+    endorsement = directory / "vault.endorsement.json"
+    dev_log = DevLog(directory / "dev-log")
+    endorsement.write_bytes(dev_log.publish(open_image(image).measurements).dumps())
+    return VaultImage(image, pcr0, directory, operator, endorsement)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kms-enclave")
+
+
+@pytest.fixture(scope="module")
+def module_state(work: Path) -> Iterator[Path]:
+    """One state directory for the module (the per-test one would lose the KMS and images)."""
+    saved = os.environ.get("HERMETIC_STATE_DIR")
+    state = work / "state"
+    os.environ["HERMETIC_STATE_DIR"] = str(state)
+    DevPKI().root(datetime.now(UTC))  # the root `kms serve` pins and the launcher's NSM uses
+    yield state
+    stop_all()
+    if saved is None:
+        os.environ.pop("HERMETIC_STATE_DIR", None)
+    else:
+        os.environ["HERMETIC_STATE_DIR"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _use_module_state(module_state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERMETIC_STATE_DIR", str(module_state))
+
+
+@pytest.fixture(scope="module")
+def kms(work: Path, module_state: Path) -> Iterator[KMSServer]:
+    port = _free_port()
+    log = work / "kms.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hermetic", "kms", "serve", "--port", str(port),
+             "--db", str(work / "kms" / "kms.sqlite3")],
+            stdout=out, stderr=out, env=os.environ.copy(),
+        )  # fmt: skip
+    try:
+        _wait_port(port, process)
+        yield KMSServer(process, port, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def credentials() -> Credentials:
+    # The access key id is the policy principal (role/enclave); the secret and token are
+    # recognisable so that tests can look for them anywhere they must not be.
+    return Credentials(
+        "enclave", "SECRET-" + secrets.token_hex(12), "TOKEN-" + secrets.token_hex(12)
+    )
+
+
+@pytest.fixture(scope="module")
+def vault(work: Path, module_state: Path) -> VaultImage:
+    directory = work / "good"
+    directory.mkdir()
+    return _build_vault(directory, ed25519.Ed25519PrivateKey.generate())
+
+
+@pytest.fixture(scope="module")
+def key_id(kms: KMSServer, vault: VaultImage) -> str:
+    done = hermetic("kms", "policy", "--pcr0", vault.pcr0, "--principal", ENCLAVE_ROLE)
+    assert done.returncode == 0, done.stderr
+    admin = kms.boto(ADMIN_ENV["AWS_ACCESS_KEY_ID"], ADMIN_ENV["AWS_SECRET_ACCESS_KEY"])
+    return str(admin.create_key(Policy=done.stdout)["KeyMetadata"]["KeyId"])
+
+
+def _config(kms: KMSServer, key_id: str) -> dict[str, Any]:
+    return {
+        "kms": {"endpoint": f"127.0.0.1:{kms.port}", "region": REGION, "scheme": "http"},
+        "vault": {"key_id": key_id},
+    }
+
+
+@pytest.fixture
+def background() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    stop_all()
+
+
+@dataclass(frozen=True)
+class Served:
+    enclave: dict[str, Any]
+    url: str
+    proxy: subprocess.Popen[str]
+
+
+def _run_and_proxy(
+    background: list[subprocess.Popen[str]],
+    image: VaultImage,
+    bundle: Path,
+    credentials: Credentials,
+    kms: KMSServer,
+    *extra: str,
+) -> Served:
+    done = subprocess.run(
+        [sys.executable, "-m", "hermetic", "run", str(image.path), "--config", str(bundle),
+         "--aws-credentials-env", *extra],
+        capture_output=True, text=True, timeout=90, env=credentials.env(), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    enclave = json.loads(done.stdout)
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "hermetic", "proxy", "--enclave", enclave["EnclaveID"],
+         "--listen", "127.0.0.1:0", "--egress-allow", f"127.0.0.1:{kms.port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )  # fmt: skip
+    background.append(proxy)
+    assert proxy.stdout is not None
+    text = ""
+    while True:
+        line = proxy.stdout.readline()
+        assert line, "proxy exited before printing its addresses"
+        text += line
+        try:
+            addresses = json.loads(text)
+            break
+        except ValueError:
+            continue
+    return Served(enclave, f"tcp://{addresses['tcp']}", proxy)
+
+
+async def _session(image: VaultImage, url: str, *, debug: bool = False) -> AttestedSession:
+    trust_path = image.directory / "trust.json"
+    DevLog(image.directory / "dev-log").write_trust(trust_path)
+    policy = ServicePolicy(services=frozenset({"vault"}), allow_debug=debug)
+    return await connect(url, trust=ClientTrust.load(trust_path), policy=policy, timeout=20)
+
+
+def _lines(kms: KMSServer, pattern: str) -> list[str]:
+    return [line for line in kms.text().splitlines() if re.search(pattern, line)]
+
+
+def test_vault_enclave_seals_and_unseals_with_keys_released_to_its_measured_pcr0(
+    kms: KMSServer,
+    vault: VaultImage,
+    key_id: str,
+    credentials: Credentials,
+    background: list[subprocess.Popen[str]],
+) -> None:
+    bundle = vault.bundle(_config(kms, key_id))
+    served = _run_and_proxy(
+        background, vault, bundle, credentials, kms, "--endorsement", str(vault.endorsement)
+    )
+
+    async def scenario() -> tuple[dict[str, str], Any, Any]:
+        async with await _session(vault, served.url) as session:
+            assert session.verified.pcrs[0].hex() == vault.pcr0
+            sealed = await session.call("seal", "attack at dawn")
+            again = await session.call("unseal", sealed)
+            raw = await session.call("unseal", await session.call("seal", b"\x00\xff" * 40))
+        return sealed, again, raw
+
+    sealed, plaintext, raw = asyncio.run(scenario())
+    # The enclave has its own network namespace: the only way to the KMS is the egress.
+    assert records.load(served.enclave["EnclaveID"]).sandbox["network"] == "isolated"
+    assert plaintext == "attack at dawn"
+    assert raw == b"\x00\xff" * 40
+    assert "attack at dawn" not in json.dumps(sealed)
+    generate = _lines(kms, rf"released kms:GenerateDataKey key={key_id} caller=enclave")
+    decrypt = _lines(kms, rf"released kms:Decrypt key={key_id} caller=enclave")
+    assert len(generate) == 2
+    assert len(decrypt) == 2
+    assert all(line.endswith(f"ImageSha384={vault.pcr0}") for line in generate + decrypt)
+    # The data key only ever left the enclave as KMS ciphertext: the parent gets nothing
+    # useful from it without attestation (see the denial tests).
+    assert len(sealed["wrapped_key"]) > 40
+
+
+def test_enclaves_of_other_code_and_debug_enclaves_are_denied_the_key(
+    kms: KMSServer,
+    vault: VaultImage,
+    key_id: str,
+    credentials: Credentials,
+    background: list[subprocess.Popen[str]],
+    work: Path,
+) -> None:
+    # A wrapped key sealed by the genuine enclave, to try to unseal elsewhere.
+    genuine = _run_and_proxy(
+        background, vault, vault.bundle(_config(kms, key_id)), credentials, kms,
+        "--endorsement", str(vault.endorsement),
+    )  # fmt: skip
+
+    async def seal_genuine() -> dict[str, str]:
+        async with await _session(vault, genuine.url) as session:
+            result: dict[str, str] = await session.call("seal", "for the genuine image only")
+            return result
+
+    sealed = asyncio.run(seal_genuine())
+
+    directory = work / "modified"
+    directory.mkdir()
+    modified = _build_vault(directory, vault.operator, change="# one line changed\n")
+    assert modified.pcr0 != vault.pcr0
+    other = _run_and_proxy(
+        background, modified, modified.bundle(_config(kms, key_id)), credentials, kms,
+        "--endorsement", str(modified.endorsement),
+    )  # fmt: skip
+    debug = _run_and_proxy(
+        background, vault, vault.bundle(_config(kms, key_id), "debug.bundle"), credentials,
+        kms, "--debug",
+    )  # fmt: skip
+
+    async def attempts(image: VaultImage, url: str, is_debug: bool) -> list[RPCError]:
+        errors = []
+        async with await _session(image, url, debug=is_debug) as session:
+            for method, arg in (("seal", "x"), ("unseal", sealed)):
+                with pytest.raises(RPCError) as caught:
+                    await session.call(method, arg)
+                errors.append(caught.value)
+        return errors
+
+    for image, served, is_debug, pcr0 in (
+        (modified, other, False, modified.pcr0),
+        (vault, debug, True, "0" * 96),
+    ):
+        for error in asyncio.run(attempts(image, served.url, is_debug)):
+            assert "AccessDeniedException" in error.remote_message
+        for action in ("GenerateDataKey", "Decrypt"):
+            denied = _lines(
+                kms,
+                rf"denied kms:{action} key={key_id} caller=enclave: statement "
+                r"'EnclaveKeyRelease' condition failed: StringEqualsIgnoreCase "
+                rf"kms:RecipientAttestation:ImageSha384: expected \['{vault.pcr0}'\], "
+                rf"got '{pcr0}'",
+            )
+            assert len(denied) == 1, kms.text()[-3000:]
+
+
+def test_the_operator_on_the_parent_cannot_decrypt_a_wrapped_key_without_attestation(
+    kms: KMSServer,
+    vault: VaultImage,
+    key_id: str,
+    credentials: Credentials,
+    background: list[subprocess.Popen[str]],
+) -> None:
+    served = _run_and_proxy(
+        background, vault, vault.bundle(_config(kms, key_id)), credentials, kms,
+        "--endorsement", str(vault.endorsement),
+    )  # fmt: skip
+
+    async def seal() -> dict[str, str]:
+        async with await _session(vault, served.url) as session:
+            result: dict[str, str] = await session.call("seal", "operator must not read this")
+            return result
+
+    sealed = asyncio.run(seal())
+    import base64
+
+    wrapped = base64.b64decode(sealed["wrapped_key"])
+    # The operator holds the very credentials it forwarded, and the admin's: neither
+    # decrypts without an attestation document.
+    for who, secret in (
+        ("enclave", credentials.secret_access_key),
+        (ADMIN_ENV["AWS_ACCESS_KEY_ID"], ADMIN_ENV["AWS_SECRET_ACCESS_KEY"]),
+    ):
+        with pytest.raises(ClientError) as caught:
+            kms.boto(who, secret).decrypt(
+                CiphertextBlob=wrapped, EncryptionContext={"service": "hermetic-vault"}
+            )
+        assert caught.value.response["Error"]["Code"] == "AccessDeniedException"
+    absent = _lines(
+        kms,
+        rf"denied kms:Decrypt key={key_id} caller=enclave: statement 'EnclaveKeyRelease' "
+        r"condition failed: StringEqualsIgnoreCase kms:RecipientAttestation:ImageSha384: "
+        rf"expected \['{vault.pcr0}'\], got <absent>",
+    )
+    assert len(absent) == 1, kms.text()[-3000:]
+    assert _lines(kms, rf"denied kms:Decrypt key={key_id} caller=admin: ")
+
+
+def test_forwarded_credentials_never_reach_records_state_files_or_logs(
+    kms: KMSServer,
+    vault: VaultImage,
+    key_id: str,
+    credentials: Credentials,
+    background: list[subprocess.Popen[str]],
+) -> None:
+    served = _run_and_proxy(
+        background, vault, vault.bundle(_config(kms, key_id)), credentials, kms,
+        "--endorsement", str(vault.endorsement),
+    )  # fmt: skip
+
+    async def use() -> Any:
+        async with await _session(vault, served.url) as session:
+            return await session.call("unseal", await session.call("seal", "c"))
+
+    assert asyncio.run(use()) == "c"  # the enclave really received and used them
+    record = records.load(served.enclave["EnclaveID"])
+    assert record.supervisor_pid is not None
+    cmdline = Path(f"/proc/{record.supervisor_pid}/cmdline").read_bytes()
+    served.proxy.send_signal(signal.SIGTERM)
+    _, proxy_err = served.proxy.communicate(timeout=15)
+    stop_all()
+    secrets_ = (credentials.secret_access_key.encode(), credentials.session_token.encode())
+    checked = 0
+    for path in state_dir().rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            checked += 1
+            assert not any(s in data for s in secrets_), path
+    assert checked >= 3  # records, supervisor logs, dev PKI at least
+    assert any(p.name.endswith(".log") for p in (state_dir() / "enclaves").iterdir())
+    for text in (proxy_err.encode(), cmdline, kms.text().encode()):
+        assert not any(s in text for s in secrets_)
