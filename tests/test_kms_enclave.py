@@ -461,3 +461,29 @@ def test_forwarded_credentials_never_reach_records_state_files_or_logs(
     assert any(p.name.endswith(".log") for p in (state_dir() / "enclaves").iterdir())
     for text in (proxy_err.encode(), cmdline, kms.text().encode()):
         assert not any(s in text for s in secrets_)
+
+
+def test_an_enclave_configured_for_kms_refuses_to_boot_without_forwarded_credentials(
+    kms: KMSServer, vault: VaultImage, key_id: str, background: list[subprocess.Popen[str]]
+) -> None:
+    bundle = vault.bundle(_config(kms, key_id), "nocreds.bundle")
+    done = hermetic("run", str(vault.path), "--config", str(bundle))
+    assert done.returncode == 1, done.stderr
+    assert "enclave refused to start" in done.stderr
+    assert "forwarded no AWS credentials" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_aws_credentials_env_without_the_variables_is_a_usage_error_naming_them(
+    vault: VaultImage,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    before = len(records.all_records())
+    done = subprocess.run(
+        [sys.executable, "-m", "hermetic", "run", str(vault.path), "--aws-credentials-env"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2  # UsageError
+    assert "AWS_ACCESS_KEY_ID is not set" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(records.all_records()) == before  # checked before anything started

@@ -147,10 +147,17 @@ class EgressForwarder:
         async def shutdown() -> None:
             if self._server is not None:
                 self._server.close()
+            # End the relays still running, so none is left suspended in a stopped loop.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _listen(self) -> int:
         self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
