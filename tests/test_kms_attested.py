@@ -1,7 +1,10 @@
 """Key release bound to attestation: the enclave client, the local KMS and the dev NSM.
 
-The enclave here is an emulated NSM given an image's PCRs (``_enclave``); a later issue
-swaps that helper for a real enclave launched from an image, and the tests stay the same.
+The attester here is an emulated NSM given chosen PCRs (``Launch``), which lets these tests
+forge what a real enclave cannot (other roots, old or expired documents). The same key
+release with a REAL enclave (an image built from ``examples/vault``, run by the launcher
+with its NSM, reaching this KMS through the proxy's egress) is in
+``tests/test_kms_enclave.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ LOGGER = "hermetic.kms.server"
 
 @dataclass(frozen=True)
 class Launch:
-    """How the tests get an attester for given PCRs (emulated today, real image later)."""
+    """An attester for given PCRs, in-process (real enclaves: tests/test_kms_enclave.py)."""
 
     pki: DevPKI
 
