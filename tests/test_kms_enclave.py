@@ -11,6 +11,7 @@ ones; KMS decides on them, and its log says so.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -307,6 +308,7 @@ def test_vault_enclave_seals_and_unseals_with_keys_released_to_its_measured_pcr0
             sealed = await session.call("seal", "attack at dawn")
             again = await session.call("unseal", sealed)
             raw = await session.call("unseal", await session.call("seal", b"\x00\xff" * 40))
+            await _bad_inputs_are_rejected(session, sealed)
         return sealed, again, raw
 
     sealed, plaintext, raw = asyncio.run(scenario())
@@ -315,14 +317,78 @@ def test_vault_enclave_seals_and_unseals_with_keys_released_to_its_measured_pcr0
     assert plaintext == "attack at dawn"
     assert raw == b"\x00\xff" * 40
     assert "attack at dawn" not in json.dumps(sealed)
-    generate = _lines(kms, rf"released kms:GenerateDataKey key={key_id} caller=enclave")
-    decrypt = _lines(kms, rf"released kms:Decrypt key={key_id} caller=enclave")
+    generate = _lines(kms, rf"allowed kms:GenerateDataKey key={key_id} caller=enclave for attested")
+    decrypt = _lines(kms, rf"allowed kms:Decrypt key={key_id} caller=enclave for attested")
     assert len(generate) == 2
-    assert len(decrypt) == 2
+    # Two unseals, then the tampered ciphertext (key released, AES-GCM fails in the enclave) and
+    # the tampered wrapped key (allowed by the policy, then InvalidCiphertextException).
+    assert len(decrypt) == 4
     assert all(line.endswith(f"ImageSha384={vault.pcr0}") for line in generate + decrypt)
-    # The data key only ever left the enclave as KMS ciphertext: the parent gets nothing
-    # useful from it without attestation (see the denial tests).
-    assert len(sealed["wrapped_key"]) > 40
+
+
+async def _bad_inputs_are_rejected(session: AttestedSession, sealed: dict[str, str]) -> None:
+    """Tampered or malformed input to the vault is an RPC error naming what is wrong."""
+    data = bytearray(base64.b64decode(sealed["ciphertext"]))
+    data[-1] ^= 1
+    tampered = {**sealed, "ciphertext": base64.b64encode(bytes(data)).decode()}
+    blob = bytearray(base64.b64decode(sealed["wrapped_key"]))
+    blob[-1] ^= 1
+    wrong_key = {**sealed, "wrapped_key": base64.b64encode(bytes(blob)).decode()}
+    cases: list[tuple[str, object, str]] = [
+        ("unseal", tampered, "does not authenticate"),
+        ("unseal", wrong_key, "InvalidCiphertextException"),
+        ("unseal", {**sealed, "ciphertext": "%%%"}, "ciphertext: expected base64"),
+        ("unseal", {"wrapped_key": sealed["wrapped_key"]}, "ciphertext: expected base64"),
+        ("unseal", "not a map", "expected {ciphertext, wrapped_key}"),
+        ("seal", 42, "plaintext: expected text or bytes"),
+    ]
+    for method, arg, expected in cases:
+        with pytest.raises(RPCError) as caught:
+            await session.call(method, arg)
+        assert caught.value.code == "rejected"
+        assert expected in caught.value.remote_message
+
+
+def test_up_forwards_credentials_and_serves_the_vault_through_its_egress(
+    kms: KMSServer,
+    vault: VaultImage,
+    key_id: str,
+    credentials: Credentials,
+    background: list[subprocess.Popen[str]],
+) -> None:
+    trust = vault.directory / "up-trust.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hermetic", "up", str(vault.path), "--listen", "127.0.0.1:0",
+         "--config", str(vault.bundle(_config(kms, key_id), "up.bundle")),
+         "--egress-allow", f"127.0.0.1:{kms.port}", "--aws-credentials-env",
+         "--trust-out", str(trust)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=credentials.env(),
+    )  # fmt: skip
+    background.append(process)
+    assert process.stdout is not None
+    text = ""
+    while True:
+        line = process.stdout.readline()
+        assert line, process.stderr.read() if process.stderr else ""
+        text += line
+        try:
+            addresses = json.loads(text)
+            break
+        except ValueError:
+            continue
+
+    async def scenario() -> Any:
+        policy = ServicePolicy(services=frozenset({"vault"}))
+        url = f"tcp://{addresses['tcp']}"
+        async with await connect(url, trust=ClientTrust.load(trust), policy=policy) as session:
+            return await session.call("unseal", await session.call("seal", "via up"))
+
+    assert asyncio.run(scenario()) == "via up"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert credentials.secret_access_key not in err
+    assert credentials.session_token not in err
 
 
 def test_enclaves_of_other_code_and_debug_enclaves_are_denied_the_key(
@@ -403,8 +469,6 @@ def test_the_operator_on_the_parent_cannot_decrypt_a_wrapped_key_without_attesta
             return result
 
     sealed = asyncio.run(seal())
-    import base64
-
     wrapped = base64.b64decode(sealed["wrapped_key"])
     # The operator holds the very credentials it forwarded, and the admin's: neither
     # decrypts without an attestation document.

@@ -689,7 +689,7 @@ class KMSService:
                 raise _invalid_state(record)
         if evidence is not None:
             log.info(
-                "released %s key=%s caller=%s to attested recipient ImageSha384=%s",
+                "allowed %s key=%s caller=%s for attested recipient ImageSha384=%s",
                 action,
                 record.key_id,
                 caller.access_key_id,
