@@ -7,6 +7,11 @@ ports and tells the parent it is ready. Every service port speaks only the attes
 (``hermetic.client.serve_attested``: Noise handshake, evidence bundle, then RPC): there is
 no plaintext service port, so the parent and its proxy only ever relay ciphertext.
 
+When the verified config has a ``kms`` section, the runtime also takes the AWS
+credentials the parent forwarded at boot and gives the app a ready KMS client
+(``app.context.kms``) whose traffic leaves through the proxy's egress
+(:mod:`hermetic.enclave.kmsaccess`); without credentials such an enclave refuses to start.
+
 If anything a relying party depends on is wrong (unsigned or tampered config, an
 endorsement that cannot be sent, a manifest that does not load, an entry point that is not
 an :class:`App`) it refuses to start and says why, on the config channel and on its
