@@ -129,3 +129,63 @@ def test_unencodable_result_is_a_format_error_and_keeps_the_call_in_flight() -> 
     with pytest.raises(RPCFormatError):
         server.result(1, object())
     assert rpc.decode(server.error(1, "internal", "x")) == rpc.Error(1, "internal", "x")
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_decode_rejects_trailing_bytes_after_the_message() -> None:
+    data = rpc.encode(rpc.Request(1, "echo", b"abc"))
+    with pytest.raises(RPCFormatError, match="1 trailing byte"):
+        rpc.decode(data + b"\x00")
+    with pytest.raises(RPCFormatError, match="trailing byte"):
+        rpc.decode(data + rpc.encode(rpc.Cancel(1)))
+
+
+def test_decode_rejects_duplicate_map_keys_in_args() -> None:
+    # [0, 1, "m", {"k": 1, "k": 2}] written by hand: cbor2 cannot encode a duplicate key.
+    data = bytes.fromhex("84 00 01 61 6d a2 61 6b 01 61 6b 02".replace(" ", ""))
+    with pytest.raises(
+        RPCFormatError, match=r"rpc message: not valid CBOR.*(?i:duplicate)"
+    ) as info:
+        rpc.decode(data)
+    assert isinstance(info.value, MalformedInputError)
+    # the same map with distinct keys is accepted, so the key check is what fired
+    assert rpc.decode(data[:-3] + bytes.fromhex("616c02")).args == {"k": 1, "l": 2}
+
+
+def test_decode_bounds_the_nesting_depth_of_args() -> None:
+    # the message array is one level, so args may nest MAX_DEPTH - 1 levels
+    deepest = rpc.Request(1, "m", _nested(rpc.MAX_DEPTH - 1))
+    assert rpc.decode(rpc.encode(deepest)) == deepest
+    with pytest.raises(RPCFormatError, match="depth"):
+        rpc.decode(rpc.encode(rpc.Request(1, "m", _nested(rpc.MAX_DEPTH))))
+    with pytest.raises(RPCFormatError, match="depth"):
+        rpc.decode(b"\x81" * 100_000 + b"\x00")
+
+
+@pytest.mark.parametrize(
+    "tagged",
+    [
+        cbor2.CBORTag(1, 1_700_000_000),  # epoch date: not turned into a datetime
+        cbor2.CBORTag(2, b"\x01\x00"),  # bignum: not turned into an int
+        cbor2.CBORTag(28, [1]),  # shareable: no shared-reference machinery
+        cbor2.CBORTag(258, [1, 2]),  # set: not turned into a frozenset
+        cbor2.CBORTag(40000, "app"),  # a tag nobody registered
+    ],
+)
+def test_tagged_args_pass_through_as_opaque_tags(tagged: cbor2.CBORTag) -> None:
+    decoded = rpc.decode(rpc.encode(rpc.Request(1, "m", {"v": tagged})))
+    assert isinstance(decoded, rpc.Request)
+    value = decoded.args["v"]
+    assert type(value) is cbor2.CBORTag
+    assert (value.tag, value.value) == (tagged.tag, tagged.value)
+
+
+def test_a_tagged_message_array_is_not_an_rpc_message() -> None:
+    with pytest.raises(RPCFormatError, match="expected a CBOR array, got CBORTag"):
+        rpc.decode(cbor2.dumps(cbor2.CBORTag(55799, [3, 1])))

@@ -5,6 +5,12 @@ success, ``[2, id, code, message]`` error, ``[3, id]`` cancel. Ids let many call
 session concurrently; codes are short strings so a client can branch on them without parsing
 prose. This module is sans-IO: it encodes, decodes strictly, and tracks which ids are
 pending; the asyncio adapter does the waiting.
+
+Decoding goes through :func:`hermetic.cbor.strict_loads` because the peer is untrusted:
+exactly one CBOR item per message (trailing bytes are an error), no duplicate map keys,
+semantic tags passed through as opaque :class:`cbor2.CBORTag` values (never turned into
+dates, bignums or shared references that can build cycles), and nesting bounded by
+:data:`MAX_DEPTH` so a hostile message cannot exhaust the stack.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 import cbor2
 
+from hermetic.cbor import strict_loads
 from hermetic.errors import RPCError, RPCFormatError, SessionStateError
 
 REQUEST = 0
@@ -22,6 +29,10 @@ ERROR = 2
 CANCEL = 3
 
 MAX_ID = 2**64 - 1
+
+#: Nesting bound for a whole message, its own array included, so arguments and results may
+#: nest 31 levels: deep enough for application data, shallow enough for the stack.
+MAX_DEPTH = 32
 
 # Error codes a peer may send; applications may add their own short lowercase codes.
 UNKNOWN_METHOD = "unknown_method"
@@ -84,10 +95,7 @@ _ARITY = {REQUEST: 4, RESULT: 3, ERROR: 4, CANCEL: 2}
 
 def decode(data: bytes) -> RPCMessage:
     """Parse one RPC message; anything but the four exact shapes is an RPCFormatError."""
-    try:
-        fields = cbor2.loads(data)
-    except Exception as exc:  # CBORDecodeError, and ValueError/TypeError from tag hooks
-        raise RPCFormatError(f"rpc message: not valid CBOR ({type(exc).__name__})") from exc
+    fields = strict_loads(data, what="rpc message", error=RPCFormatError, max_depth=MAX_DEPTH)
     if not isinstance(fields, list) or not fields:
         raise RPCFormatError(f"rpc message: expected a CBOR array, got {type(fields).__name__}")
     kind = fields[0]
