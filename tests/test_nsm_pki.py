@@ -12,6 +12,7 @@ import cbor2
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from hermetic.attestation.codec import decode, encode_cose_sign1, encode_payload
 from hermetic.attestation.roots import TrustRoot
@@ -22,6 +23,7 @@ from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.pki import DevPKI, fingerprint, pki_dir, root_path
 
 NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+DER = Encoding.DER
 LEVELS = ("root", "regional", "zonal", "instance", "leaf")
 
 
@@ -275,3 +277,27 @@ class _ClockedNSM:
 
     def transact(self, request: bytes) -> bytes:
         return self._nsm.handle(request, now=self._now)
+
+
+def test_documents_carry_the_current_chain_der_after_intermediates_rotate() -> None:
+    # The emulator keeps each certificate's DER instead of re-serialising it per document;
+    # a rotated instance CA (and the leaf it then issues) must still reach the documents.
+    nsm = EmulatedNSM(now=NOW)
+    pki = DevPKI()
+    later = NOW + timedelta(hours=22)
+    for when in (NOW, NOW + timedelta(minutes=1), later, later + timedelta(minutes=1)):
+        document = NSMClient(_ClockedNSM(nsm, when)).attest()
+        _, doc = decode(document)
+        chain = pki.ca_chain(when)
+        assert list(doc.cabundle) == [c.certificate.public_bytes(DER) for c in chain]
+        leaf = x509.load_der_x509_certificate(doc.certificate)
+        assert leaf.issuer == chain[-1].certificate.subject
+        leaf.verify_directly_issued_by(chain[-1].certificate)
+        AttestationVerifier(TrustRoot.dev()).verify(document, Policy(), when)
+
+
+def test_certified_key_der_and_window_are_the_certificates_own() -> None:
+    for item in DevPKI().ca_chain(NOW):
+        assert item.der == item.certificate.public_bytes(DER)
+        assert item.not_before == item.certificate.not_valid_before_utc
+        assert item.not_after == item.certificate.not_valid_after_utc

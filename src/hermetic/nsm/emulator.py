@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
@@ -235,14 +235,13 @@ class EmulatedNSM:
                 )
         when = now if now is not None else self._clock()
         credentials = self._pki.credentials(self.module_id, when)
-        der = serialization.Encoding.DER
         document = AttestationDocument(
             module_id=self.module_id,
             digest="SHA384",
             timestamp=int(when.timestamp() * 1000),
             pcrs={index: self._pcrs[index] for index in sorted(self._locked)},
-            certificate=credentials.leaf.certificate.public_bytes(der),
-            cabundle=tuple(c.public_bytes(der) for c in credentials.cabundle),
+            certificate=credentials.leaf.der,
+            cabundle=credentials.cabundle_der,
             public_key=request.public_key,
             user_data=request.user_data,
             nonce=request.nonce,

@@ -27,7 +27,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from hashlib import sha256
 from pathlib import Path
@@ -67,10 +67,24 @@ _CRL_BASE = "http://crl.dev-nitro-enclaves.invalid/crl"
 
 @dataclass(frozen=True)
 class CertifiedKey:
-    """A certificate and the private key it certifies."""
+    """A certificate and the private key it certifies.
+
+    ``der`` and the validity window are read out of the certificate once, here: every
+    attestation document embeds the DER and every document checks the window, and a
+    certificate never changes (re-issuing one makes a new ``CertifiedKey``).
+    """
 
     certificate: x509.Certificate
     private_key: ec.EllipticCurvePrivateKey
+    der: bytes = field(init=False, repr=False, compare=False)
+    not_before: datetime = field(init=False, repr=False, compare=False)
+    not_after: datetime = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        cert = self.certificate
+        object.__setattr__(self, "der", cert.public_bytes(serialization.Encoding.DER))
+        object.__setattr__(self, "not_before", cert.not_valid_before_utc)
+        object.__setattr__(self, "not_after", cert.not_valid_after_utc)
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,12 @@ class SigningCredentials:
 
     leaf: CertifiedKey
     cabundle: tuple[x509.Certificate, ...]
+    #: ``cabundle`` as DER, in the same order (computed once per set of credentials).
+    cabundle_der: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        der = tuple(c.public_bytes(serialization.Encoding.DER) for c in self.cabundle)
+        object.__setattr__(self, "cabundle_der", der)
 
 
 @dataclass(frozen=True)
@@ -124,6 +144,10 @@ class DevPKI:
         self._dir = directory if directory is not None else pki_dir()
         self._chain: tuple[CertifiedKey, ...] | None = None
         self._leaves: dict[str, CertifiedKey] = {}
+        # The credentials last handed out per module, with the chain they were built on:
+        # reused while neither the chain nor the leaf was re-issued, so their DER is not
+        # re-serialised for every document.
+        self._issued: dict[str, tuple[tuple[CertifiedKey, ...], SigningCredentials]] = {}
 
     @property
     def directory(self) -> Path:
@@ -163,20 +187,25 @@ class DevPKI:
         chain = self.ca_chain(now)
         instance = chain[-1]
         leaf = self._leaves.get(module_id)
-        if leaf is None or not _valid_at(leaf.certificate, now):
+        if leaf is None or not _valid_at(leaf, now):
             with self._locked():
                 leaf = self._load_or_issue_leaf(module_id, instance, now)
             self._leaves[module_id] = leaf
-        return SigningCredentials(leaf=leaf, cabundle=tuple(c.certificate for c in chain))
+        issued = self._issued.get(module_id)
+        if issued is not None and issued[0] is chain and issued[1].leaf is leaf:
+            return issued[1]
+        credentials = SigningCredentials(leaf=leaf, cabundle=tuple(c.certificate for c in chain))
+        self._issued[module_id] = (chain, credentials)
+        return credentials
 
     # --- chain maintenance --------------------------------------------------------------
 
     def _chain_fresh(self, chain: tuple[CertifiedKey, ...], now: datetime) -> bool:
         levels = (_REGIONAL, _ZONAL, _INSTANCE)
-        if not _valid_at(chain[0].certificate, now):
+        if not _valid_at(chain[0], now):
             return False
         return all(
-            _valid_at(c.certificate, now, level.child_lifetime)
+            _valid_at(c, now, level.child_lifetime)
             for c, level in zip(chain[1:], levels, strict=True)
         )
 
@@ -191,7 +220,7 @@ class DevPKI:
         if root is None:
             root = _issue_root(now)
             self._save("root", root)
-        if not _valid_at(root.certificate, now):
+        if not _valid_at(root, now):
             raise DevPKIStateError(
                 f"dev root {self._path('root')} is not valid at {now.isoformat()} "
                 f"(valid {_window(root.certificate)}); delete {self._dir} to create a new one"
@@ -203,7 +232,7 @@ class DevPKI:
             current = self._load(level.name)
             if (
                 current is None
-                or not _valid_at(current.certificate, now, level.child_lifetime)
+                or not _valid_at(current, now, level.child_lifetime)
                 or not _issued_by(current, parent)
             ):
                 current = _issue_ca(level, parent, instance_id, now)
@@ -216,7 +245,7 @@ class DevPKI:
     ) -> CertifiedKey:
         name = f"leaves/{module_id}"
         leaf = self._load(name)
-        if leaf is None or not _valid_at(leaf.certificate, now) or not _issued_by(leaf, instance):
+        if leaf is None or not _valid_at(leaf, now) or not _issued_by(leaf, instance):
             leaf = _issue_leaf(module_id, instance, now)
             self._save(name, leaf)
             self._prune_leaves(now)
@@ -514,8 +543,8 @@ def _add_years(start: datetime, years: int) -> datetime:
         return start.replace(year=start.year + years, day=28)
 
 
-def _valid_at(cert: x509.Certificate, now: datetime, margin: timedelta = timedelta(0)) -> bool:
-    return cert.not_valid_before_utc <= now and now + margin < cert.not_valid_after_utc
+def _valid_at(item: CertifiedKey, now: datetime, margin: timedelta = timedelta(0)) -> bool:
+    return item.not_before <= now and now + margin < item.not_after
 
 
 def _window(cert: x509.Certificate) -> str:
