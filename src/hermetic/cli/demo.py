@@ -11,10 +11,12 @@ which check failed and why.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,16 +48,29 @@ class Demo:
     enclaves: list[str] = field(default_factory=list)
 
     def run(
-        self, title: str, args: Sequence[str], *, show: int = 12, expect_failure: bool = False
+        self,
+        title: str,
+        args: Sequence[str],
+        *,
+        show: int = 12,
+        expect_failure: bool = False,
+        tool: str = "hermetic",
+        env: dict[str, str] | None = None,
     ) -> str:
-        """Run ``hermetic ARGS`` and print the command and (the start of) its output.
+        """Run ``hermetic ARGS`` (or another ``tool`` from this environment) and print it.
 
-        With ``expect_failure`` the step passes only if the command is *rejected* (exit 1).
+        The command and (the start of) its output are printed. With ``expect_failure`` the
+        step passes only if the command is *rejected* (a non-zero exit that is not a crash).
         """
-        click.secho(f"\n$ hermetic {shlex.join(args)}", fg="cyan")
+        shown_env = "".join(f"{k}={v} " for k, v in (env or {}).items() if "SECRET" not in k)
+        click.secho(f"\n$ {shown_env}{tool} {shlex.join(args)}", fg="cyan")
+        if tool == "hermetic":
+            argv = [sys.executable, "-m", "hermetic", *args]
+        else:
+            argv = [str(Path(sys.executable).parent / tool), *args]
         result = subprocess.run(
-            [sys.executable, "-m", "hermetic", *args],
-            env=self.env,
+            argv,
+            env={**self.env, **(env or {})},
             cwd=self.work,
             capture_output=True,
             text=True,
@@ -69,15 +84,11 @@ class Demo:
         if len(lines) > show:
             click.echo(f"  ... ({len(lines) - show} more lines)")
         if expect_failure:
-            if result.returncode != 1:
-                raise DemoStepError(
-                    f"{title}: expected a rejection (exit 1), got exit {result.returncode}"
-                )
+            if result.returncode not in (1, 254, 255):  # hermetic: 1; the AWS CLI: 254/255
+                raise DemoStepError(f"{title}: expected a rejection, got exit {result.returncode}")
             click.secho("  -> rejected, as it must be", fg="green")
         elif result.returncode != 0:
-            raise DemoStepError(
-                f"{title}: 'hermetic {shlex.join(args)}' exited {result.returncode}"
-            )
+            raise DemoStepError(f"{title}: '{tool} {shlex.join(args)}' exited {result.returncode}")
         return result.stdout
 
     def start(self, title: str, args: Sequence[str], port: int) -> None:
@@ -295,6 +306,206 @@ def steps(demo: Demo) -> None:
         show=40,
         expect_failure=True,
     )
+
+    kms_step(demo, trust_file="trust.json", log_url=log_url)
+
+
+ENCLAVE_ROLE = "arn:aws:iam::111122223333:role/enclave"
+ADMIN_USER = "arn:aws:iam::111122223333:user/admin"
+# The local KMS accepts any SigV4 signature and takes the access key id as the caller
+# (docs/kms.md); these are the parent's credentials, forwarded to the enclave at boot.
+ENCLAVE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "enclave", "AWS_SECRET_ACCESS_KEY": "demo-secret"}
+ADMIN_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "admin",
+    "AWS_SECRET_ACCESS_KEY": "demo-admin-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def kms_step(demo: Demo, *, trust_file: str, log_url: str) -> None:
+    work = demo.work
+    heading(5, "Release a KMS key only to the measured code (examples/vault)")
+    kms_port = free_port()
+    kms_url = f"http://127.0.0.1:{kms_port}"
+    demo.start("local KMS", ["kms", "serve", "--port", str(kms_port), "--db", "kms.db"], kms_port)
+
+    # The operator's own key signs the runtime config; its public half is measured (PCR2).
+    vault = work / "vault"
+    shutil.copytree(find_example("vault"), vault, dirs_exist_ok=True)
+    demo.run(
+        "operator key",
+        [
+            "config",
+            "key",
+            "--out",
+            "operator.key",
+            "--public-out",
+            "vault/operator.pub.pem",
+            "--force",
+        ],
+        show=0,
+    )
+    demo.run("build", ["build", "vault", "-o", "vault.img"])
+    demo.run(
+        "publish",
+        [
+            "release",
+            "publish",
+            "vault.img",
+            "--key",
+            "publisher.key",
+            "--log",
+            log_url,
+            "--trust",
+            trust_file,
+            "--source-revision",
+            "demo",
+            "--out",
+            "vault.endorsement.json",
+            "--wait",
+            "30",
+        ],
+        show=0,
+    )
+    demo.run(
+        "key policy",
+        [
+            "kms",
+            "policy",
+            "--release",
+            "vault.endorsement.json",
+            "--principal",
+            ENCLAVE_ROLE,
+            "--admin",
+            ADMIN_USER,
+            "--immutable",
+            "--output",
+            "vault-key-policy.json",
+        ],
+    )
+    created = demo.run(
+        "create key",
+        [
+            "kms",
+            "create-key",
+            "--policy",
+            "file://vault-key-policy.json",
+            "--bypass-policy-lockout-safety-check",
+            "--endpoint-url",
+            kms_url,
+        ],
+        tool="aws",
+        env=ADMIN_CREDENTIALS,
+        show=6,
+    )
+    key_id = json.loads(created)["KeyMetadata"]["KeyId"]
+    config = {
+        "kms": {"endpoint": f"127.0.0.1:{kms_port}", "region": "us-east-1", "scheme": "http"},
+        "vault": {"key_id": key_id},
+    }
+    (work / "vault-config.json").write_text(json.dumps(config, indent=2))
+    demo.run(
+        "sign config",
+        ["config", "sign", "vault-config.json", "--key", "operator.key", "-o", "vault.config"],
+    )
+    record = json.loads(
+        demo.run(
+            "run",
+            [
+                "run",
+                "vault.img",
+                "--endorsement",
+                "vault.endorsement.json",
+                "--config",
+                "vault.config",
+                "--aws-credentials-env",
+            ],
+            env=ENCLAVE_CREDENTIALS,
+            show=0,
+        )
+    )
+    enclave_id = str(record["EnclaveID"])
+    demo.enclaves.append(enclave_id)
+    click.echo(f"  enclave {enclave_id} {record['State']} on CID {record['EnclaveCID']}")
+    proxy_port = free_port()
+    demo.start(
+        "vault proxy",
+        [
+            "proxy",
+            "--enclave",
+            enclave_id,
+            "--listen",
+            f"127.0.0.1:{proxy_port}",
+            "--egress-allow",
+            f"127.0.0.1:{kms_port}",
+        ],
+        proxy_port,
+    )
+    url = f"tcp://127.0.0.1:{proxy_port}"
+    sealed = json.loads(
+        demo.run(
+            "seal",
+            [
+                "connect",
+                url,
+                "--trust",
+                trust_file,
+                "--call",
+                "seal",
+                "--json-args",
+                '"the quarterly numbers"',
+                "--json",
+            ],
+            show=0,
+        )
+    )["result"]
+    click.echo(
+        f"  sealed: ciphertext {sealed['ciphertext'][:32]}..., wrapped key "
+        f"{sealed['wrapped_key'][:32]}..."
+    )
+    (work / "sealed.json").write_text(json.dumps(sealed))
+    unsealed = demo.run(
+        "unseal",
+        [
+            "connect",
+            url,
+            "--trust",
+            trust_file,
+            "--call",
+            "unseal",
+            "--json-args",
+            json.dumps(sealed),
+            "--json",
+        ],
+        show=0,
+    )
+    click.echo(f"  unsealed inside the enclave: {json.loads(unsealed)['result']!r}")
+    wrapped = work / "wrapped-key.bin"
+    wrapped.write_bytes(base64.b64decode(sealed["wrapped_key"]))
+    for who, credentials in (
+        ("The operator, with the key's admin credentials,", ADMIN_CREDENTIALS),
+        (
+            "The parent instance, with the enclave role's own credentials but no attestation,",
+            {**ENCLAVE_CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"},
+        ),
+    ):
+        click.echo(f"\n  {who} tries to unwrap the data key:")
+        demo.run(
+            "decrypt without attestation (rejected)",
+            [
+                "kms",
+                "decrypt",
+                "--ciphertext-blob",
+                f"fileb://{wrapped.name}",
+                "--encryption-context",
+                "service=hermetic-vault",
+                "--endpoint-url",
+                kms_url,
+            ],
+            tool="aws",
+            env=credentials,
+            expect_failure=True,
+        )
 
 
 @contextlib.contextmanager
