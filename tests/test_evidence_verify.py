@@ -17,6 +17,7 @@ import pytest
 
 from hermetic.channel.noise import StaticKeypair
 from hermetic.client import ServicePolicy, VerificationReport, verify_evidence
+from hermetic.client.trust import ReleaseCache
 from hermetic.errors import (
     CertificateValidityError,
     ConfigDigestMismatchError,
@@ -28,6 +29,7 @@ from hermetic.errors import (
     InclusionProofError,
     NonceMismatchError,
     PublicKeyMismatchError,
+    ReleaseFormatError,
     ReleaseNotAcceptedError,
     ReleasePCRMismatchError,
     ServiceNotAcceptedError,
@@ -39,6 +41,7 @@ from hermetic.evidence import EvidenceBundle, user_data
 from hermetic.nsm import DevPKI
 from hermetic.translog.checkpoint import add_cosignatures, cosign
 from hermetic.translog.note import split_note
+from hermetic.translog.release import SignedStatement
 from test_client_stack import CONFIG_DIGEST, PCRS, SERVICE, STRICT, VERSION, Stack, build_stack
 from test_client_stack import pcr as make_pcr
 
@@ -90,6 +93,43 @@ def test_warm_trust_caches_the_chain_and_the_endorsement(stack: Stack) -> None:
         assert peer.service == SERVICE
     assert trust.attestation.cached_chains == 1
     assert len(trust.releases) == 1
+
+
+def test_warm_trust_reuses_the_parsed_entry_but_checks_every_session(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trust = stack.fresh_trust()
+    provider = stack.provider()
+    hh, static = session()
+    verify_evidence(provider(hh, static), hh, static, trust, STRICT)
+    parsed: list[bytes] = []
+    original = SignedStatement.from_entry
+
+    def counting(entry: bytes) -> SignedStatement:
+        parsed.append(entry)
+        return original(entry)
+
+    monkeypatch.setattr(SignedStatement, "from_entry", counting)
+    for _ in range(3):
+        hh, static = session()
+        assert verify_evidence(provider(hh, static), hh, static, trust, STRICT).service == SERVICE
+    assert parsed == []  # the same entry bytes: parsed once, when first verified
+    # ... while the per-session bindings are still checked against the warm caches
+    other_hh, other_static = session()
+    with pytest.raises(NonceMismatchError):
+        verify_evidence(provider(other_hh, static), hh, static, trust, STRICT)
+    with pytest.raises(PublicKeyMismatchError):
+        verify_evidence(provider(hh, other_static), hh, static, trust, STRICT)
+
+
+def test_release_cache_parses_unknown_entries_like_from_entry(stack: Stack) -> None:
+    entry = stack.endorsement.signed.entry()
+    cache = ReleaseCache()
+    assert cache.parse_entry(entry) == SignedStatement.from_entry(entry)
+    with pytest.raises(ReleaseFormatError):
+        cache.parse_entry(entry + b" ")  # not canonical: rejected exactly as from_entry does
+    with pytest.raises(ReleaseFormatError):
+        SignedStatement.from_entry(entry + b" ")
 
 
 def test_rejects_document_signed_by_unpinned_root(stack: Stack, tmp_path: Path) -> None:

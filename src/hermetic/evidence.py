@@ -93,7 +93,6 @@ class EvidenceBundle:
 
     def encode(self) -> bytes:
         """The deterministic CBOR encoding (RFC 8949 §4.2.1) of docs/evidence.md."""
-        _check_bytes("attestation", self.attestation, 1, MAX_ATTESTATION_SIZE)
         if self.config_digest is not None:
             _check_bytes(
                 "config_digest", self.config_digest, CONFIG_DIGEST_SIZE, CONFIG_DIGEST_SIZE
@@ -101,22 +100,22 @@ class EvidenceBundle:
         endorsement: dict[str, Any] | None = None
         if self.endorsement is not None:
             endorsement = _encode_endorsement(self.endorsement)
-        value = {
-            "v": VERSION,
-            "attestation": self.attestation,
-            "config_digest": self.config_digest,
-            "endorsement": endorsement,
-        }
-        data = canonical_dumps(value, what="evidence bundle", error=EvidenceFormatError)
-        if len(data) > MAX_BUNDLE_SIZE:
-            raise EvidenceFormatError(
-                f"evidence bundle: at most {MAX_BUNDLE_SIZE} bytes, got {len(data)}"
-            )
-        return data
+        return _encode_bundle(self.attestation, self.config_digest, endorsement)
 
     @classmethod
-    def decode(cls, data: bytes) -> EvidenceBundle:
-        """Strictly decode a bundle; anything but the one valid encoding is an error."""
+    def decode(
+        cls,
+        data: bytes,
+        *,
+        parse_entry: Callable[[bytes], SignedStatement] = SignedStatement.from_entry,
+    ) -> EvidenceBundle:
+        """Strictly decode a bundle; anything but the one valid encoding is an error.
+
+        ``parse_entry`` parses the endorsement's log entry; a verifier passes one that
+        returns the already parsed statement for entry bytes it verified before
+        (:meth:`hermetic.client.trust.ReleaseCache.parse_entry`), which must behave exactly
+        like :meth:`SignedStatement.from_entry` for the same bytes.
+        """
         if not isinstance(data, bytes | bytearray | memoryview):
             raise EvidenceFormatError(f"evidence bundle: expected bytes, got {_describe(data)}")
         data = bytes(data)
@@ -136,7 +135,7 @@ class EvidenceBundle:
         raw_endorsement = top["endorsement"]
         endorsement = None
         if raw_endorsement is not None:
-            endorsement = _decode_endorsement(raw_endorsement)
+            endorsement = _decode_endorsement(raw_endorsement, parse_entry)
         # One bundle, one encoding: indefinite lengths, non-minimal integers, unsorted keys
         # and trailing bytes all fail here, so a bundle's bytes identify it exactly. The
         # decoded value is re-encoded as is (its types are checked above, and the entry is
@@ -146,6 +145,24 @@ class EvidenceBundle:
                 "evidence bundle: not in deterministic CBOR encoding (RFC 8949 §4.2.1)"
             )
         return cls(attestation, digest, endorsement)
+
+
+def _encode_bundle(
+    attestation: bytes, config_digest: bytes | None, endorsement: dict[str, Any] | None
+) -> bytes:
+    _check_bytes("attestation", attestation, 1, MAX_ATTESTATION_SIZE)
+    value = {
+        "v": VERSION,
+        "attestation": attestation,
+        "config_digest": config_digest,
+        "endorsement": endorsement,
+    }
+    data = canonical_dumps(value, what="evidence bundle", error=EvidenceFormatError)
+    if len(data) > MAX_BUNDLE_SIZE:
+        raise EvidenceFormatError(
+            f"evidence bundle: at most {MAX_BUNDLE_SIZE} bytes, got {len(data)}"
+        )
+    return data
 
 
 def _encode_endorsement(endorsement: Endorsement) -> dict[str, Any]:
@@ -160,7 +177,7 @@ def _encode_endorsement(endorsement: Endorsement) -> dict[str, Any]:
     }
 
 
-def _decode_endorsement(value: Any) -> Endorsement:
+def _decode_endorsement(value: Any, parse_entry: Callable[[bytes], SignedStatement]) -> Endorsement:
     fields = _map(value, "endorsement", _ENDORSEMENT_KEYS)
     entry = _check_bytes("endorsement.entry", fields["entry"], 1, MAX_ENTRY_SIZE)
     origin = _check_text("endorsement.origin", fields["origin"], MAX_ORIGIN_SIZE)
@@ -181,7 +198,7 @@ def _decode_endorsement(value: Any) -> Endorsement:
     )
     checkpoint = _check_text("endorsement.checkpoint", fields["checkpoint"], MAX_CHECKPOINT_SIZE)
     try:
-        signed = SignedStatement.from_entry(entry)
+        signed = parse_entry(entry)
     except MalformedInputError as exc:
         raise EvidenceFormatError(f"endorsement.entry: {exc}") from None
     except HermeticError as exc:  # a well-formed entry cannot fail otherwise; stay typed
@@ -269,16 +286,18 @@ def make_evidence_provider(
     Every call asks the NSM for a **fresh** document whose ``nonce`` is this session's
     handshake hash and whose ``public_key`` is our static Noise key, so a bundle is valid
     for exactly one session. The endorsement and config digest are fixed for the enclave's
-    lifetime, so they are checked (and the user_data built) once, here.
+    lifetime, so they are checked, and the user_data and the endorsement's encoding (its
+    log entry is canonical JSON that would otherwise be rebuilt per handshake) made, once,
+    here.
     """
     data = user_data(config_digest)
-    template = EvidenceBundle(b"\x00", config_digest, endorsement)
-    template.encode()  # reject an unencodable endorsement now, not on every handshake
+    EvidenceBundle(b"\x00", config_digest, endorsement).encode()  # reject bad input now
+    encoded = _encode_endorsement(endorsement) if endorsement is not None else None
 
     def make_evidence(handshake_hash: bytes, local_static_public: bytes) -> bytes:
         document = nsm_client.attest(
             user_data=data, nonce=bytes(handshake_hash), public_key=bytes(local_static_public)
         )
-        return EvidenceBundle(document, config_digest, endorsement).encode()
+        return _encode_bundle(document, config_digest, encoded)
 
     return make_evidence

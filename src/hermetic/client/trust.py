@@ -29,6 +29,7 @@ from hermetic.attestation import AttestationVerifier, TrustRoot
 from hermetic.errors import ClientTrustError, ReleaseFormatError, TrustRootError
 from hermetic.translog.release import (
     LogTrust,
+    SignedStatement,
     TrustBundle,
     TrustedPublisher,
     VerifiedRelease,
@@ -48,11 +49,16 @@ class ReleaseCache:
     An enclave sends the same endorsement on every handshake; its verification (publisher
     signature, log signature, cosignatures, inclusion) does not depend on the time unless
     the publisher is pinned by CA, so the verifier only repeats it for new bytes.
+
+    It also keeps the parsed log entry of each verified endorsement, keyed by the entry's
+    exact bytes, so decoding the next bundle does not re-parse the same JSON
+    (:meth:`parse_entry`); parsing is deterministic, so this changes no result.
     """
 
     def __init__(self, size: int = _RELEASE_CACHE_SIZE) -> None:
         self._size = size
         self._items: OrderedDict[tuple[object, ...], VerifiedRelease] = OrderedDict()
+        self._entries: OrderedDict[bytes, SignedStatement] = OrderedDict()
 
     def get(self, key: tuple[object, ...]) -> VerifiedRelease | None:
         found = self._items.get(key)
@@ -60,10 +66,30 @@ class ReleaseCache:
             self._items.move_to_end(key)
         return found
 
-    def put(self, key: tuple[object, ...], value: VerifiedRelease) -> None:
+    def put(
+        self,
+        key: tuple[object, ...],
+        value: VerifiedRelease,
+        *,
+        entry: bytes,
+        signed: SignedStatement,
+    ) -> None:
+        """Remember ``value``, verified from the endorsement ``key`` whose entry is ``entry``
+        (parsed as ``signed``)."""
         self._items[key] = value
+        self._entries[bytes(entry)] = signed
         while len(self._items) > self._size:
             self._items.popitem(last=False)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def parse_entry(self, entry: bytes) -> SignedStatement:
+        """:meth:`SignedStatement.from_entry`, reusing the parse of a verified entry."""
+        found = self._entries.get(entry) if type(entry) is bytes else None
+        if found is not None:
+            self._entries.move_to_end(entry)
+            return found
+        return SignedStatement.from_entry(entry)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -185,7 +185,7 @@ def _verify(
 ) -> VerifiedPeer:
     when = _resolve_now(now)
     steps.begin("decode")
-    bundle = EvidenceBundle.decode(bundle_bytes)
+    bundle = EvidenceBundle.decode(bundle_bytes, parse_entry=trust.releases.parse_entry)
     steps.passed(f"evidence bundle, {len(bundle_bytes)} bytes")
 
     verified = _verify_document(bundle, trust, policy, when, steps)
@@ -334,8 +334,9 @@ def _verify_endorsement(
         return None
     signed = endorsement.signed
     statement = signed.statement
+    entry = signed.entry()
     key = (
-        signed.entry(),
+        entry,
         endorsement.origin,
         endorsement.index,
         endorsement.inclusion_proof,
@@ -372,7 +373,7 @@ def _verify_endorsement(
         text, _ = split_note(endorsement.checkpoint)
         claimed = Checkpoint.parse(text)
         verify_inclusion(
-            leaf_hash(signed.entry()),
+            leaf_hash(entry),
             endorsement.index,
             claimed.size,
             list(endorsement.inclusion_proof),
@@ -384,7 +385,7 @@ def _verify_endorsement(
     if cached is None:
         release = verify_endorsement(endorsement, trust.translog, now=when)
         if not any(p.ca_certificate_pem is not None for p in trust.translog.publishers):
-            trust.releases.put(key, release)
+            trust.releases.put(key, release, entry=entry, signed=signed)
     else:
         release = cached
     steps.passed(
