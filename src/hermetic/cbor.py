@@ -21,7 +21,8 @@ cbor2 does the parsing; this module only configures it and maps its errors.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import cbor2
@@ -49,6 +50,12 @@ def _opaque(tag: int) -> Callable[[Any, bool], Any]:
     return keep
 
 
+#: Built once (a read-only mapping, not per call): every hermetic decode passes it.
+_OPAQUE_DECODERS: Mapping[int, Callable[[Any, bool], Any]] = MappingProxyType(
+    {tag: _opaque(tag) for tag in SEMANTIC_TAGS}
+)
+
+
 def strict_loads(data: bytes, *, what: str, error: ErrorFactory, max_depth: int = MAX_DEPTH) -> Any:
     """Decode exactly one CBOR item from ``data`` under the rules in the module docstring.
 
@@ -62,7 +69,7 @@ def strict_loads(data: bytes, *, what: str, error: ErrorFactory, max_depth: int 
     stream = io.BytesIO(data)
     decoder = cbor2.CBORDecoder(
         stream,
-        semantic_decoders={tag: _opaque(tag) for tag in SEMANTIC_TAGS},
+        semantic_decoders=_OPAQUE_DECODERS,
         max_depth=max_depth,
         allow_duplicate_keys=False,
         read_size=1,
