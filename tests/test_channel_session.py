@@ -484,3 +484,22 @@ def test_connection_lost_closes_the_session_with_the_carriers_error() -> None:
     assert client.state is State.CLOSED
     with pytest.raises(SessionClosedError, match="without a close message"):
         client.send_application(b"x")
+
+
+def test_static_keypair_built_once_is_the_same_key_the_library_would_build() -> None:
+    from noise.backends.default.keypairs import KeyPair25519
+
+    static = StaticKeypair.generate()
+    rebuilt = KeyPair25519.from_private_bytes(static.private)
+    assert static.noise_keypair.public_bytes == rebuilt.public_bytes == static.public
+    # two handshakes with the one static key pair: each gets its own transport keys
+    hashes = set()
+    for _ in range(2):
+        client = ClientSession(lambda bundle, hh, rs: rs)
+        server = ServerSession(static, lambda hh, pub: b"evidence")
+        server_events = server.receive(client.data_to_send()[0])
+        client.receive(server.data_to_send()[0])
+        assert client.remote_static == static.public
+        hashes.add(client.handshake_hash)
+        assert server_events
+    assert len(hashes) == 2

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
+from noise.backends.default.keypairs import KeyPair25519
 from noise.connection import Keypair, NoiseConnection
 
 from hermetic.errors import (
@@ -66,6 +67,13 @@ class StaticKeypair:
 
     private: bytes = field(repr=False)
     public: bytes
+    #: The noise library's form of this pair, built once: handing the library raw private
+    #: bytes makes it derive the public half (an X25519 scalar multiplication) on every
+    #: handshake, and the pair never changes.
+    noise_keypair: KeyPair25519 = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "noise_keypair", KeyPair25519.from_private_bytes(self.private))
 
     @classmethod
     def generate(cls) -> StaticKeypair:
@@ -160,13 +168,18 @@ class NoiseHandshake:
             conn.set_as_responder()
         conn.set_prologue(bytes(prologue))
         if self._static is not None:
-            conn.set_keypair_from_private_bytes(Keypair.STATIC, self._static.private)
-        with warnings.catch_warnings():
-            # The library warns when an ephemeral is injected; only vector replays do that.
-            warnings.simplefilter("ignore")
-            if ephemeral_private is not None:
-                conn.set_keypair_from_private_bytes(Keypair.EPHEMERAL, bytes(ephemeral_private))
+            # What set_keypair_from_private_bytes(Keypair.STATIC, ...) stores, without
+            # rebuilding it; the library only reads it.
+            conn.noise_protocol.keypairs["s"] = self._static.noise_keypair
+        if ephemeral_private is None:
             conn.start_handshake()
+        else:
+            with warnings.catch_warnings():
+                # The library warns when an ephemeral is injected; only vector replays do
+                # that (and only they pay for the process-wide warning filter change).
+                warnings.simplefilter("ignore")
+                conn.set_keypair_from_private_bytes(Keypair.EPHEMERAL, bytes(ephemeral_private))
+                conn.start_handshake()
         self._conn = conn
         self._handshake_hash: bytes | None = None
         self._remote_static: bytes | None = None
