@@ -1,9 +1,13 @@
-"""The TCP ingress relay at the protocol level (callbacks, no coroutine per chunk).
+"""The TCP ingress relay: one client connection to the enclave's service port, byte for byte.
 
-Every request crosses the proxy twice, so each hop's cost is paid twice per round trip;
-asyncio protocols forward bytes straight from ``data_received`` to the other transport,
-with flow control in both directions (``pause_writing`` on one side pauses reading on the
-other).
+Every request crosses the proxy twice, so each hop's cost is paid twice per round trip.
+The bytes are moved by two threads per connection (one per direction) doing blocking
+``recv`` and ``sendall`` on the two sockets: a thread blocked in ``recv`` is woken by the
+kernel and forwards at once, where an event loop pays a poll, its own bookkeeping and a
+callback per chunk (measured with bench_proxy: the asyncio relay put the proxied round
+trip at ~1.7x a direct Unix socket, the threaded one at ~1.3x). Flow control is the
+sockets' own: a blocked ``sendall`` stops that direction's reads. The event loop only
+accepts, connects the enclave side and waits for the end.
 
 The relay is blind: what crosses it is the attested channel's Noise ciphertext (2-byte
 length-prefixed messages), which the parent can neither read nor forge. So it follows no
@@ -15,113 +19,151 @@ closed session (an untrusted parent has nothing to say that the client should be
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 from collections.abc import Awaitable, Callable
+
+from prometheus_client import Counter
 
 from hermetic.errors import PeerUnavailableError
 from hermetic.proxy.metrics import ProxyMetrics
 
-
-class _Side(asyncio.Protocol):
-    """One end of the relay: what it receives is forwarded to the other end's transport."""
-
-    def __init__(self, relay: IngressRelay, name: str) -> None:
-        self.relay = relay
-        self.name = name
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.relay.forward(self.name, data)
-
-    def eof_received(self) -> bool:
-        return self.relay.half_closed(self.name)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.ended(self.name)
-
-    def pause_writing(self) -> None:
-        self.relay.pause(self.name)
-
-    def resume_writing(self) -> None:
-        self.relay.resume(self.name)
+CHUNK = 256 * 1024
 
 
 class IngressRelay:
-    """Relay one client connection to the enclave's service port, byte for byte."""
+    """Relay one accepted client socket to the enclave's service port.
 
-    def __init__(self, metrics: ProxyMetrics) -> None:
+    :meth:`run` connects the enclave side and returns when both directions ended;
+    :meth:`close` ends them early (proxy shutdown). Sockets are closed by the relay only
+    after both of its threads let go of them, so a file descriptor is never reused under a
+    thread still blocked on it.
+    """
+
+    def __init__(self, client: socket.socket, metrics: ProxyMetrics) -> None:
         self.metrics = metrics
-        self.client = _Side(self, "client")
-        self.enclave = _Side(self, "enclave")
+        self.client = client
+        self.enclave: socket.socket | None = None
         self.client_finished = False
-        self.done = asyncio.get_running_loop().create_future()
+        self._client_gone = False
         self._to_enclave = metrics.bytes.labels("to_enclave")
         self._from_enclave = metrics.bytes.labels("from_enclave")
+        self._lock = threading.Lock()
+        self._running = 0
+        self._closing = False
+        self._done: asyncio.Future[None] | None = None
 
-    def forward(self, source: str, data: bytes) -> None:
-        if source == "client":
-            self._to_enclave.inc(len(data))
-            if self.enclave.transport is not None:
-                self.enclave.transport.write(data)
-        else:
-            self._from_enclave.inc(len(data))
-            if self.client.transport is not None:
-                self.client.transport.write(data)
-
-    def pause(self, side: str) -> None:
-        other = self.enclave if side == "client" else self.client
-        if other.transport is not None:
-            other.transport.pause_reading()
-
-    def resume(self, side: str) -> None:
-        other = self.enclave if side == "client" else self.client
-        if other.transport is not None and not other.transport.is_closing():
-            other.transport.resume_reading()
-
-    def half_closed(self, side: str) -> bool:
-        """A client that has sent everything still gets its answers: pass the EOF on."""
-        enclave = self.enclave.transport
-        if side == "client" and enclave is not None and enclave.can_write_eof():
-            self.client_finished = True
-            enclave.write_eof()
-            return True  # keep the client transport open for the replies
-        self.ended(side)
-        return False
-
-    def ended(self, side: str) -> None:
-        if self.done.done():
-            return
-        client, enclave = self.client.transport, self.enclave.transport
-        if side == "enclave" and not self.client_finished:
-            self.metrics.enclave_errors.inc()  # the enclave went away under a client
-        for transport in (client, enclave):
-            if transport is not None and not transport.is_closing():
-                transport.close()  # close() flushes what is buffered, then sends FIN
-        self.done.set_result(None)
-
-    def close(self) -> None:
-        for side in (self.client, self.enclave):
-            if side.transport is not None and not side.transport.is_closing():
-                side.transport.close()
-        if not self.done.done():
-            self.done.set_result(None)
-
-    async def attach_enclave(self, connect: Callable[[], Awaitable[object]]) -> None:
-        """Connect the enclave side, or close the client's connection cleanly."""
-        assert self.client.transport is not None
-        self.client.transport.pause_reading()
+    async def run(self, connect: Callable[[], Awaitable[socket.socket]]) -> None:
+        """Connect the enclave side, relay until both directions end, then close both."""
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
         try:
-            await connect()
+            enclave = await connect()
         except PeerUnavailableError:
             self.metrics.enclave_errors.inc()
-            self.client.transport.close()
-            if not self.done.done():
-                self.done.set_result(None)
+            _close(self.client)  # no bytes of our own: just the end of the connection
             return
-        if self.client.transport.is_closing():
-            self.ended("client")
-        else:
-            self.client.transport.resume_reading()
+        with self._lock:
+            if self._closing:
+                _close(enclave)
+                _close(self.client)
+                return
+            self.enclave = enclave
+            self._running = 2
+        for sock in (self.client, enclave):
+            sock.setblocking(True)
+
+        def finished() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed (shutdown)
+                loop.call_soon_threadsafe(_resolve, self._done)
+
+        upstream = threading.Thread(
+            target=self._upstream, args=(enclave, finished), name="ingress-up", daemon=True
+        )
+        downstream = threading.Thread(
+            target=self._downstream, args=(enclave, finished), name="ingress-down", daemon=True
+        )
+        upstream.start()
+        downstream.start()
+        await asyncio.shield(self._done)
+
+    def close(self) -> None:
+        """End both directions now (their threads wake from the shutdown and exit)."""
+        with self._lock:
+            self._closing = True
+            sockets = [self.client] + ([self.enclave] if self.enclave is not None else [])
+            running = self._running
+        if not running:
+            for sock in sockets:
+                _close(sock)
+            return
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    # --- the two threads -----------------------------------------------------------------
+
+    def _upstream(self, enclave: socket.socket, finished: Callable[[], None]) -> None:
+        try:
+            if _pump(self.client, enclave, self._to_enclave):
+                # The client has sent everything and still gets its answers: pass the EOF on.
+                self.client_finished = True
+                with contextlib.suppress(OSError):
+                    enclave.shutdown(socket.SHUT_WR)
+            else:  # the client's connection broke (or the enclave refused bytes): end both
+                self._client_gone = True
+                for sock in (self.client, enclave):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            self._thread_done(enclave, finished)
+
+    def _downstream(self, enclave: socket.socket, finished: Callable[[], None]) -> None:
+        try:
+            _pump(enclave, self.client, self._from_enclave)
+            if not (self.client_finished or self._client_gone or self._closing):
+                self.metrics.enclave_errors.inc()  # the enclave went away under a client
+            # The enclave is done (or gone): what it sent was delivered, end the client's
+            # connection; that also wakes the other thread if the client is still open.
+            for sock in (self.client, enclave):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        finally:
+            self._thread_done(enclave, finished)
+
+    def _thread_done(self, enclave: socket.socket, finished: Callable[[], None]) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            _close(self.client)
+            _close(enclave)
+            finished()
+
+
+def _pump(source: socket.socket, target: socket.socket, counter: Counter) -> bool:
+    """Copy until ``source`` ends; True on a clean end of stream, False on an error."""
+    inc = counter.inc
+    while True:
+        try:
+            data = source.recv(CHUNK)
+        except OSError:
+            return False
+        if not data:
+            return True
+        inc(len(data))
+        try:
+            target.sendall(data)
+        except OSError:
+            return False
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)

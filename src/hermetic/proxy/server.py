@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,9 @@ class ServiceProxy:
         self.tcp_address: HostPort | None = None
         self.ws_address: HostPort | None = None
         self.metrics_address: HostPort | None = None
-        self._tcp: asyncio.Server | None = None
+        self._tcp: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._relays: set[IngressRelay] = set()
         self._ws: WsServer | None = None
         self._listeners: list[vsock.VsockListener] = []
         self._http: Any = None
@@ -85,10 +88,12 @@ class ServiceProxy:
     async def start(self) -> ServiceProxy:
         o = self.options
         if o.listen is not None:
-            loop = asyncio.get_running_loop()
-            self._tcp = await loop.create_server(self._new_ingress, o.listen.host, o.listen.port)
-            host, port = self._tcp.sockets[0].getsockname()[:2]
+            family = socket.AF_INET6 if ":" in o.listen.host else socket.AF_INET
+            self._tcp = socket.create_server((o.listen.host, o.listen.port), family=family)
+            self._tcp.setblocking(False)
+            host, port = self._tcp.getsockname()[:2]
             self.tcp_address = HostPort(host, port)
+            self._accepting = asyncio.get_running_loop().create_task(self._accept(self._tcp))
         if o.ws_listen is not None:
             self._ws = await serve(
                 self._on_ws, o.ws_listen.host, o.ws_listen.port, max_size=16 * 1024 * 1024
@@ -117,8 +122,14 @@ class ServiceProxy:
         return self
 
     async def aclose(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
         if self._tcp is not None:
             self._tcp.close()
+        for relay in list(self._relays):
+            relay.close()
         if self._ws is not None:
             self._ws.close()
         for listener in self._listeners:
@@ -127,8 +138,6 @@ class ServiceProxy:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._tcp is not None:
-            await self._tcp.wait_closed()
         if self._ws is not None:
             await self._ws.wait_closed()
         if self._http is not None:
@@ -149,32 +158,38 @@ class ServiceProxy:
 
     # --- ingress -------------------------------------------------------------------------
 
-    def _new_ingress(self) -> asyncio.Protocol:
-        relay = IngressRelay(self.metrics)
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+                log.warning("tcp ingress accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._relay(IngressRelay(client, self.metrics)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _relay(self, relay: IngressRelay) -> None:
         self.metrics.connections.labels("tcp").inc()
         active = self.metrics.active.labels("tcp")
         active.inc()
-        relay.done.add_done_callback(lambda _: active.dec())
-        task = asyncio.ensure_future(self._attach(relay))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return relay.client
+        self._relays.add(relay)
 
-    async def _attach(self, relay: IngressRelay) -> None:
-        loop = asyncio.get_running_loop()
-
-        async def connect() -> object:
-            sock = await vsock.connect_socket(
+        async def connect() -> socket.socket:
+            return await vsock.connect_socket(
                 self.options.cid, self.options.service_port, timeout=5
             )
-            return await loop.create_connection(lambda: relay.enclave, sock=sock)
 
         try:
-            await asyncio.sleep(0)  # let connection_made run first
-            await relay.attach_enclave(connect)
-            await relay.done
+            await relay.run(connect)
         finally:
             relay.close()  # the proxy is shutting down: do not leave sockets behind
+            self._relays.discard(relay)
+            active.dec()
 
     async def _on_ws(self, connection: ServerConnection) -> None:
         self._track()

@@ -1,0 +1,105 @@
+"""The threaded TCP ingress relay: how each side's end reaches the other, and shutdown.
+
+The byte-for-byte, half-close, absent- and dying-enclave cases are pinned in
+test_runtime_proxy_unit.py; these pin what the threads add: no thread or socket outlives
+its connection, a client that vanishes ends the enclave side without counting an enclave
+error, and stopping the proxy ends open relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from hermetic.proxy.server import ProxyOptions, ServiceProxy
+from hermetic.transport import vsock
+from hermetic.transport.tcp import HostPort
+
+
+@pytest.fixture(autouse=True)
+def _emulated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HERMETIC_VSOCK", "emulated")
+    monkeypatch.setenv("HERMETIC_VSOCK_DIR", str(tmp_path / "v"))
+
+
+def _relay_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("ingress-")]
+
+
+async def _until(condition: object, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def _errors(proxy: ServiceProxy) -> float | None:
+    return proxy.metrics.registry.get_sample_value("hermetic_proxy_enclave_unavailable_total")
+
+
+async def test_a_vanished_client_ends_the_enclave_side_without_an_enclave_error() -> None:
+    ended = asyncio.Event()
+
+    async def silent(stream: vsock.VsockStream) -> None:
+        assert await stream.reader.read() == b"hi"  # everything, then the relayed end
+        ended.set()
+        await stream.aclose()
+
+    listener = await vsock.listen(16, 5000, silent)
+    proxy = ServiceProxy(ProxyOptions(cid=16, service_port=5000, listen=HostPort("127.0.0.1", 0)))
+    async with proxy:
+        assert proxy.tcp_address is not None
+        client = socket.create_connection(("127.0.0.1", proxy.tcp_address.port))
+        client.sendall(b"hi")
+        # RST instead of FIN: the client's connection breaks rather than half-closing
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        client.close()
+        await asyncio.wait_for(ended.wait(), 5)
+        await _until(lambda: not _relay_threads())
+        assert _errors(proxy) == 0.0
+    await listener.aclose()
+
+
+async def test_stopping_the_proxy_ends_open_relays_and_their_threads() -> None:
+    async def holds_open(stream: vsock.VsockStream) -> None:
+        await stream.reader.read()
+
+    listener = await vsock.listen(16, 5000, holds_open)
+    proxy = ServiceProxy(ProxyOptions(cid=16, service_port=5000, listen=HostPort("127.0.0.1", 0)))
+    await proxy.start()
+    assert proxy.tcp_address is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.tcp_address.port)
+    writer.write(b"x")
+    await _until(lambda: len(_relay_threads()) == 2)
+    await proxy.aclose()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the client sees the end
+    await _until(lambda: not _relay_threads())
+    writer.close()
+    await listener.aclose()
+
+
+async def test_accepted_client_sockets_have_nagle_off() -> None:
+    seen: list[int] = []
+
+    async def echo_once(stream: vsock.VsockStream) -> None:
+        stream.writer.write(await stream.reader.readexactly(1))
+        await stream.writer.drain()
+        await stream.reader.read()
+        await stream.aclose()
+
+    listener = await vsock.listen(16, 5000, echo_once)
+    proxy = ServiceProxy(ProxyOptions(cid=16, service_port=5000, listen=HostPort("127.0.0.1", 0)))
+    async with proxy:
+        assert proxy.tcp_address is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.tcp_address.port)
+        writer.write(b"q")
+        assert await reader.readexactly(1) == b"q"
+        for relay in proxy._relays:
+            seen.append(relay.client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+    assert seen == [1]
+    await listener.aclose()
