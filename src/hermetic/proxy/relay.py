@@ -7,7 +7,9 @@ kernel and forwards at once, where an event loop pays a poll, its own bookkeepin
 callback per chunk (measured with bench_proxy: the asyncio relay put the proxied round
 trip at ~1.7x a direct Unix socket, the threaded one at ~1.3x). Flow control is the
 sockets' own: a blocked ``sendall`` stops that direction's reads. The event loop only
-accepts, connects the enclave side and waits for the end.
+accepts, connects the enclave side and waits for the end. The price is two mostly idle
+threads per open connection, which suits a proxy in front of one enclave (sessions in
+the hundreds); tens of thousands of idle connections would want the event loop back.
 
 The relay is blind: what crosses it is the attested channel's Noise ciphertext (2-byte
 length-prefixed messages), which the parent can neither read nor forge. So it follows no
