@@ -60,22 +60,15 @@ def verify(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> object
 
 
 def sizes(rng: random.Random) -> list[int]:
-    """Skewed towards small messages, but always spanning the whole 0..1 MiB range."""
+    """Uniform over 0..1 MiB, the two ends included (about 5 GiB each way in all)."""
     out = [0, 1, MAX_SIZE - 1, MAX_SIZE]
-    while len(out) < MESSAGES:
-        roll = rng.random()
-        if roll < 0.70:
-            out.append(rng.randint(0, 1024))
-        elif roll < 0.96:
-            out.append(rng.randint(1025, 64 * 1024))
-        else:
-            out.append(rng.randint(64 * 1024 + 1, MAX_SIZE))
+    out += [rng.randint(0, MAX_SIZE) for _ in range(MESSAGES - len(out))]
     rng.shuffle(out)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(900)
 async def test_ten_thousand_concurrent_messages_up_to_one_mib_arrive_intact() -> None:
     process = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     try:
