@@ -29,7 +29,7 @@ def test_rejects_trailing_bytes_with_their_count() -> None:
 
 
 def test_rejects_truncated_input_as_invalid_cbor() -> None:
-    with pytest.raises(EvidenceFormatError, match=r"^thing: not valid CBOR"):
+    with pytest.raises(EvidenceFormatError, match=r"^thing: not valid CBOR \(truncated\)$"):
         _loads(cbor2.dumps(b"abcdef")[:-1])
 
 
@@ -39,13 +39,67 @@ def test_rejects_empty_input() -> None:
 
 
 def test_rejects_duplicate_map_keys() -> None:
-    with pytest.raises(EvidenceFormatError, match="not valid CBOR"):
+    with pytest.raises(EvidenceFormatError, match=r"^thing: not valid CBOR \(duplicate map key\)$"):
         _loads(b"\xa2\x61a\x01\x61a\x02")
+
+
+MARKER = "s3cret-marker-7f3a"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [MARKER, MARKER.encode(), 7_345_991_201],
+    ids=["text", "bytes", "int"],
+)
+def test_duplicate_key_error_never_echoes_the_key_or_value(key: object) -> None:
+    # {key: MARKER, key: MARKER} written by hand: cbor2 cannot encode a duplicate key.
+    entry = cbor2.dumps(key) + cbor2.dumps(MARKER)
+    with pytest.raises(EvidenceFormatError) as info:
+        _loads(b"\xa2" + entry + entry)
+    message = str(info.value)
+    assert message == "thing: not valid CBOR (duplicate map key)"
+    assert MARKER not in message
+    assert str(key) not in message
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b"\xff", "unexpected break code"),
+        (b"\x1c", "malformed unsigned integer"),
+        (b"\x62\xff\xfe", "malformed text string"),
+        (b"\x5f\x01\xff", "malformed byte string"),
+        (b"\xf8\x01", "malformed special value"),
+    ],
+)
+def test_other_decoder_errors_are_named_by_kind(data: bytes, kind: str) -> None:
+    with pytest.raises(EvidenceFormatError) as info:
+        _loads(data)
+    assert str(info.value) == f"thing: not valid CBOR ({kind})"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="XYZQ#@", min_size=8, max_size=16), st.integers(1, 3))
+def test_decoder_messages_never_contain_decoded_text(marker: str, pairs: int) -> None:
+    # Duplicate key after `pairs` good entries, or truncation right after the marker: the
+    # message is built from fixed words only (none use this alphabet), so the decoded
+    # marker can never show up in it.
+    good = b"".join(cbor2.dumps(f"{marker}{n}") + cbor2.dumps(marker) for n in range(pairs))
+    entry = cbor2.dumps(marker) + cbor2.dumps(marker)
+    for data in (
+        bytes([0xA0 + pairs + 2]) + good + entry + entry,
+        b"\x83" + cbor2.dumps(marker) * 2,
+    ):
+        with pytest.raises(EvidenceFormatError) as info:
+            _loads(data)
+        assert marker not in str(info.value)
 
 
 def test_rejects_nesting_deeper_than_the_bound() -> None:
     deep = b"\x81" * (MAX_DEPTH + 1) + b"\x00"
-    with pytest.raises(EvidenceFormatError, match="not valid CBOR"):
+    with pytest.raises(
+        EvidenceFormatError, match=rf"not valid CBOR \(nesting depth above {MAX_DEPTH}"
+    ):
         _loads(deep)
     assert _loads(deep, max_depth=MAX_DEPTH + 2) is not None
 

@@ -13,7 +13,10 @@ use, so they are written once here:
   type checks reject them instead of receiving a coerced ``int`` or ``datetime``;
 * bounded nesting depth and no duplicate map keys;
 * any decoder failure becomes the caller's own :class:`~hermetic.errors.HermeticError`
-  subclass, with the caller's message prefix, so only typed errors escape.
+  subclass, with the caller's message prefix, so only typed errors escape;
+* error messages name the kind of problem, never a decoded value: cbor2's own text can
+  quote one (``Duplicate map key: 'k'``), and the decoded data may be application data
+  (RPC arguments, config values) that must not reach messages and logs.
 
 cbor2 does the parsing; this module only configures it and maps its errors.
 """
@@ -21,6 +24,7 @@ cbor2 does the parsing; this module only configures it and maps its errors.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -56,12 +60,34 @@ _OPAQUE_DECODERS: Mapping[int, Callable[[Any, bool], Any]] = MappingProxyType(
 )
 
 
+#: The item kind cbor2 names at the start of its messages ("error decoding map: ...").
+_DECODING_KIND = re.compile(r"error decoding ([a-z ]+?)(?::|$)")
+
+
+def _problem(exc: BaseException, max_depth: int) -> str:
+    """What went wrong, by kind only: cbor2's message is matched, never echoed."""
+    text = str(exc)
+    if isinstance(exc, RecursionError) or "nesting depth" in text:
+        return f"nesting depth above {max_depth}"
+    if "duplicate map key" in text.lower():
+        return "duplicate map key"
+    if "premature end of stream" in text:
+        return "truncated"
+    if "break code" in text:
+        return "unexpected break code"
+    kind = _DECODING_KIND.match(text)
+    if kind is not None:
+        return f"malformed {kind.group(1)}"
+    return f"undecodable ({type(exc).__name__})"
+
+
 def strict_loads(data: bytes, *, what: str, error: ErrorFactory, max_depth: int = MAX_DEPTH) -> Any:
     """Decode exactly one CBOR item from ``data`` under the rules in the module docstring.
 
-    Any problem raises ``error(f"{what}: ...")``: ``not valid CBOR (...)`` for undecodable
-    bytes (including too deep, duplicate keys) and ``N trailing byte(s) after the CBOR
-    item`` when more than one item is present.
+    Any problem raises ``error(f"{what}: ...")``: ``not valid CBOR (<kind>)`` for
+    undecodable bytes (``truncated``, ``duplicate map key``, ``nesting depth above
+    N``, ``malformed <item>``...; never a decoded value) and ``N trailing byte(s)
+    after the CBOR item`` when more than one item is present.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise error(f"{what}: expected bytes, got {type(data).__name__}")
@@ -77,7 +103,7 @@ def strict_loads(data: bytes, *, what: str, error: ErrorFactory, max_depth: int 
     try:
         value = decoder.decode()
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
-        raise error(f"{what}: not valid CBOR ({exc})") from None
+        raise error(f"{what}: not valid CBOR ({_problem(exc, max_depth)})") from None
     if stream.tell() != len(data):
         raise error(f"{what}: {len(data) - stream.tell()} trailing byte(s) after the CBOR item")
     return value
