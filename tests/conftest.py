@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +54,25 @@ def probe(tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519Pri
 def no_leftover_enclaves() -> Iterator[None]:
     """Terminate every enclave the test started (use with ``pytest.mark.usefixtures``)."""
     yield
+    from apps.probe.harness import stop_all
+
+    stop_all()
+
+
+@pytest.fixture
+def background() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test starts (append them); on teardown each is stopped (SIGTERM, then
+    killed after 15 s) and so is every enclave the test left running."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     from apps.probe.harness import stop_all
 
     stop_all()

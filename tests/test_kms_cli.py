@@ -15,16 +15,12 @@ from typing import Any
 import boto3
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from helpers import free_port
 
 
 @contextmanager
 def _serve(*args: str, env: dict[str, str]) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "hermetic", "kms", "serve", "--port", str(port), *args],
         env=env,

@@ -34,7 +34,8 @@ from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import hermetic, run_json, stop_all
+from apps.probe.harness import hermetic, run_json, start_cli, stop_all
+from helpers import free_port
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.enclave.config import sign_config
 from hermetic.errors import RPCError
@@ -101,12 +102,6 @@ class Credentials:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -171,7 +166,7 @@ def _use_module_state(module_state: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.fixture(scope="module")
 def kms(work: Path, module_state: Path) -> Iterator[KMSServer]:
-    port = _free_port()
+    port = free_port()
     log = work / "kms.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -222,21 +217,6 @@ def _config(kms: KMSServer, key_id: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def background() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    stop_all()
-
-
 @dataclass(frozen=True)
 class Served:
     enclave: dict[str, Any]
@@ -252,31 +232,42 @@ def _run_and_proxy(
     kms: KMSServer,
     *extra: str,
 ) -> Served:
-    done = subprocess.run(
-        [sys.executable, "-m", "hermetic", "run", str(image.path), "--config", str(bundle),
-         "--aws-credentials-env", *extra],
-        capture_output=True, text=True, timeout=90, env=credentials.env(), check=False,
+    done = hermetic(
+        "run", str(image.path), "--config", str(bundle), "--aws-credentials-env", *extra,
+        env=credentials.env(),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     enclave = json.loads(done.stdout)
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "hermetic", "proxy", "--enclave", enclave["EnclaveID"],
-         "--listen", "127.0.0.1:0", "--egress-allow", f"127.0.0.1:{kms.port}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    proxy, addresses = start_cli(
+        background, "proxy", "--enclave", enclave["EnclaveID"], "--listen", "127.0.0.1:0",
+        "--egress-allow", f"127.0.0.1:{kms.port}",
     )  # fmt: skip
-    background.append(proxy)
-    assert proxy.stdout is not None
-    text = ""
-    while True:
-        line = proxy.stdout.readline()
-        assert line, "proxy exited before printing its addresses"
-        text += line
-        try:
-            addresses = json.loads(text)
-            break
-        except ValueError:
-            continue
     return Served(enclave, f"tcp://{addresses['tcp']}", proxy)
+
+
+def _serve_genuine(
+    background: list[subprocess.Popen[str]],
+    vault: VaultImage,
+    credentials: Credentials,
+    kms: KMSServer,
+    key_id: str,
+) -> Served:
+    """The measured vault image, endorsed and configured for ``key_id``, behind a proxy."""
+    return _run_and_proxy(
+        background, vault, vault.bundle(_config(kms, key_id)), credentials, kms,
+        "--endorsement", str(vault.endorsement),
+    )  # fmt: skip
+
+
+def _seal(vault: VaultImage, url: str, plaintext: str) -> dict[str, str]:
+    """``seal`` ``plaintext`` in the enclave at ``url``: the sealed box it returns."""
+
+    async def call() -> dict[str, str]:
+        async with await _session(vault, url) as session:
+            result: dict[str, str] = await session.call("seal", plaintext)
+            return result
+
+    return asyncio.run(call())
 
 
 async def _session(image: VaultImage, url: str, *, debug: bool = False) -> AttestedSession:
@@ -297,10 +288,7 @@ def test_vault_enclave_seals_and_unseals_with_keys_released_to_its_measured_pcr0
     credentials: Credentials,
     background: list[subprocess.Popen[str]],
 ) -> None:
-    bundle = vault.bundle(_config(kms, key_id))
-    served = _run_and_proxy(
-        background, vault, bundle, credentials, kms, "--endorsement", str(vault.endorsement)
-    )
+    served = _serve_genuine(background, vault, credentials, kms, key_id)
 
     async def scenario() -> tuple[dict[str, str], Any, Any]:
         async with await _session(vault, served.url) as session:
@@ -357,25 +345,13 @@ def test_up_forwards_credentials_and_serves_the_vault_through_its_egress(
     background: list[subprocess.Popen[str]],
 ) -> None:
     trust = vault.directory / "up-trust.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hermetic", "up", str(vault.path), "--listen", "127.0.0.1:0",
-         "--config", str(vault.bundle(_config(kms, key_id), "up.bundle")),
-         "--egress-allow", f"127.0.0.1:{kms.port}", "--aws-credentials-env",
-         "--trust-out", str(trust)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=credentials.env(),
+    process, addresses = start_cli(
+        background, "up", str(vault.path), "--listen", "127.0.0.1:0",
+        "--config", str(vault.bundle(_config(kms, key_id), "up.bundle")),
+        "--egress-allow", f"127.0.0.1:{kms.port}", "--aws-credentials-env",
+        "--trust-out", str(trust),
+        env=credentials.env(),
     )  # fmt: skip
-    background.append(process)
-    assert process.stdout is not None
-    text = ""
-    while True:
-        line = process.stdout.readline()
-        assert line, process.stderr.read() if process.stderr else ""
-        text += line
-        try:
-            addresses = json.loads(text)
-            break
-        except ValueError:
-            continue
 
     async def scenario() -> Any:
         policy = ServicePolicy(services=frozenset({"vault"}))
@@ -400,17 +376,8 @@ def test_enclaves_of_other_code_and_debug_enclaves_are_denied_the_key(
     work: Path,
 ) -> None:
     # A wrapped key sealed by the genuine enclave, to try to unseal elsewhere.
-    genuine = _run_and_proxy(
-        background, vault, vault.bundle(_config(kms, key_id)), credentials, kms,
-        "--endorsement", str(vault.endorsement),
-    )  # fmt: skip
-
-    async def seal_genuine() -> dict[str, str]:
-        async with await _session(vault, genuine.url) as session:
-            result: dict[str, str] = await session.call("seal", "for the genuine image only")
-            return result
-
-    sealed = asyncio.run(seal_genuine())
+    genuine = _serve_genuine(background, vault, credentials, kms, key_id)
+    sealed = _seal(vault, genuine.url, "for the genuine image only")
 
     directory = work / "modified"
     directory.mkdir()
@@ -458,17 +425,8 @@ def test_the_operator_on_the_parent_cannot_decrypt_a_wrapped_key_without_attesta
     credentials: Credentials,
     background: list[subprocess.Popen[str]],
 ) -> None:
-    served = _run_and_proxy(
-        background, vault, vault.bundle(_config(kms, key_id)), credentials, kms,
-        "--endorsement", str(vault.endorsement),
-    )  # fmt: skip
-
-    async def seal() -> dict[str, str]:
-        async with await _session(vault, served.url) as session:
-            result: dict[str, str] = await session.call("seal", "operator must not read this")
-            return result
-
-    sealed = asyncio.run(seal())
+    served = _serve_genuine(background, vault, credentials, kms, key_id)
+    sealed = _seal(vault, served.url, "operator must not read this")
     wrapped = base64.b64decode(sealed["wrapped_key"])
     # The operator holds the very credentials it forwarded, and the admin's: neither
     # decrypts without an attestation document.
@@ -498,10 +456,7 @@ def test_forwarded_credentials_never_reach_records_state_files_or_logs(
     credentials: Credentials,
     background: list[subprocess.Popen[str]],
 ) -> None:
-    served = _run_and_proxy(
-        background, vault, vault.bundle(_config(kms, key_id)), credentials, kms,
-        "--endorsement", str(vault.endorsement),
-    )  # fmt: skip
+    served = _serve_genuine(background, vault, credentials, kms, key_id)
 
     async def use() -> Any:
         async with await _session(vault, served.url) as session:
@@ -541,12 +496,9 @@ def test_an_enclave_configured_for_kms_refuses_to_boot_without_forwarded_credent
 def test_aws_credentials_env_without_the_variables_is_a_usage_error_naming_them(
     vault: VaultImage,
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("AWS_")}
     before = len(records.all_records())
-    done = subprocess.run(
-        [sys.executable, "-m", "hermetic", "run", str(vault.path), "--aws-credentials-env"],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
-    )  # fmt: skip
+    done = hermetic("run", str(vault.path), "--aws-credentials-env", env=unset, timeout=60)
     assert done.returncode == 2  # UsageError
     assert "AWS_ACCESS_KEY_ID is not set" in done.stderr
     assert "Traceback" not in done.stderr

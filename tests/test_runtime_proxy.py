@@ -12,10 +12,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -25,7 +22,7 @@ from apps.probe.harness import (
     hermetic,
     release,
     run_json,
-    stop_all,
+    start_cli,
     wait_state,
 )
 from hermetic.errors import SessionClosedError, TransportError
@@ -34,48 +31,6 @@ from hermetic.launcher import records
 
 pytestmark = pytest.mark.timeout(120)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-@pytest.fixture
-def background() -> Iterator[list[subprocess.Popen[str]]]:
-    """Processes a test starts; all are stopped (then killed) on teardown."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-    stop_all()
-
-
-def _start(
-    background: list[subprocess.Popen[str]], *args: str
-) -> tuple[subprocess.Popen[str], Any]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hermetic", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=os.environ.copy(),
-    )
-    background.append(process)
-    assert process.stdout is not None
-    text = ""
-    while True:
-        line = process.stdout.readline()
-        if not line:
-            raise AssertionError(
-                f"{args[0]} exited: {process.stderr.read() if process.stderr else ''}"
-            )
-        text += line
-        try:
-            return process, json.loads(text)
-        except ValueError:
-            continue
 
 
 def _connect_cli(url: str, trust: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -103,7 +58,7 @@ def test_proxy_bridges_tcp_and_websocket_and_enforces_egress_allowlist(
         allowed_port = allowed.sockets[0].getsockname()[1]
         other_port = other.sockets[0].getsockname()[1]
         _, addresses = await asyncio.to_thread(
-            _start,
+            start_cli,
             background,
             "proxy", "--enclave", started["EnclaveID"], "--listen", "127.0.0.1:0",
             "--ws-listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
@@ -145,7 +100,7 @@ def test_hermetic_connect_verifies_and_calls_the_echo_example_through_the_proxy(
 ) -> None:
     echo = release(build_image(EXAMPLES / "echo", tmp_path / "echo.img"), tmp_path)
     started = run_json("run", str(echo.image.path), "--endorsement", str(echo.endorsement))
-    _, addresses = _start(
+    _, addresses = start_cli(
         background, "proxy", "--enclave", started["EnclaveID"], "--listen", "127.0.0.1:0",
         "--ws-listen", "127.0.0.1:0",
     )  # fmt: skip
@@ -170,7 +125,7 @@ def test_clients_of_a_dead_enclave_get_a_clean_error_and_a_rerun_serves_again(
     probe: Release, background: list[subprocess.Popen[str]]
 ) -> None:
     started = probe.run()
-    _, addresses = _start(
+    _, addresses = start_cli(
         background, "proxy", "--cid", str(started["EnclaveCID"]), "--port", "5000",
         "--listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0",
     )  # fmt: skip
@@ -202,7 +157,7 @@ def test_up_publishes_to_the_dev_log_and_hermetic_connect_verifies_the_echo_exam
     background: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
     trust = tmp_path / "trust.json"
-    process, addresses = _start(
+    process, addresses = start_cli(
         background, "up", str(EXAMPLES / "echo"), "--listen", "127.0.0.1:0",
         "--ws-listen", "127.0.0.1:0", "--trust-out", str(trust),
     )  # fmt: skip
@@ -237,7 +192,7 @@ def test_up_debug_serves_without_endorsement_and_clients_must_allow_debug(
     background: list[subprocess.Popen[str]], tmp_path: Path
 ) -> None:
     trust = tmp_path / "trust.json"
-    process, addresses = _start(
+    process, addresses = start_cli(
         background, "up", str(EXAMPLES / "echo"), "--listen", "127.0.0.1:0", "--debug",
         "--trust-out", str(trust),
     )  # fmt: skip
@@ -259,7 +214,7 @@ def test_up_debug_serves_without_endorsement_and_clients_must_allow_debug(
 def test_run_foreground_serves_until_sigterm(
     probe: Release, background: list[subprocess.Popen[str]]
 ) -> None:
-    process, started = _start(
+    process, started = start_cli(
         background, "run", str(probe.image.path), "--endorsement", str(probe.endorsement),
         "--foreground",
     )  # fmt: skip

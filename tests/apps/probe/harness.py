@@ -4,8 +4,12 @@ through the attested channel, clean up enclaves."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,38 @@ def run_json(*args: str) -> Any:
     done = hermetic(*args)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def start_cli(
+    background: list[subprocess.Popen[str]],
+    *args: str,
+    env: Mapping[str, str] | None = None,
+) -> tuple[subprocess.Popen[str], Any]:
+    """Start ``python -m hermetic ARGS`` in the background (added to ``background``, the
+    conftest fixture that stops it) and return it with the JSON it prints first (the
+    addresses of ``proxy``/``up``, the enclave of ``run``); fails if it exits before."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hermetic", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ if env is None else env),
+    )
+    background.append(process)
+    assert process.stdout is not None
+    text = ""
+    while True:
+        line = process.stdout.readline()
+        if not line:
+            raise AssertionError(
+                f"{args[0]} exited before printing its JSON: "
+                f"{process.stderr.read() if process.stderr else ''}"
+            )
+        text += line
+        try:
+            return process, json.loads(text)
+        except ValueError:
+            continue
 
 
 def wait_state(enclave_id: str, state: str, timeout: float = 20) -> records.EnclaveRecord:
