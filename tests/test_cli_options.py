@@ -63,3 +63,25 @@ def test_write_secret_is_owner_only_even_over_a_readable_file(tmp_path: Path) ->
     write_secret(path, b"two", force=True)
     assert path.read_bytes() == b"two"
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("name", ["run", "proxy", "up"])
+def test_run_proxy_and_up_take_the_same_boot_inputs(name: str, tmp_path: Path) -> None:
+    import click
+
+    from hermetic.cli import launcher
+
+    command: click.Command = getattr(launcher, name)
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    assert options["config"].opts == ["--config"]
+    assert options["endorsement"].opts == ["--endorsement"]
+    assert options["forward_credentials"].opts == ["--aws-credentials-env"]
+    assert options["forward_credentials"].is_flag
+    for dest in ("config", "endorsement", "forward_credentials"):
+        assert options[dest].help, f"{name} {dest} has no help"
+    # the file options must name an existing file, not a directory
+    context = command.make_context(name, ["--help"], resilient_parsing=True)
+    with pytest.raises(click.BadParameter):
+        options["config"].type.convert(str(tmp_path / "absent"), options["config"], context)
+    with pytest.raises(click.BadParameter):
+        options["endorsement"].type.convert(str(tmp_path), options["endorsement"], context)

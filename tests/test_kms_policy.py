@@ -25,6 +25,7 @@ from hermetic.errors import (
     KeyPolicyFormatError,
     KMSAccessDeniedError,
     ReleaseEndorsementFormatError,
+    UsageError,
 )
 from hermetic.kms.client import EnclaveKMSClient, KMSCredentials
 from hermetic.kms.keypolicy import (
@@ -344,6 +345,34 @@ def test_cli_policy_rejects_bad_input() -> None:
     assert runner.invoke(kms_cli, ["policy"]).exit_code != 0
     assert runner.invoke(kms_cli, ["policy", "--pcr0", "xyz"]).exit_code != 0
     assert runner.invoke(kms_cli, ["policy", "--pcr0", PCR0, "--pcr", "three"]).exit_code != 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pcr0", "xyz"], "--pcr0: expected hex, got 'xyz'"),
+        (["--pcr0", PCR0, "--pcr", "three"], "--pcr: expected N=HEX, got 'three'"),
+        (["--pcr0", PCR0, "--pcr", "3=zz"], "--pcr 3: expected hex, got 'zz'"),
+        (["--pcr0", PCR0, "--pcr", "3=abcd"], "--pcr 3: expected 48 bytes, got 2"),
+        (["--pcr0", PCR0, "--pcr", "32=" + "cd" * 48], "--pcr: index must be 0..31, got 32"),
+        (["--pcr0", PCR0, "--pcr", "0=" + "cd" * 48], "--pcr 0: conflicts with the release"),
+    ],
+)
+def test_cli_policy_names_the_bad_option_like_the_other_commands(
+    args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(kms_cli, ["policy", *args])
+    assert isinstance(result.exception, UsageError), result.output
+    assert str(result.exception).startswith(message)
+
+
+def test_cli_policy_accepts_upper_case_hex_and_writes_it_lower_case() -> None:
+    result = CliRunner().invoke(
+        kms_cli, ["policy", "--pcr0", PCR0.upper(), "--pcr", "0=" + PCR0.upper()]
+    )
+    assert result.exit_code == 0, result.output
+    conditions = json.loads(result.stdout)["Statement"][0]["Condition"]["StringEqualsIgnoreCase"]
+    assert conditions["kms:RecipientAttestation:ImageSha384"] == PCR0.lower()
 
 
 # --- acceptance: the helper's policy admits exactly its release ---------------------------

@@ -9,12 +9,45 @@ error messages and exit codes (:class:`~hermetic.errors.UsageError` for a bad op
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import click
 
 from hermetic.errors import HermeticError, MalformedInputError, UsageError
 
 #: Highest PCR index a Nitro enclave has (the NSM reports 32 PCRs).
 MAX_PCR_INDEX = 31
+
+#: Click types for a file argument/option (a directory is a usage error), and for one that
+#: must already exist; click types hold configuration only, so commands share them.
+FILE = click.Path(dir_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+Command = TypeVar("Command", bound=Callable[..., object])
+
+
+def boot_input_options(
+    *, config_help: str, endorsement_help: str, credentials_help: str
+) -> Callable[[Command], Command]:
+    """``--config``, ``--endorsement`` and ``--aws-credentials-env`` (as ``config``,
+    ``endorsement``, ``forward_credentials``): what an enclave is handed at boot.
+
+    ``run``, ``proxy`` and ``up`` all take them with the same names and types; only the
+    help differs (who delivers them depends on the command and on emulation vs Nitro).
+    """
+
+    def apply(command: Command) -> Command:
+        command = click.option(
+            "--aws-credentials-env", "forward_credentials", is_flag=True, help=credentials_help
+        )(command)
+        command = click.option(
+            "--endorsement", type=EXISTING_FILE, default=None, help=endorsement_help
+        )(command)
+        return click.option("--config", type=EXISTING_FILE, default=None, help=config_help)(command)
+
+    return apply
 
 
 def parse_hex(option: str, value: str | None) -> bytes | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from hermetic.cli import echo_json
-from hermetic.cli._options import read_input, write_secret
+from hermetic.cli._options import FILE, read_input, write_secret
 
 
 @click.group("config")
@@ -34,13 +34,13 @@ def config() -> None:
 @config.command("key")
 @click.option(
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     required=True,
     help="Where to write the Ed25519 private key (PKCS#8 PEM, mode 0600).",
 )
 @click.option(
     "--public-out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="Also write the public key PEM here (the file the manifest's operator_key names).",
 )
@@ -69,18 +69,18 @@ def key(out: Path, public_out: Path | None, force: bool) -> None:
 
 
 @config.command("sign")
-@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("config_file", type=FILE)
 @click.option(
     "--key",
     "key_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     required=True,
     help="Operator private key (PEM: Ed25519, or ECDSA P-256/P-384).",
 )
 @click.option(
     "-o",
     "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     required=True,
     help="Where to write the signed bundle.",
 )
@@ -106,11 +106,11 @@ def sign(config_file: Path, key_file: Path, out: Path) -> None:
 
 
 @config.command("inspect")
-@click.argument("bundle_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("bundle_file", type=FILE)
 @click.option(
     "--operator-key",
     "operator_key",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="Operator public key (PEM, as in the manifest): verify the signature with it.",
 )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import click
 
 from hermetic.cli import echo_json
+from hermetic.cli._options import EXISTING_FILE, FILE, parse_hex, parse_pcr_option, read_input
 from hermetic.errors import UsageError
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def _trust_root(choice: str) -> TrustRoot:
     path = Path(choice)
     if not path.is_file():
         raise UsageError(f"--attestation-root: expected dev, aws or a PEM file, got {choice!r}")
-    return TrustRoot.from_pem(path.read_bytes(), name=path.name)
+    return TrustRoot.from_pem(read_input(path, "--attestation-root"), name=path.name)
 
 
 @kms.command("serve")
@@ -63,13 +64,13 @@ def _trust_root(choice: str) -> TrustRoot:
 @click.option("--port", type=int, default=None, help="Port to listen on (overrides --listen's).")
 @click.option(
     "--db",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="SQLite key store (default: <state dir>/kms/kms.sqlite3; root key beside it).",
 )
 @click.option(
     "--root-key",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="Server root key file sealing key material (created 0600 if absent).",
 )
@@ -133,7 +134,7 @@ def serve(
 @click.option(
     "--release",
     "release_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=EXISTING_FILE,
     default=None,
     help="Release endorsement (or statement) JSON whose PCR0/1/2 the key is bound to.",
 )
@@ -155,7 +156,7 @@ def serve(
 )
 @click.option(
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="Write the policy here and print {output, sha256} instead of the policy.",
 )
@@ -176,6 +177,7 @@ def policy(
     administration statement cannot decrypt. The SHA-256 of the policy's canonical JSON
     goes to stderr (or into the --output summary) for logging.
     """
+    from hermetic.image.pcrs import PCR_SIZE
     from hermetic.kms.keypolicy import (
         ReleaseReference,
         load_release_reference,
@@ -191,16 +193,13 @@ def policy(
         pcrs = dict(reference.pcrs)
         service, version = reference.service, reference.version
     else:
-        pcrs = {0: str(pcr0)}
+        pcrs = {0: (parse_hex("--pcr0", pcr0) or b"").hex()}
         service = version = None
     for item in extra_pcrs:
-        index_text, sep, value = item.partition("=")
-        if not sep or not index_text.strip().isdigit():
-            raise UsageError(f"--pcr: expected N=HEX, got {item!r}")
-        index = int(index_text)
-        if index in pcrs and pcrs[index].lower() != value.lower():
+        index, value = parse_pcr_option(item, size=PCR_SIZE)
+        if index in pcrs and pcrs[index].lower() != value.hex():
             raise UsageError(f"--pcr {index}: conflicts with the release's PCR{index}")
-        pcrs[index] = value
+        pcrs[index] = value.hex()
     reference = ReleaseReference(pcrs=pcrs, service=service, version=version)
     document = release_key_policy(
         reference,

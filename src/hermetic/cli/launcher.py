@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from hermetic.cli import echo_json
-from hermetic.cli._options import read_input
+from hermetic.cli._options import EXISTING_FILE, FILE, boot_input_options, read_input
 from hermetic.errors import UsageError
 from hermetic.launcher import nitro, records
 from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of
@@ -33,7 +33,7 @@ _CREDENTIALS_HELP = (
 
 
 @click.command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("image", type=EXISTING_FILE)
 @click.option("--cpus", type=int, default=None, help="vCPUs (default: the manifest's cpus).")
 @click.option(
     "--memory", "memory_mib", type=int, default=None, help="MiB (default: the manifest's)."
@@ -44,25 +44,17 @@ _CREDENTIALS_HELP = (
     is_flag=True,
     help="Debug mode: PCR0/1/2/8 read as zero in attestation and the console is readable.",
 )
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Runtime config bundle signed by the image's operator key.",
-)
-@click.option(
-    "--endorsement",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Release endorsement (from `hermetic release publish`) the enclave sends its clients "
-    "(default: the one an earlier enclave of the same image ran with, if any).",
+@boot_input_options(
+    config_help="Runtime config bundle signed by the image's operator key.",
+    endorsement_help="Release endorsement (from `hermetic release publish`) the enclave sends "
+    "its clients (default: the one an earlier enclave of the same image ran with, if any).",
+    credentials_help=_CREDENTIALS_HELP,
 )
 @click.option(
     "--foreground",
     is_flag=True,
     help="Stay attached until the enclave exits or Ctrl-C (default: return once it is ready).",
 )
-@click.option("--aws-credentials-env", "forward_credentials", is_flag=True, help=_CREDENTIALS_HELP)
 def run(
     image: Path,
     cpus: int | None,
@@ -269,23 +261,12 @@ _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
     help="Allowed egress HOST:PORT (repeatable; default: the manifest's egress list).",
 )
 @click.option("--metrics", default=None, help="Serve Prometheus /metrics on HOST:PORT.")
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Deliver this runtime config bundle at boot (real Nitro; emulation: `run --config`).",
-)
-@click.option(
-    "--endorsement",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Deliver this release endorsement at boot (real Nitro; emulation: `run --endorsement`).",
-)
-@click.option(
-    "--aws-credentials-env",
-    "forward_credentials",
-    is_flag=True,
-    help=_CREDENTIALS_HELP + " Real Nitro; emulation: `run --aws-credentials-env`.",
+@boot_input_options(
+    config_help="Deliver this runtime config bundle at boot (real Nitro; emulation: "
+    "`run --config`).",
+    endorsement_help="Deliver this release endorsement at boot (real Nitro; emulation: "
+    "`run --endorsement`).",
+    credentials_help=_CREDENTIALS_HELP + " Real Nitro; emulation: `run --aws-credentials-env`.",
 )
 def proxy(
     enclave_id: str | None,
@@ -362,26 +343,19 @@ def proxy(
     is_flag=True,
     help="Debug enclave: readable console, PCRs zero, so no release can match (no endorsement).",
 )
-@click.option(
-    "--config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Runtime config bundle signed by the operator key.",
-)
-@click.option(
-    "--endorsement",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Serve this release endorsement instead of publishing the image to the dev log.",
+@boot_input_options(
+    config_help="Runtime config bundle signed by the operator key.",
+    endorsement_help="Serve this release endorsement instead of publishing the image to the "
+    "dev log.",
+    credentials_help=_CREDENTIALS_HELP,
 )
 @click.option(
     "--trust-out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     default=None,
     help="Write the client trust file (dev Nitro root, dev log key, dev witness, dev "
     "publisher) for `hermetic connect --trust`.",
 )
-@click.option("--aws-credentials-env", "forward_credentials", is_flag=True, help=_CREDENTIALS_HELP)
 def up(
     source: Path,
     listen: str,
