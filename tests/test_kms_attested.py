@@ -316,6 +316,37 @@ def test_call_without_recipient_is_denied_and_logged(
     assert "got <absent>" in line
 
 
+def test_unattested_helpers_reach_only_keys_that_need_no_attestation(
+    server: ServerThread, enclave_client: EnclaveKMSClient, pinned_key: str
+) -> None:
+    # A key the enclave principal may use without conditions (what the KMS bench's plain
+    # path uses): the explicitly unattested calls get the plaintext back in the clear.
+    policy = json.loads(_pinned_policy(IMAGE[0]))
+    del policy["Statement"][1]["Condition"]
+    policy["Statement"][1]["Action"].append("kms:Encrypt")
+    admin = _boto(server.endpoint, ADMIN)
+    plain_key = str(admin.create_key(Policy=json.dumps(policy))["KeyMetadata"]["KeyId"])
+    secret = os.urandom(32)
+    blob = enclave_client.encrypt(plain_key, secret, encryption_context={"svc": "p"})
+    assert (
+        enclave_client.decrypt_without_recipient(
+            blob, key_id=plain_key, encryption_context={"svc": "p"}
+        )
+        == secret
+    )
+    data_key = enclave_client.generate_data_key_without_recipient(plain_key)
+    assert len(data_key.plaintext) == 32
+    assert enclave_client.decrypt_without_recipient(data_key.ciphertext_blob) == (
+        data_key.plaintext
+    )
+    # The pinned key still refuses them, with the client's typed error.
+    pinned_blob = admin.encrypt(KeyId=pinned_key, Plaintext=secret)["CiphertextBlob"]
+    with pytest.raises(KMSAccessDeniedError, match="AccessDeniedException"):
+        enclave_client.decrypt_without_recipient(pinned_blob, key_id=pinned_key)
+    with pytest.raises(KMSAccessDeniedError, match="AccessDeniedException"):
+        enclave_client.generate_data_key_without_recipient(pinned_key)
+
+
 def test_real_aws_document_is_denied_under_the_dev_root(
     server: ServerThread, vectors: Path, pinned_key: str, caplog: pytest.LogCaptureFixture
 ) -> None:

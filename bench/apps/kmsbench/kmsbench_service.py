@@ -16,9 +16,9 @@ Both paths use the same botocore client, connection pool, forwarder and egress:
 * ``attested``: ``app.context.kms.decrypt`` / ``generate_data_key``, i.e. with
   ``Recipient`` (NSM document, RSA-OAEP unwrap of ``CiphertextForRecipient``), under the
   key named ``attested_key`` whose policy is pinned to this image's PCR0;
-* plain: the same call without ``Recipient`` on the botocore client inside
-  ``EnclaveKMSClient`` (``_kms``; the client deliberately has no public plain Decrypt, and
-  a second botocore client would not share the pool), under ``plain_key``, which the
+* plain: the same call without ``Recipient``, through the same client's explicitly
+  unattested ``decrypt_without_recipient`` / ``generate_data_key_without_recipient`` (a
+  second botocore client would not share the pool), under ``plain_key``, which the
   enclave principal may use without conditions.
 
 The runtime config names the keys::
@@ -73,14 +73,12 @@ def _call_for(op: str, attested: bool) -> Callable[[], None]:
     if op == "generate_data_key":
         if attested:
             return lambda: _expect_len(kms.generate_data_key(key_id).plaintext, 32)
-        return lambda: _expect_len(
-            kms._kms.generate_data_key(KeyId=key_id, KeySpec="AES_256")["Plaintext"], 32
-        )
+        return lambda: _expect_len(kms.generate_data_key_without_recipient(key_id).plaintext, 32)
     secret = os.urandom(32)
     blob = kms.encrypt(key_id, secret)  # not timed: Encrypt releases nothing
     if attested:
         return lambda: _expect(kms.decrypt(blob, key_id=key_id), secret)
-    return lambda: _expect(kms._kms.decrypt(CiphertextBlob=blob, KeyId=key_id)["Plaintext"], secret)
+    return lambda: _expect(kms.decrypt_without_recipient(blob, key_id=key_id), secret)
 
 
 def _expect(got: bytes, want: bytes) -> None:

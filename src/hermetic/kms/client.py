@@ -260,6 +260,46 @@ class EnclaveKMSClient:
             args["EncryptionContext"] = dict(encryption_context)
         return _field(self._call("encrypt", args, None), "CiphertextBlob")
 
+    def decrypt_without_recipient(
+        self,
+        ciphertext_blob: bytes,
+        *,
+        key_id: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """NOT ATTESTED: plain Decrypt, with no ``Recipient``; KMS returns the plaintext
+        in the clear to whoever holds these credentials (no PCR condition can apply).
+
+        Only for keys whose policy deliberately needs no attestation, and for measuring the
+        attested path against the plain one (``bench/apps/kmsbench``) over the same
+        connection pool, forwarder and egress. For key release use :meth:`decrypt`.
+        """
+        args: dict[str, Any] = {"CiphertextBlob": ciphertext_blob}
+        if key_id is not None:
+            args["KeyId"] = key_id
+        if encryption_context:
+            args["EncryptionContext"] = dict(encryption_context)
+        return _field(self._call("decrypt", args, None), "Plaintext")
+
+    def generate_data_key_without_recipient(
+        self,
+        key_id: str,
+        *,
+        encryption_context: Mapping[str, str] | None = None,
+        key_spec: str = "AES_256",
+    ) -> DataKey:
+        """NOT ATTESTED: plain GenerateDataKey, with no ``Recipient``; the plaintext key
+        comes back in the clear (same caveats as :meth:`decrypt_without_recipient`)."""
+        args: dict[str, Any] = {"KeyId": key_id, "KeySpec": key_spec}
+        if encryption_context:
+            args["EncryptionContext"] = dict(encryption_context)
+        response = self._call("generate_data_key", args, None)
+        return DataKey(
+            plaintext=_field(response, "Plaintext"),
+            ciphertext_blob=_field(response, "CiphertextBlob"),
+            key_id=str(response.get("KeyId", key_id)),
+        )
+
     def close(self) -> None:
         self._kms.close()
 
