@@ -29,16 +29,14 @@ def kms() -> None:
 
 
 def _listen(value: str, port: int | None) -> tuple[str, int]:
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"--listen: expected HOST:PORT, got {value!r}")
-    try:
-        listen_port = int(port_text) if port is None else port
-    except ValueError:
-        raise UsageError(f"--listen: port must be a number, got {port_text!r}") from None
-    if not 0 <= listen_port <= 65535:
-        raise UsageError(f"port: expected 0..65535, got {listen_port}")
-    return host.strip("[]"), listen_port
+    from hermetic.transport.tcp import parse_hostport
+
+    address = parse_hostport(value, field="--listen", allow_port_zero=True)
+    if port is None:
+        return address.host, address.port
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port: expected 0..65535, got {port}")
+    return address.host, port
 
 
 def _trust_root(choice: str) -> TrustRoot:

@@ -15,7 +15,7 @@ import click
 
 from hermetic.cli import echo_json
 from hermetic.cli._options import write_secret
-from hermetic.errors import HermeticError, MalformedInputError, UsageError
+from hermetic.errors import HermeticError, MalformedInputError
 from hermetic.paths import state_dir
 
 
@@ -34,13 +34,6 @@ def _verifier(value: str, what: str):  # type: ignore[no-untyped-def]
     from hermetic.translog.note import NoteVerifier
 
     return NoteVerifier.from_vkey(_read_text(value, what))
-
-
-def _parse_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"--listen must be HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 @click.group("log")
@@ -128,8 +121,10 @@ def serve(db: str | None, listen: str, key_file: Path | None, origin: str | None
     from hermetic.translog import service
     from hermetic.translog.note import Ed25519NoteSigner, generate_key
     from hermetic.translog.store import open_store
+    from hermetic.transport.tcp import parse_hostport
 
-    host, port = _parse_listen(listen)
+    address = parse_hostport(listen, field="--listen")
+    host, port = address.host, address.port
     base = state_dir() / "translog"
     if key_file is None:
         key_file = base / "log.skey"
