@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import cbor2
 
 from hermetic.cbor import canonical_dumps, strict_loads
 from hermetic.errors import EvidenceFormatError, HermeticError, MalformedInputError
+from hermetic.nsm.client import Attester
 from hermetic.translog.release import Endorsement, SignedStatement
 
 VERSION = 1
@@ -263,17 +264,6 @@ def _describe(value: object) -> str:
 
 
 # --- the server side ------------------------------------------------------------------------
-
-
-class Attester(Protocol):
-    """What the provider needs from an NSM: :class:`hermetic.nsm.NSMClient` fits."""
-
-    def attest(
-        self,
-        user_data: bytes | None = None,
-        nonce: bytes | None = None,
-        public_key: bytes | None = None,
-    ) -> bytes: ...
 
 
 def make_evidence_provider(

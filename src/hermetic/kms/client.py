@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -37,6 +37,7 @@ from hermetic.errors import (
     UsageError,
 )
 from hermetic.kms.cms import decrypt_for_recipient
+from hermetic.nsm.client import Attester
 
 __all__ = [
     "Attester",
@@ -53,17 +54,6 @@ _ERROR_TYPES: Mapping[str, type[KMSServiceError]] = {
     "NotFoundException": KMSNotFoundError,
     "ValidationException": KMSValidationError,
 }
-
-
-class Attester(Protocol):
-    """What the client needs from the NSM (:class:`hermetic.nsm.NSMClient` fits)."""
-
-    def attest(
-        self,
-        user_data: bytes | None = None,
-        nonce: bytes | None = None,
-        public_key: bytes | None = None,
-    ) -> bytes: ...
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ accept. See ``docs/nsm.md``.
 
 from __future__ import annotations
 
-from hermetic.nsm.client import Backend, NSMClient, NSMDescription, PCRState
+from hermetic.nsm.client import Attester, Backend, NSMClient, NSMDescription, PCRState
 from hermetic.nsm.device import DeviceBackend
 from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.messages import ErrorCode
@@ -19,6 +19,7 @@ from hermetic.nsm.server import SOCKET_ENV, SocketBackend, serve_forever, start_
 
 __all__ = [
     "SOCKET_ENV",
+    "Attester",
     "Backend",
     "DevPKI",
     "DeviceBackend",

@@ -44,6 +44,21 @@ class Backend(Protocol):
     def transact(self, request: bytes) -> bytes: ...
 
 
+class Attester(Protocol):
+    """Anything that produces an attestation document the way the NSM does.
+
+    :class:`NSMClient` fits; relying-party helpers (evidence providers, the enclave KMS
+    client) take this narrow interface so tests and the emulator can stand in for it.
+    """
+
+    def attest(
+        self,
+        user_data: bytes | None = None,
+        nonce: bytes | None = None,
+        public_key: bytes | None = None,
+    ) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class PCRState:
     """One PCR as the module reports it."""
