@@ -25,8 +25,7 @@ import ssl
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 
-from bench.report import print_table
+from bench.report import print_table, temporary_state_dir
 from hermetic.channel import aio
 from hermetic.channel.noise import StaticKeypair
 from hermetic.channel.session import ClientSession, MakeEvidence, VerifyEvidence
@@ -240,21 +239,6 @@ def _aes_gcm_ceiling() -> float:
     return TRANSFER / (time.perf_counter() - start)
 
 
-@contextmanager
-def _temporary_state_dir() -> Iterator[Path]:
-    """A fresh HERMETIC_STATE_DIR (dev PKI, dev log) for this run, restored afterwards."""
-    previous = os.environ.get("HERMETIC_STATE_DIR")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["HERMETIC_STATE_DIR"] = tmp
-        try:
-            yield Path(tmp)
-        finally:
-            if previous is None:
-                os.environ.pop("HERMETIC_STATE_DIR", None)
-            else:
-                os.environ["HERMETIC_STATE_DIR"] = previous
-
-
 @dataclass(frozen=True)
 class RealEvidence:
     """Both ends' evidence callbacks, the bundle size and the client's ClientTrust."""
@@ -386,5 +370,5 @@ async def run(real: RealEvidence) -> bool:
 
 
 def main() -> bool:
-    with _temporary_state_dir() as state:
+    with temporary_state_dir() as state:
         return asyncio.run(run(real_evidence(state)))

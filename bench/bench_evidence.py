@@ -12,30 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from bench.report import p50, print_table, time_per_call
+from bench.report import p50, print_table, temporary_state_dir, time_per_call
 
 GOAL = 2.0
 ORIGIN = "bench.hermetic.test/log"
 
 
 def main() -> bool:
-    previous = os.environ.get("HERMETIC_STATE_DIR")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["HERMETIC_STATE_DIR"] = tmp
-        try:
-            return _run(Path(tmp))
-        finally:
-            if previous is None:
-                os.environ.pop("HERMETIC_STATE_DIR", None)
-            else:
-                os.environ["HERMETIC_STATE_DIR"] = previous
+    with temporary_state_dir() as tmp:
+        return _run(tmp)
 
 
 def _run(tmp: Path) -> bool:

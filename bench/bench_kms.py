@@ -36,7 +36,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from bench.report import p50, print_table, time_per_call
+from bench.report import p50, print_table, temporary_state_dir, time_per_call
 
 GOAL = 2.0
 CALLERS = 8
@@ -63,16 +62,8 @@ PCRS = {i: hashlib.sha384(f"bench-pcr{i}".encode()).digest() for i in (0, 1, 2)}
 
 
 def main() -> bool:
-    previous = os.environ.get("HERMETIC_STATE_DIR")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["HERMETIC_STATE_DIR"] = tmp
-        try:
-            return _run(Path(tmp))
-        finally:
-            if previous is None:
-                os.environ.pop("HERMETIC_STATE_DIR", None)
-            else:
-                os.environ["HERMETIC_STATE_DIR"] = previous
+    with temporary_state_dir() as tmp:
+        return _run(tmp)
 
 
 def _run(tmp: Path) -> bool:

@@ -9,32 +9,17 @@ figure is the peer that shows what the socket costs.
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.report import p50, print_table, time_per_call
+from bench.report import p50, print_table, temporary_state_dir, time_per_call
 
 LIMIT_MS = 10.0
 
 
 def main() -> bool:
-    previous = os.environ.get("HERMETIC_STATE_DIR")
-    try:
-        return _measure()
-    finally:
-        if previous is None:
-            os.environ.pop("HERMETIC_STATE_DIR", None)
-        else:
-            os.environ["HERMETIC_STATE_DIR"] = previous
-
-
-def _measure() -> bool:
-    # A throw-away state directory: the benchmark must not touch the developer's dev root.
-    with tempfile.TemporaryDirectory() as state:
-        os.environ["HERMETIC_STATE_DIR"] = state
+    with temporary_state_dir() as state:
         from hermetic.nsm import EmulatedNSM, NSMClient, SocketBackend, start_server
 
         module = EmulatedNSM(now=datetime.now(UTC))

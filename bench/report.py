@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 
 def time_per_call(
@@ -37,3 +41,21 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
     return str(value)
+
+
+@contextmanager
+def temporary_state_dir() -> Iterator[Path]:
+    """A fresh HERMETIC_STATE_DIR for one benchmark, restored afterwards.
+
+    Benchmarks must never touch the developer's dev root, dev log or enclave records.
+    """
+    previous = os.environ.get("HERMETIC_STATE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["HERMETIC_STATE_DIR"] = tmp
+        try:
+            yield Path(tmp)
+        finally:
+            if previous is None:
+                os.environ.pop("HERMETIC_STATE_DIR", None)
+            else:
+                os.environ["HERMETIC_STATE_DIR"] = previous
