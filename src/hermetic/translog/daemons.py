@@ -19,10 +19,10 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 
@@ -39,6 +39,8 @@ from hermetic.translog.client import LogClient
 from hermetic.translog.note import NoteVerifier, split_note
 from hermetic.translog.release import SignedStatement
 from hermetic.translog.witness import WitnessState
+
+_T = TypeVar("_T")
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -169,18 +171,29 @@ class WitnessDaemon:
 
         A fork or split view is raised, not yielded: the witness stops.
         """
-        while True:
-            try:
-                yield self.step()
-            except SplitViewError:
-                raise
-            except HermeticError as exc:
-                if once:
-                    raise
-                yield exc
+        return _follow(lambda: (self.step(),), interval, once)
+
+
+def _follow(
+    step: Callable[[], Iterable[_T]], interval: float, once: bool
+) -> Iterator[_T | HermeticError]:
+    """The daemons' loop: run ``step`` every ``interval`` seconds, yielding what it yields.
+
+    A transient HermeticError (log unreachable, bad response) is yielded and the loop goes on;
+    with ``once`` it is raised. A split view or fork is always raised: the daemon stops.
+    """
+    while True:
+        try:
+            yield from step()
+        except SplitViewError:
+            raise
+        except HermeticError as exc:
             if once:
-                return
-            time.sleep(interval)
+                raise
+            yield exc
+        if once:
+            return
+        time.sleep(interval)
 
 
 # --- monitor ------------------------------------------------------------------------------
@@ -275,15 +288,5 @@ class Monitor:
         )
 
     def run(self, interval: float, once: bool = False) -> Iterator[MonitorEvent | HermeticError]:
-        while True:
-            try:
-                yield from self.step()
-            except SplitViewError:
-                raise
-            except HermeticError as exc:
-                if once:
-                    raise
-                yield exc
-            if once:
-                return
-            time.sleep(interval)
+        """Step every ``interval`` seconds; yields events and transient errors (forks raise)."""
+        return _follow(self.step, interval, once)
