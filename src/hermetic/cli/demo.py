@@ -93,21 +93,11 @@ class Demo:
 
     def start(self, title: str, args: Sequence[str], port: int) -> None:
         """Start a long-running ``hermetic`` server and wait until its port accepts."""
-        click.secho(f"\n$ hermetic {shlex.join(args)} &", fg="cyan")
-        log = (self.work / f"{title.replace(' ', '-')}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hermetic", *args],
-            env=self.env,
-            cwd=self.work,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.started.append(proc)
+        proc, log = self._spawn(title, args)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise DemoStepError(f"{title}: server exited {proc.returncode}; see {log.name}")
+                raise DemoStepError(f"{title}: server exited {proc.returncode}; see {log}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 click.echo(f"  {title} listening on 127.0.0.1:{port}")
                 return
@@ -116,21 +106,27 @@ class Demo:
 
     def start_background(self, title: str, args: Sequence[str]) -> None:
         """Start a long-running ``hermetic`` process that listens on no port."""
-        click.secho(f"\n$ hermetic {shlex.join(args)} &", fg="cyan")
-        log = (self.work / f"{title.replace(' ', '-')}.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hermetic", *args],
-            env=self.env,
-            cwd=self.work,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.started.append(proc)
+        proc, log = self._spawn(title, args)
         time.sleep(0.5)
         if proc.poll() is not None:
-            raise DemoStepError(f"{title}: exited {proc.returncode}; see {log.name}")
-        click.echo(f"  {title} running (log: {log.name})")
+            raise DemoStepError(f"{title}: exited {proc.returncode}; see {log}")
+        click.echo(f"  {title} running (log: {log})")
+
+    def _spawn(self, title: str, args: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``hermetic ARGS`` in its own session, its output in ``TITLE.log``."""
+        click.secho(f"\n$ hermetic {shlex.join(args)} &", fg="cyan")
+        log = self.work / f"{title.replace(' ', '-')}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hermetic", *args],
+                env=self.env,
+                cwd=self.work,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append(proc)
+        return proc, log
 
     def stop_all(self) -> None:
         for enclave_id in self.enclaves:
