@@ -9,21 +9,22 @@ avoided).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench.report import p50, print_table, time_per_call
 from hermetic.attestation import AttestationVerifier, Policy, TrustRoot, decode, sig_structure
-from hermetic.paths import shared_dir
 
 VECTOR = "libsignal-2"
 VERIFY_AT = 1705431295
 GOAL = 1.5
+VECTORS = Path(__file__).resolve().parents[1] / "tests" / "vectors"
 
 
 def main() -> bool:
-    data = (shared_dir() / "vectors" / "nitro" / f"{VECTOR}.cbor").read_bytes()
+    data = (VECTORS / "nitro" / f"{VECTOR}.cbor").read_bytes()
     now = datetime.fromtimestamp(VERIFY_AT, UTC)
     root = TrustRoot.aws()
     policy = Policy()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from hermetic.paths import shared_dir
+from helpers import VECTORS
 
 if TYPE_CHECKING:
     from apps.probe.harness import Release
@@ -17,11 +17,12 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def vectors() -> Path:
-    """``../shared/vectors``: the published vectors every format is tested against."""
-    path = shared_dir() / "vectors"
-    if not path.is_dir():
-        pytest.fail(f"vectors not found at {path}: set HERMETIC_SHARED to the shared/ folder")
-    return path
+    """``tests/vectors``: the published vectors every format is tested against.
+
+    They live in the repository (each folder's README gives source and licence), so a
+    clone alone runs the suite.
+    """
+    return VECTORS
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+VECTORS = Path(__file__).resolve().parent / "vectors"
+"""The published test vectors, kept in the repository (see each folder's README)."""
+
 
 def hermetic(
     *args: str | Path,

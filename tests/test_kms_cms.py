@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import VECTORS
 from hermetic.errors import CMSDecryptionError, CMSFormatError, HermeticError, MalformedInputError
 from hermetic.kms.cms import (
     CiphertextForRecipient,
@@ -21,9 +22,8 @@ from hermetic.kms.cms import (
     parse_ciphertext_for_recipient,
     recipient_key_identifier,
 )
-from hermetic.paths import shared_dir
 
-_SAMPLE_1 = (shared_dir() / "vectors" / "nitro" / "aws-sdk-c-kms-cms-1.ber").read_bytes()
+_SAMPLE_1 = (VECTORS / "nitro" / "aws-sdk-c-kms-cms-1.ber").read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The log's HTTP API, in process (starlette's test client drives the real ASGI app).
 
 The tile and bundle bytes are compared with the tlog-tiles log that golang.org/x/mod
-generated for the same 300 entries (shared/vectors/merkle/tiles-300-x-mod): that is what
+generated for the same 300 entries (tests/vectors/merkle/tiles-300-x-mod): that is what
 "an independent tlog client can read it" means byte for byte.
 """
 

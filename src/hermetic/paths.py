@@ -21,14 +21,3 @@ def state_dir() -> Path:
         base = Path(xdg) / "hermetic" if xdg else Path.home() / ".local" / "state" / "hermetic"
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     return base
-
-
-def shared_dir() -> Path:
-    """The project's ``shared/`` folder (vectors, reference notes) beside the checkout.
-
-    ``$HERMETIC_SHARED`` overrides it; tests and benchmarks use it to find vectors.
-    """
-    explicit = os.environ.get("HERMETIC_SHARED")
-    if explicit:
-        return Path(explicit)
-    return Path(__file__).resolve().parents[3] / "shared"
