@@ -7,6 +7,7 @@ so colleagues editing the source tree while the tests run cannot make two builds
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import os
@@ -149,7 +150,14 @@ def test_pcrs_are_reproducible_from_the_file_with_hashlib_alone(
     app_layer = data[app_start : app_start + app_size]
     assert measured.pcr1 == tpm_pcr(runtime_layer)
     assert measured.pcr2 == tpm_pcr(app_layer)
-    assert measured.pcr0 == tpm_pcr(runtime_layer + app_layer)
+    # PCR0: each layer behind its section header (u16 type, u16 flags 0, u64 length), which
+    # is the file's one byte range from the end of the 16-byte header to the app layer's end.
+    layers = b"".join(
+        struct.pack(">HHQ", kind, 0, len(layer)) + layer
+        for kind, layer in ((1, runtime_layer), (2, app_layer))
+    )
+    assert layers == data[16 : app_start + app_size]
+    assert measured.pcr0 == tpm_pcr(layers)
     assert (measured.service, measured.version, measured.kind) == ("echo", "0.1.0", "hermetic")
 
 
@@ -389,6 +397,22 @@ def test_mutated_image_raises_only_hermetic_errors(small_image: bytes, data: st.
     for candidate in (bytes(image), fixed):
         with contextlib.suppress(HermeticError):
             parse_image(candidate)
+
+
+@_FUZZ
+@given(data=st.data())
+def test_bytes_inserted_into_a_layer_are_never_accepted(
+    small_image: bytes, data: st.DataObject
+) -> None:
+    # Section sizes and the CRC are rewritten, so only the layer reader stands in the way:
+    # trailing bytes, bytes in padding or between entries, anywhere in either layer.
+    sections = decode_image(small_image)
+    which = data.draw(st.sampled_from(["runtime_layer", "app_layer"]))
+    layer = bytearray(getattr(sections, which))
+    at = data.draw(st.one_of(st.just(len(layer)), st.integers(0, len(layer))))
+    layer[at:at] = data.draw(st.one_of(st.binary(min_size=1, max_size=1024), st.just(bytes(512))))
+    with pytest.raises(HermeticError):
+        parse_image(encode_image(dataclasses.replace(sections, **{which: bytes(layer)})))
 
 
 def _docs_block(language: str) -> str:

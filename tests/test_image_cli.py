@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -87,6 +89,21 @@ def test_bad_files_exit_2_with_one_line(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "bad.img"
     path.write_bytes(content)
     assert_one_line_error(hermetic("image", "measure", str(path)), 2)
+
+
+def test_measure_refuses_a_version_1_image_and_says_to_rebuild(
+    built: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
+    # Version 1 had this layout; its PCR0 did not commit to the layer boundaries.
+    body = bytearray(built[0].read_bytes()[:-4])
+    struct.pack_into(">H", body, 8, 1)
+    old = tmp_path / "old.img"
+    old.write_bytes(bytes(body) + struct.pack(">I", zlib.crc32(body)))
+    for command in (["image", "measure", str(old)], ["image", "inspect", str(old)]):
+        result = hermetic(*command)
+        assert_one_line_error(result, 2)
+        assert "ImageVersionError" in result.stderr
+        assert "rebuild the image with `hermetic build`" in result.stderr
 
 
 def test_eif_with_bad_crc_exits_2(tmp_path: Path) -> None:

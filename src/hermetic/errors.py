@@ -162,8 +162,20 @@ class ImageChecksumError(ImageFormatError):
     """A hermetic image file's CRC32 trailer does not match its contents."""
 
 
+class ImageVersionError(ImageFormatError):
+    """A hermetic image file is in a format version this reader refuses (rebuild it)."""
+
+
 class LayerFormatError(ImageFormatError):
     """A layer archive is unreadable or holds an entry an image may not contain."""
+
+
+class LayerTrailingDataError(LayerFormatError):
+    """A layer has bytes after its last entry other than the writer's zero end blocks.
+
+    A tar reader stops at the end-of-archive blocks and ignores what follows, so such bytes
+    would be measured without being part of the layer: they are refused, never skipped.
+    """
 
 
 class EIFFormatError(ImageError, MalformedInputError):

@@ -11,7 +11,11 @@ report against nitro-cli and enclaver). Symlinks, devices, FIFOs and sockets are
 rather than silently dropped, so an image never differs from its source without an error.
 
 Reading is as strict as writing: a layer must be in this normal form, so a layer that was
-not produced this way (path escapes, links, odd owners) is rejected before extraction.
+not produced this way (path escapes, links, odd owners) is rejected before extraction. The
+check is on bytes, not just on what tarfile reports: a layer must be exactly what
+:func:`write_layer` emits for the entries it holds. A tar reader silently skips a great deal
+(whatever follows the end-of-archive blocks, padding contents, header bytes after a NUL),
+and a measured byte that no reader looks at would let two different images share a PCR.
 """
 
 from __future__ import annotations
@@ -24,13 +28,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from hermetic.errors import AppContentError, LayerFormatError
+from hermetic.errors import AppContentError, LayerFormatError, LayerTrailingDataError
 
 FILE_MODE = 0o644
 EXEC_MODE = 0o755
 DIR_MODE = 0o755
 # Largest mtime a ustar header holds without a pax record (11 octal digits).
 MAX_MTIME = 8**11 - 1
+# tarfile's layout, which write_layer produces: 512-byte blocks, an archive closed by two
+# zero blocks and zero-padded to a whole 20-block record.
+BLOCK_SIZE = tarfile.BLOCKSIZE
+END_OF_ARCHIVE_SIZE = 2 * tarfile.BLOCKSIZE
+RECORD_SIZE = tarfile.RECORDSIZE
 
 IGNORED_DIRS = frozenset(
     {
@@ -169,7 +178,13 @@ def write_layer(entries: Sequence[LayerEntry], mtime: int) -> bytes:
 
 
 def read_layer(data: bytes, what: str) -> list[LayerEntry]:
-    """Parse a layer and check it is in normal form; raise :class:`LayerFormatError`."""
+    """Parse a layer and check it is in normal form; raise :class:`LayerFormatError`.
+
+    Normal form is byte-exact: after the per-entry checks, the entries are written again
+    with :func:`write_layer` and must give back ``data`` itself, so every byte (headers,
+    file data, block padding, the two end-of-archive blocks and the record padding) is one
+    the writer put there. Anything else is refused with a message naming where it is.
+    """
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:", encoding="utf-8") as tar:
             members = tar.getmembers()
@@ -193,7 +208,75 @@ def read_layer(data: bytes, what: str) -> list[LayerEntry]:
         parent = PurePosixPath(e.path).parent.as_posix()
         if parent != "." and parent not in known_dirs:
             raise LayerFormatError(f"{what}: {e.path!r} has no directory entry for {parent!r}")
+    mtime = members[0].mtime if members else 0
+    if not isinstance(mtime, int) or not 0 <= mtime <= MAX_MTIME:
+        raise LayerFormatError(f"{what}: mtime must be an integer in 0..{MAX_MTIME}, got {mtime}")
+    _check_normal_form(data, write_layer(entries, mtime), members, what)
     return entries
+
+
+def _check_normal_form(
+    data: bytes, expected: bytes, members: Sequence[tarfile.TarInfo], what: str
+) -> None:
+    """Raise unless ``data`` is ``expected`` byte for byte, saying where they part."""
+    if data == expected:
+        return
+    at = _first_difference(data, expected)
+    # Up to ``at`` the layer is in normal form, so tarfile's offsets locate ``at`` exactly.
+    entries_end = members[-1].offset_data + _padded(members[-1].size) if members else 0
+    if at >= entries_end:
+        padding_start = entries_end + END_OF_ARCHIVE_SIZE
+        if at == len(expected):
+            raise LayerTrailingDataError(
+                f"{what}: {len(data) - len(expected)} bytes after the end of the archive, which "
+                f"must end at byte {len(expected)} (two zero end-of-archive blocks at "
+                f"{entries_end}, then zero padding to a {RECORD_SIZE}-byte record); "
+                "a tar reader would ignore them"
+            )
+        if at == len(data):
+            raise LayerFormatError(
+                f"{what}: ends at byte {len(data)}, but its two zero end-of-archive blocks "
+                f"(from byte {entries_end}) and record padding must run to byte {len(expected)}"
+            )
+        region = (
+            f"the end-of-archive blocks (bytes {entries_end}..{padding_start})"
+            if at < padding_start
+            else f"the record padding (bytes {padding_start}..{len(expected)})"
+        )
+        raise LayerTrailingDataError(
+            f"{what}: byte {at} is {data[at]:#04x} in {region}, which must be zero; "
+            "a tar reader would ignore it"
+        )
+    member = next(m for m in reversed(members) if m.offset <= at)
+    if at < member.offset_data:
+        raise LayerFormatError(
+            f"{what}: the header of {member.name!r} (bytes {member.offset}..{member.offset_data}) "
+            f"is not the one the writer emits for it (first difference at byte {at})"
+        )
+    data_end = member.offset_data + member.size
+    if at >= data_end:
+        raise LayerFormatError(
+            f"{what}: byte {at} is {data[at]:#04x} in the padding after the data of "
+            f"{member.name!r} (bytes {data_end}..{member.offset_data + _padded(member.size)}), "
+            "which must be zero"
+        )
+    raise LayerFormatError(
+        f"{what}: the data of {member.name!r} differs from its normal form at byte {at}"
+    )
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    """Index of the first byte where ``a`` and ``b`` differ (or the shorter length)."""
+    chunk = 1 << 16
+    start = 0
+    while a[start : start + chunk] == b[start : start + chunk] and start < min(len(a), len(b)):
+        start += chunk
+    limit = min(len(a), len(b), start + chunk)
+    return next((i for i in range(start, limit) if a[i] != b[i]), limit)
 
 
 def _entry(tar: tarfile.TarFile, member: tarfile.TarInfo, what: str) -> LayerEntry:

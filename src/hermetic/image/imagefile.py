@@ -3,7 +3,7 @@
 Layout (big-endian, like EIF)::
 
     header   8  magic b"HRMTIMG\\n"
-             2  format version (1)
+             2  format version (2)
              2  flags (0)
              4  number of sections (3, or 4 when signed)
     section  2  type (1 runtime layer, 2 app layer, 3 metadata JSON, 4 signature)
@@ -19,9 +19,17 @@ tar would bury them behind headers and padding, and an EIF would be mistaken for
 bootable Nitro image. This keeps EIF's ideas (sections, a CRC, the PcrSignature section,
 metadata outside the measurement) in a format that is trivially reproducible.
 
-PCR1 measures the runtime layer, PCR2 the app layer, PCR0 both in that order, PCR8 the
-signing certificate. The image's name and version are taken from the manifest inside the
-measured app layer; the metadata section must agree with it or the image is rejected.
+PCR1 measures the runtime layer, PCR2 the app layer, PCR8 the signing certificate. PCR0
+measures both layer sections as they lie in the file, each with its section header, i.e.
+the one byte range from offset 16 to the end of the app layer. The headers carry the
+layers' types and lengths, so the input says where one layer ends and the next begins:
+with the layers merely concatenated (format version 1), bytes moved from the head of one
+layer to the tail of the other left PCR0 unchanged, and a key policy pinning only PCR0
+(``ImageSha384``) would have accepted the altered image. Together with the layer reader
+refusing any byte a tar reader would skip, two different images cannot share a PCR0.
+
+The image's name and version are taken from the manifest inside the measured app layer;
+the metadata section must agree with it or the image is rejected.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from hermetic.errors import (
     ImageFileError,
     ImageFormatError,
     ImageTruncatedError,
+    ImageVersionError,
     LayerFormatError,
     ManifestError,
 )
@@ -52,7 +61,9 @@ from hermetic.image.signing import (
 )
 
 MAGIC = b"HRMTIMG\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1's PCR0 hashed the layers without their boundaries; its images are refused.
+BOUNDARYLESS_PCR0_VERSION = 1
 HEADER = struct.Struct(">8sHHI")
 SECTION_HEADER = struct.Struct(">HHQ")
 TRAILER = struct.Struct(">I")
@@ -128,7 +139,7 @@ def encode_image(sections: ImageSections) -> bytes:
         parts.append((SECTION_SIGNATURE, sections.signature))
     out = bytearray(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(parts)))
     for kind, data in parts:
-        out += SECTION_HEADER.pack(kind, 0, len(data))
+        out += _section_header(kind, data)
         out += data
     out += TRAILER.pack(zlib.crc32(out))
     return bytes(out)
@@ -143,8 +154,14 @@ def decode_image(data: bytes) -> ImageSections:
     if len(data) < HEADER.size + TRAILER.size:
         raise ImageTruncatedError(f"image: {len(data)} bytes, shorter than header and trailer")
     _, version, flags, count = HEADER.unpack_from(data)
+    if version == BOUNDARYLESS_PCR0_VERSION:
+        raise ImageVersionError(
+            f"image: format version {version} is no longer accepted (its PCR0 did not commit "
+            f"to the layer boundaries, so two different images could share it); rebuild the "
+            f"image with `hermetic build` to get a version {FORMAT_VERSION} image"
+        )
     if version != FORMAT_VERSION:
-        raise ImageFormatError(f"image: format version must be {FORMAT_VERSION}, got {version}")
+        raise ImageVersionError(f"image: format version must be {FORMAT_VERSION}, got {version}")
     if flags != 0:
         raise ImageFormatError(f"image: header flags must be 0, got {flags:#x}")
     if count not in (3, 4):
@@ -189,12 +206,26 @@ def decode_image(data: bytes) -> ImageSections:
 def measure_sections(
     sections: ImageSections, signatures: tuple[PcrSignature, ...]
 ) -> tuple[bytes, bytes, bytes, bytes | None]:
-    """PCR0, PCR1, PCR2 and PCR8 (first signer, as nitro-cli) of an image's sections."""
+    """PCR0, PCR1, PCR2 and PCR8 (first signer, as nitro-cli) of an image's sections.
+
+    PCR0 hashes each layer behind its section header (type and length), exactly the bytes
+    :func:`encode_image` writes right after the file header, so the layer boundaries are
+    part of what is measured.
+    """
     whole = PcrHasher()
-    whole.update(sections.runtime_layer)
-    whole.update(sections.app_layer)
+    for kind, layer in (
+        (SECTION_RUNTIME, sections.runtime_layer),
+        (SECTION_APP, sections.app_layer),
+    ):
+        whole.update(_section_header(kind, layer))
+        whole.update(layer)
     pcr8 = signatures[0].pcr8() if signatures else None
     return whole.pcr(), pcr_of(sections.runtime_layer), pcr_of(sections.app_layer), pcr8
+
+
+def _section_header(kind: int, data: bytes) -> bytes:
+    """A section's type, zero flags and length: written to the file and measured in PCR0."""
+    return SECTION_HEADER.pack(kind, 0, len(data))
 
 
 def parse_image(data: bytes) -> Image:
