@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -40,6 +41,27 @@ def hermetic(
         cwd=cwd,
         check=check,
     )
+
+
+def state_files(root: Path) -> Iterator[tuple[Path, bytes]]:
+    """Every regular file under ``root`` with its bytes, for scans of local state (secrets,
+    leaked app output).
+
+    Services may still be removing files while the scan runs (an enclave's sockets and
+    records on its way down): a file or directory that vanishes between being listed and
+    being read is skipped, since what is gone holds nothing. ``os.walk`` already skips a
+    directory that vanishes before it is listed.
+    """
+    for directory, _, names in os.walk(root):
+        for name in sorted(names):
+            path = Path(directory) / name
+            try:
+                if not stat.S_ISREG(path.stat().st_mode):
+                    continue
+                data = path.read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            yield path, data
 
 
 def free_port() -> int:

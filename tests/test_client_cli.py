@@ -39,7 +39,7 @@ class ThreadedService:
         async def start() -> asyncio.Server:
             return await start_tcp_server("127.0.0.1", 0, provider, {"echo": echo})
 
-        self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(10)
+        self.server = asyncio.run_coroutine_threadsafe(start(), self._loop).result(60)
         self.url = f"tcp://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
 
     def close(self) -> None:

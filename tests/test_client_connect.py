@@ -159,8 +159,10 @@ async def _roundtrip(url: str, stack: Stack) -> None:
 
 
 def test_sync_convenience_connects_and_calls(stack: Stack) -> None:
+    import threading
+
     result: dict[str, Any] = {}
-    ready = asyncio.Event()
+    ready = threading.Event()  # set in the server's thread, waited on in this one
 
     async def serve_until_done(done: asyncio.Event) -> None:
         async with tcp_service(stack.provider()) as url:
@@ -168,23 +170,18 @@ def test_sync_convenience_connects_and_calls(stack: Stack) -> None:
             ready.set()
             await done.wait()
 
-    import threading
-
     loop = asyncio.new_event_loop()
     done = asyncio.Event()
     thread = threading.Thread(target=loop.run_until_complete, args=(serve_until_done(done),))
     thread.start()
     try:
-        for _ in range(200):
-            if "url" in result:
-                break
-            threading.Event().wait(0.02)
+        assert ready.wait(60), "the service did not start"
         with connect_sync(result["url"], trust=stack.fresh_trust(), policy=STRICT) as session:
             assert session.call("echo", [1, "two"]) == [1, "two"]
             assert session.verified.service == SERVICE
     finally:
         loop.call_soon_threadsafe(done.set)
-        thread.join(10)
+        thread.join(60)
         loop.close()
 
 

@@ -88,7 +88,7 @@ def running_echo(tmp_path: Path) -> Iterator[tuple[dict[str, Any], dict[str, Any
                 continue
         yield started, json.loads(trust.read_text())
         process.send_signal(signal.SIGINT)
-        assert process.wait(20) == 0, process.stderr.read()
+        assert process.wait(60) == 0, process.stderr.read()
     finally:
         if process.poll() is None:
             process.kill()

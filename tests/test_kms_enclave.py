@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from apps.probe.harness import hermetic, run_json, start_cli, stop_all
-from helpers import free_port
+from helpers import free_port, state_files
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.enclave.config import sign_config
 from hermetic.errors import RPCError
@@ -102,13 +102,13 @@ class Credentials:
         }
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"kms serve exited with {process.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
                 return
         except OSError:
             time.sleep(0.1)
@@ -274,7 +274,7 @@ async def _session(image: VaultImage, url: str, *, debug: bool = False) -> Attes
     trust_path = image.directory / "trust.json"
     DevLog(image.directory / "dev-log").write_trust(trust_path)
     policy = ServicePolicy(services=frozenset({"vault"}), allow_debug=debug)
-    return await connect(url, trust=ClientTrust.load(trust_path), policy=policy, timeout=20)
+    return await connect(url, trust=ClientTrust.load(trust_path), policy=policy, timeout=60)
 
 
 def _lines(kms: KMSServer, pattern: str) -> list[str]:
@@ -361,7 +361,7 @@ def test_up_forwards_credentials_and_serves_the_vault_through_its_egress(
 
     assert asyncio.run(scenario()) == "via up"
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=20)
+    _, err = process.communicate(timeout=60)
     assert process.returncode == 0
     assert credentials.secret_access_key not in err
     assert credentials.session_token not in err
@@ -467,15 +467,13 @@ def test_forwarded_credentials_never_reach_records_state_files_or_logs(
     assert record.supervisor_pid is not None
     cmdline = Path(f"/proc/{record.supervisor_pid}/cmdline").read_bytes()
     served.proxy.send_signal(signal.SIGTERM)
-    _, proxy_err = served.proxy.communicate(timeout=15)
+    _, proxy_err = served.proxy.communicate(timeout=60)
     stop_all()
     secrets_ = (credentials.secret_access_key.encode(), credentials.session_token.encode())
     checked = 0
-    for path in state_dir().rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            checked += 1
-            assert not any(s in data for s in secrets_), path
+    for path, data in state_files(state_dir()):
+        checked += 1
+        assert not any(s in data for s in secrets_), path
     assert checked >= 3  # records, supervisor logs, dev PKI at least
     assert any(p.name.endswith(".log") for p in (state_dir() / "enclaves").iterdir())
     for text in (proxy_err.encode(), cmdline, kms.text().encode()):

@@ -186,7 +186,7 @@ async def _echo_server() -> asyncio.Server:
 
 
 def _exchange(port: int, request: bytes, reply_size: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(request)
         data = b""
         while len(data) < reply_size:

@@ -27,7 +27,7 @@ async def test_socket_round_trip_attests_extends_and_refuses(tmp_path: Path) -> 
     async with server:
 
         def enclave_side() -> tuple[bytes, bytes, str, str]:
-            with NSMClient(SocketBackend(path, timeout=10)) as client:
+            with NSMClient(SocketBackend(path, timeout=60)) as client:
                 new = client.extend_pcr(16, b"app")
                 client.lock_pcr(16)
                 with pytest.raises(NSMError) as info:

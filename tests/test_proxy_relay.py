@@ -30,7 +30,7 @@ def _relay_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("ingress-")]
 
 
-async def _until(condition: object, timeout: float = 5.0) -> None:
+async def _until(condition: object, timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():  # type: ignore[operator]
         assert asyncio.get_running_loop().time() < deadline, "condition not reached"

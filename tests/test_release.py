@@ -461,9 +461,10 @@ def rekor() -> Iterator[tuple[str, RekorStub]]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert server.started, "the Rekor stub did not start"
     yield f"http://127.0.0.1:{port}", stub
     server.should_exit = True
     thread.join(5)

@@ -63,7 +63,7 @@ async def session(tmp_path: Path) -> AsyncIterator[AttestedSession]:
     server = await asyncio.start_unix_server(on_client, path=str(path))
     trust = DevLog(tmp_path / "dev-log").write_trust(tmp_path / "trust.json")
     opened = await connect(
-        f"unix://{path}", trust=trust, policy=ServicePolicy(allow_debug=True), timeout=10
+        f"unix://{path}", trust=trust, policy=ServicePolicy(allow_debug=True), timeout=60
     )
     try:
         yield opened

@@ -138,11 +138,11 @@ def test_clients_of_a_dead_enclave_get_a_clean_error_and_a_rerun_serves_again(
             assert record.pid is not None
             os.kill(record.pid, signal.SIGKILL)
             with pytest.raises(SessionClosedError):
-                await asyncio.wait_for(session.call("echo", 2), 10)
+                await asyncio.wait_for(session.call("echo", 2), 60)
         assert wait_state(started["EnclaveID"], "TERMINATED").state == "TERMINATED"
         for url in (tcp, addresses["websocket"]):
             with pytest.raises((SessionClosedError, TransportError)):
-                await asyncio.wait_for(probe.connect(url), 10)
+                await asyncio.wait_for(probe.connect(url), 60)
         # `hermetic run` starts it again on the same CID (reusing the endorsement it ran
         # with), and the same proxy serves it.
         again = await asyncio.to_thread(run_json, "run", str(probe.image.path))
@@ -184,7 +184,7 @@ def test_up_publishes_to_the_dev_log_and_hermetic_connect_verifies_the_echo_exam
     assert listed[addresses["EnclaveID"]]["State"] == "RUNNING"
     assert listed[addresses["EnclaveID"]]["Measurements"]["PCR0"] == built
     process.send_signal(signal.SIGINT)
-    assert process.wait(20) == 0
+    assert process.wait(60) == 0
     assert records.load(addresses["EnclaveID"]).state == "TERMINATED"
 
 
@@ -206,7 +206,7 @@ def test_up_debug_serves_without_endorsement_and_clients_must_allow_debug(
     assert lenient.returncode == 0, lenient.stderr
     assert "code is NOT proven" in lenient.stdout
     process.send_signal(signal.SIGINT)
-    assert process.wait(20) == 0
+    assert process.wait(60) == 0
     assert process.stderr is not None
     assert "serving WITHOUT an endorsement" in process.stderr.read()
 
@@ -222,5 +222,5 @@ def test_run_foreground_serves_until_sigterm(
     url = f"vsock://{started['EnclaveCID']}:5000"
     assert asyncio.run(probe.call(url, "echo", "fg")) == "fg"
     process.send_signal(signal.SIGTERM)
-    assert process.wait(20) == 0
+    assert process.wait(60) == 0
     assert records.load(started["EnclaveID"]).state == "TERMINATED"

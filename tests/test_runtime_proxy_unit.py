@@ -40,13 +40,14 @@ async def test_proxy_delivers_config_and_logs_the_enclaves_refusal(
         assert await read_frame(stream.reader) == b"bundle"
         assert await read_frame(stream.reader) == b'{"type": "hermetic.endorsement/v1"}'
         refusal = boot.BootStatus(False, "RuntimeConfigError: signature does not verify", None)
+        expected = "refused its runtime config: RuntimeConfigError: signature does not verify"
         with caplog.at_level(logging.ERROR, logger="hermetic.proxy"):
             await write_frame(stream.writer, boot.encode_status(refusal))
-            await asyncio.sleep(0.1)
+            deadline = asyncio.get_running_loop().time() + 30
+            while expected not in caplog.text and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
         await stream.aclose()
-    assert (
-        "refused its runtime config: RuntimeConfigError: signature does not verify" in caplog.text
-    )
+    assert expected in caplog.text
 
 
 async def test_other_enclaves_cannot_use_this_proxys_egress() -> None:

@@ -131,7 +131,9 @@ class LogServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> LogServerProcess:
+    def start(self, timeout: float = 90) -> LogServerProcess:
+        """Start the server and wait until it answers ``/checkpoint`` (a generous deadline:
+        a loaded machine may take many seconds to import and bind)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
@@ -146,7 +148,7 @@ class LogServerProcess:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"log server exited with {self.proc.returncode}: {err}")
             try:
-                if httpx.get(f"{self.url}/checkpoint", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/checkpoint", timeout=10).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -157,13 +159,13 @@ class LogServerProcess:
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+            self.proc.wait(60)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
 

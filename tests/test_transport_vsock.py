@@ -117,9 +117,12 @@ async def test_listener_drops_connection_that_sends_no_cid_header(tmp_path: Path
 
     listener = await vsock.listen(16, 2, handler, root=tmp_path)
     assert listener.path is not None
-    _, writer = await asyncio.open_unix_connection(str(listener.path))
+    reader, writer = await asyncio.open_unix_connection(str(listener.path))
     writer.write(b"\x00")
-    writer.close()
-    await asyncio.sleep(0.05)
+    writer.write_eof()
+    # The listener closing its end is the event that it has decided: only then is "the
+    # handler was not called" a result rather than a race.
+    assert await asyncio.wait_for(reader.read(), 30) == b""
     assert not called.is_set()
+    writer.close()
     await listener.aclose()

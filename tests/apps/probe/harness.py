@@ -86,7 +86,7 @@ def start_cli(
             continue
 
 
-def wait_state(enclave_id: str, state: str, timeout: float = 20) -> records.EnclaveRecord:
+def wait_state(enclave_id: str, state: str, timeout: float = 60) -> records.EnclaveRecord:
     deadline = time.monotonic() + timeout
     while True:
         record = records.load(enclave_id)
@@ -145,7 +145,7 @@ class Release:
     ) -> AttestedSession:
         """A verified session to ``url`` (tcp://, ws://, vsock://) of this release."""
         policy = ServicePolicy(services=frozenset({service}), allow_debug=debug)
-        session = await connect(url, trust=self.trust(), policy=policy, timeout=20)
+        session = await connect(url, trust=self.trust(), policy=policy, timeout=60)
         if not debug:
             assert session.verified.pcrs[0] == self.image.measurements.pcr0
             assert session.verified.log_index is not None
