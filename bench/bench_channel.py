@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 
-from bench.report import print_table, temporary_state_dir
+from bench.report import Goal, print_goals, print_table, temporary_state_dir
 from hermetic.channel import aio
 from hermetic.channel.noise import StaticKeypair
 from hermetic.channel.session import ClientSession, MakeEvidence, VerifyEvidence
@@ -280,7 +280,7 @@ def real_evidence(directory: Path) -> RealEvidence:
     return RealEvidence(make, verify, len(make(os.urandom(32), static)), trust)
 
 
-async def run(real: RealEvidence) -> bool:
+async def run(real: RealEvidence) -> list[Goal]:
     with tempfile.TemporaryDirectory() as tmp:
         server_tls, client_tls = _tls_contexts(Path(tmp))
         hs = await _handshakes(
@@ -298,9 +298,6 @@ async def run(real: RealEvidence) -> bool:
     ceiling = _aes_gcm_ceiling()
     mb = 1e6
     tls_hs = hs["tls"]
-    hs_ok = hs["real"] <= 1.5 * tls_hs
-    tp_plain_ok = noise >= 0.5 * plain
-    tp_tls_ok = noise >= tls
     print(
         f"handshake = connect + NX + evidence + close, p50 of {HANDSHAKES} per stack"
         f" (interleaved); real evidence bundle {real.bundle_size} bytes; client cache held"
@@ -308,7 +305,7 @@ async def run(real: RealEvidence) -> bool:
         f" {len(real.trust.releases)} verified endorsement(s)"
     )
     print_table(
-        ["measure", "hermetic Noise NX", "peer", "peer value", "ratio", "goal", "met"],
+        ["measure", "hermetic Noise NX", "peer", "peer value", "ratio"],
         [
             [
                 "handshake + real evidence p50 (ms)",
@@ -316,8 +313,6 @@ async def run(real: RealEvidence) -> bool:
                 "TLS 1.3 (ssl, P-256)",
                 tls_hs * 1e3,
                 hs["real"] / tls_hs,
-                "<= 1.50",
-                "yes" if hs_ok else "NO",
             ],
             [
                 "handshake, trivial evidence p50 (ms)",
@@ -325,14 +320,10 @@ async def run(real: RealEvidence) -> bool:
                 "TLS 1.3 (ssl, P-256)",
                 tls_hs * 1e3,
                 hs["trivial"] / tls_hs,
-                "(no goal)",
-                "",
             ],
             [
                 "  cost of real evidence (ms)",
                 (hs["real"] - hs["trivial"]) * 1e3,
-                "",
-                "",
                 "",
                 "",
                 "",
@@ -343,8 +334,6 @@ async def run(real: RealEvidence) -> bool:
                 "unencrypted TCP",
                 plain / mb,
                 noise / plain,
-                ">= 0.50",
-                "yes" if tp_plain_ok else "NO",
             ],
             [
                 "64 KiB throughput (MB/s)",
@@ -352,8 +341,6 @@ async def run(real: RealEvidence) -> bool:
                 "TLS 1.3 (ssl)",
                 tls / mb,
                 noise / tls,
-                ">= 1.00",
-                "yes" if tp_tls_ok else "NO",
             ],
             [
                 "ceiling (MB/s)",
@@ -361,14 +348,19 @@ async def run(real: RealEvidence) -> bool:
                 "raw AES-256-GCM encrypt",
                 ceiling / mb,
                 noise / ceiling,
-                "",
-                "",
             ],
         ],
     )
-    return hs_ok and tp_plain_ok and tp_tls_ok
+    goals = [
+        Goal("NX handshake + real evidence / TLS 1.3 handshake, p50", hs["real"] / tls_hs, "<=",
+             1.5),
+        Goal("64 KiB Noise throughput / unencrypted TCP", noise / plain, ">=", 0.5),
+        Goal("64 KiB Noise throughput / TLS 1.3", noise / tls, ">=", 1.0),
+    ]  # fmt: skip
+    print_goals(goals)
+    return goals
 
 
-def main() -> bool:
+def main() -> list[Goal]:
     with temporary_state_dir() as state:
         return asyncio.run(run(real_evidence(state)))

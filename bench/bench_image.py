@@ -3,7 +3,8 @@
 Measuring an EIF must hash every kernel and ramdisk byte twice (PCR0 and PCR1 or PCR2)
 plus a CRC, exactly as nitro-cli does; the goal is that our streaming reader stays within
 2.5x of a single plain SHA-384 pass over the file (the floor any verifier pays), and that
-building the echo example image takes under 2 s.
+building the echo example image takes under 2 s. The peer and the reader are timed in
+alternating rounds (``interleaved_p50``), so load on a shared machine hits both alike.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import zlib
 from pathlib import Path
 
-from bench.report import p50, print_table, time_per_call
+from bench.report import Goal, interleaved_p50, print_goals, print_table
 from hermetic.image import build_image, measure_file
 
 EIF_MIB = 32
@@ -49,23 +50,31 @@ def _write_eif(path: Path) -> None:
     path.write_bytes(header + struct.pack(">I", zlib.crc32(header + body)) + body)
 
 
-def main() -> bool:
+def main() -> list[Goal]:
     with tempfile.TemporaryDirectory() as tmp:
         eif = Path(tmp) / "bench.eif"
         _write_eif(eif)
         data = eif.read_bytes()
-        plain = p50(
-            time_per_call(lambda: hashlib.sha384(data).digest(), min_seconds=1, min_calls=5)
+        timed = interleaved_p50(
+            {"peer": lambda: hashlib.sha384(data).digest(), "measure": lambda: measure_file(eif)},
+            rounds=12,
+            seconds=0.1,
+            min_calls=1,
         )
-        measure = p50(time_per_call(lambda: measure_file(eif), min_seconds=1, min_calls=5))
+        plain, measure = timed["peer"], timed["measure"]
         start = time.perf_counter()
         build_image(ECHO, Path(tmp) / "echo.img")
         build = time.perf_counter() - start
     ratio = measure / plain
     rows = [
-        [f"sha384 one pass, {EIF_MIB} MiB (peer)", plain * 1000, "", ""],
-        [f"measure_file EIF, {EIF_MIB} MiB", measure * 1000, f"{ratio:.2f}x peer", "<= 2.5x"],
-        ["build_image examples/echo", build * 1000, "", "<= 2000 ms"],
+        [f"sha384 one pass, {EIF_MIB} MiB (peer)", plain * 1000, ""],
+        [f"measure_file EIF, {EIF_MIB} MiB", measure * 1000, f"{ratio:.2f}x peer"],
+        ["build_image examples/echo", build * 1000, ""],
     ]
-    print_table(["operation", "p50 ms", "relative", "goal"], rows)
-    return ratio <= 2.5 and build <= 2.0
+    print_table(["operation", "p50 ms", "relative"], rows)
+    goals = [
+        Goal(f"measure_file EIF / one SHA-384 pass, {EIF_MIB} MiB", ratio, "<=", 2.5),
+        Goal("build_image examples/echo", build * 1000, "<=", 2000.0, "ms"),
+    ]
+    print_goals(goals)
+    return goals

@@ -3,15 +3,17 @@
 The log serves an inclusion proof with every release lookup and the client verifies one
 in every handshake, so both must stay far below a millisecond at realistic sizes. Proof
 generation is measured over stored perfect-subtree hashes (what the store persists) and
-over tiles (what an independent client fetches); 10^6 and 2*10^6 - 1 entries show the
-O(log n) scaling.
+over tiles (what an independent client fetches), both by one long-lived reader (a monitor
+or a client that keeps its tiles and the hashes it derived from them) and by a fresh reader
+per proof (a client proving one entry with nothing cached; every tile is still served from
+memory, so network time is not in the figure).
 """
 
 from __future__ import annotations
 
 import random
 
-from bench.report import p50, print_table, time_per_call
+from bench.report import Goal, p50, print_goals, print_table, time_per_call
 from hermetic.translog.merkle import (
     MemoryTree,
     consistency_proof,
@@ -25,7 +27,7 @@ SIZE = 1_000_000
 LIMIT_MS = 1.0
 
 
-def main() -> bool:
+def main() -> list[Goal]:
     tree = MemoryTree()
     for i in range(SIZE):
         tree.append(b"entry %d\n" % i)
@@ -39,6 +41,9 @@ def main() -> bool:
 
     def gen_inclusion_tiles() -> None:
         inclusion_proof(rng.randrange(SIZE), SIZE, tile_reader)
+
+    def gen_inclusion_fresh_tiles() -> None:
+        inclusion_proof(rng.randrange(SIZE), SIZE, TileHashReader(tiles.__getitem__, SIZE))
 
     def gen_consistency() -> None:
         consistency_proof(rng.randrange(1, SIZE), SIZE, tree.read)
@@ -58,17 +63,18 @@ def main() -> bool:
         verify_consistency(old, SIZE, old_root, root, cproof)
 
     rows = []
-    ok = True
+    goals = []
     for name, fn in (
         ("inclusion proof, stored hashes", gen_inclusion),
         ("inclusion proof, from tiles", gen_inclusion_tiles),
+        ("inclusion proof, from tiles, fresh reader", gen_inclusion_fresh_tiles),
         ("consistency proof, stored hashes", gen_consistency),
         ("verify inclusion", verify_incl),
         ("verify consistency", verify_cons),
     ):
         ms = p50(time_per_call(fn, min_seconds=0.5)) * 1000
-        met = ms < LIMIT_MS
-        ok &= met
-        rows.append((name, f"{SIZE:,}", ms, LIMIT_MS, "yes" if met else "NO"))
-    print_table(("operation", "tree size", "p50 ms", "limit ms", "met"), rows)
-    return ok
+        goals.append(Goal(f"{name}, p50", ms, "<", LIMIT_MS, "ms"))
+        rows.append((name, f"{SIZE:,}", ms))
+    print_table(("operation", "tree size", "p50 ms"), rows)
+    print_goals(goals)
+    return goals

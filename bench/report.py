@@ -1,14 +1,86 @@
-"""Shared table printing and timing helpers for the benchmarks."""
+"""Shared table printing, timing and goal helpers for the benchmarks.
+
+Every benchmark module's ``main()`` returns the :class:`Goal` values it measured, met or
+not, so ``python -m bench`` can say which goals were missed and exit non-zero; each module
+prints its own goals with :func:`print_goals`, margin included, because a goal met by a
+few percent on a quiet machine is missed on the next noisy run.
+"""
 
 from __future__ import annotations
 
+import operator
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+Comparison = Literal["<", "<=", ">=", ">"]
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">=": operator.ge,
+    ">": operator.gt,
+}
+THIN_MARGIN = 0.2
+"""Margins under this fraction of the limit are flagged: run-to-run noise can eat them."""
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal of a benchmark: a figure measured in this run, compared with its limit.
+
+    ``measured`` and ``limit`` are in ``unit`` (``"x"`` for a ratio to a peer measured in
+    the same run); ``compare`` says which side of the limit the figure must be on.
+    """
+
+    name: str
+    measured: float
+    compare: Comparison
+    limit: float
+    unit: str = "x"
+
+    @property
+    def met(self) -> bool:
+        return _COMPARE[self.compare](self.measured, self.limit)
+
+    @property
+    def margin(self) -> float:
+        """How far inside the limit the figure is, as a fraction of it (< 0 when missed)."""
+        if self.compare in ("<", "<="):
+            return (self.limit - self.measured) / self.limit
+        return (self.measured - self.limit) / self.limit
+
+    def describe(self) -> str:
+        return (
+            f"{self.name}: {_figure(self.measured, self.unit)}, goal {self.compare} "
+            f"{_figure(self.limit, self.unit)}"
+        )
+
+
+def _figure(value: float, unit: str) -> str:
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
+
+
+def print_goals(goals: Sequence[Goal]) -> None:
+    """The goals of one benchmark with their margins (a thin margin is flagged)."""
+    rows = []
+    for goal in goals:
+        state = "met" if goal.met else "NOT MET"
+        if goal.met and goal.margin < THIN_MARGIN:
+            state = f"met (margin under {THIN_MARGIN:.0%})"
+        rows.append(
+            [goal.name, _figure(goal.measured, goal.unit),
+             f"{goal.compare} {_figure(goal.limit, goal.unit)}", f"{goal.margin:+.0%}", state]
+        )  # fmt: skip
+    print()
+    print_table(["goal", "measured", "limit", "margin", "result"], rows)
 
 
 def time_per_call(
@@ -22,6 +94,29 @@ def time_per_call(
         fn()
         samples.append(time.perf_counter() - start)
     return samples
+
+
+def interleaved_p50(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    rounds: int = 10,
+    seconds: float = 0.1,
+    min_calls: int = 5,
+) -> dict[str, float]:
+    """p50 (s) of each function, sampled in ``rounds`` alternating rounds.
+
+    A peer and the path compared with it must see the same machine: on a shared one, load
+    comes and goes, and timing each for a second in turn lets a burst land on one of them
+    only. Round by round, each function runs for ``seconds`` (and at least ``min_calls``
+    times); every function is called once first, unmeasured, to warm caches up.
+    """
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name] += time_per_call(fn, min_seconds=seconds, min_calls=min_calls)
+    return {name: p50(values) for name, values in samples.items()}
 
 
 def p50(samples: Sequence[float]) -> float:
