@@ -20,6 +20,7 @@ from hermetic.translog.merkle import (
     inclusion_proof,
     leaf_hash,
     node_hash,
+    parent_row,
     root_hash,
     stored_hashes_for_leaf,
     verify_consistency,
@@ -199,6 +200,16 @@ def test_stored_hashes_complete_perfect_subtrees() -> None:
     assert [(lvl, idx) for lvl, idx, _ in stored] == [(0, 7), (1, 3), (2, 1), (3, 0)]
     tree.append(b"7")
     assert stored[-1][2] == tree.root()
+
+
+def test_parent_row_is_node_hash_of_each_pair_and_drops_an_unpaired_last_hash() -> None:
+    tree = MemoryTree()
+    for i in range(7):
+        tree.append(b"%d" % i)
+    leaves = [tree.read(0, i) for i in range(7)]
+    assert parent_row(leaves) == [tree.read(1, i) for i in range(3)]
+    assert parent_row(leaves[:6]) == [node_hash(leaves[i], leaves[i + 1]) for i in (0, 2, 4)]
+    assert parent_row(leaves[:1]) == []
 
 
 def test_generation_rejects_out_of_range_arguments() -> None:
