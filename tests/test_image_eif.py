@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import io
 import json
+import random
 import struct
 import zlib
 from dataclasses import dataclass
@@ -233,6 +234,26 @@ def test_measure_file_streams_an_eif_from_disk(tmp_path, signer: Signer) -> None
     m = measure_file(path)
     assert m.pcr8 == tpm_pcr(signer.cert_der)
     assert m.pcr1 == tpm_pcr(KERNEL + CMDLINE + BOOTSTRAP)
+
+
+def test_sections_of_many_chunks_measure_per_formula(tmp_path) -> None:
+    # Several MiB per section: the PCR0 hash, the helper thread's CRC and PCR2 hash and the
+    # PCR1 copy all see many chunks, more than the helper may hold back at once.
+    rng = random.Random(9)
+    kernel, boot, app, more = (rng.randbytes(n) for n in (3 << 20, (5 << 20) + 7, 6 << 20, 999))
+    path = tmp_path / "big.eif"
+    path.write_bytes(make_eif(kernel=kernel, ramdisks=(boot, app, more)))
+    m = measure_file(path)
+    assert m.pcr0 == tpm_pcr(kernel + CMDLINE + boot + app + more)
+    assert m.pcr1 == tpm_pcr(kernel + CMDLINE + boot)
+    assert m.pcr2 == tpm_pcr(app + more)
+
+
+def test_bad_crc_deep_inside_a_large_section_is_rejected() -> None:
+    eif = bytearray(make_eif(ramdisks=(BOOTSTRAP, random.Random(3).randbytes(4 << 20))))
+    eif[len(eif) // 2] ^= 0x01
+    with pytest.raises(EIFChecksumError, match="CRC32"):
+        measure_bytes(bytes(eif))
 
 
 # --- rejection: each defect has its own typed error ----------------------------------------

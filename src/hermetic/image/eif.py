@@ -19,6 +19,14 @@ another tool would read differently.
 Kernels and ramdisks can be hundreds of megabytes, so sections are streamed through the
 hashers and the CRC in chunks; only the header, cmdline, metadata and signature (all
 small and bounded) are held in memory. The core works on any binary stream of known size.
+
+Every kernel and ramdisk byte must be hashed twice (PCR0 and PCR1 or PCR2) and CRC'd
+once, so measuring costs well over one SHA-384 pass. Two things keep it near one: PCR1's
+input is a prefix of PCR0's (kernel, cmdline, first ramdisk), so PCR1 is a copy of the
+PCR0 hasher taken after the first ramdisk rather than a second hash of the same bytes;
+and the CRC and the PCR2 hash run on a helper thread while the caller reads and feeds
+PCR0 (``hashlib`` and ``zlib`` release the GIL on large buffers, so the two proceed on two
+cores; the helper runs at most a few chunks behind, so memory stays bounded).
 """
 
 from __future__ import annotations
@@ -27,10 +35,14 @@ import json
 import os
 import struct
 import zlib
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from types import TracebackType
+from typing import Any, BinaryIO, Protocol
 
 from hermetic.errors import (
     EIFChecksumError,
@@ -55,6 +67,7 @@ SUPPORTED_VERSIONS = frozenset({2, 3, 4})  # v2 added the CRC, v3 signatures, v4
 FLAG_ARCH_ARM64 = 0x1
 MAX_SMALL_SECTION = 1 << 20  # cmdline, metadata and signature are read into memory
 CHUNK = 1 << 20
+HELPER_BACKLOG = 4  # chunks the helper thread may lag behind the reader
 
 _HEADER = struct.Struct(">4sHHQQHH256s256s4sI")
 _SECTION_HEADER = struct.Struct(">HHQ")
@@ -207,43 +220,49 @@ def read_eif(stream: BinaryIO, file_size: int) -> EifInfo:
     """Validate an EIF read from ``stream`` (positioned at 0) and compute its PCRs."""
     head = _read_exact(stream, min(HEADER_SIZE, file_size), "header")
     header = parse_header(head, file_size)
-    crc = zlib.crc32(head[:CRC_OFFSET])
-    image, boot, app = PcrHasher(), PcrHasher(), PcrHasher()
+    crc = _Crc32(zlib.crc32(head[:CRC_OFFSET]))
+    image, app = PcrHasher(), PcrHasher()
+    boot: PcrHasher | None = None  # PCR0's hasher as it stood after the first ramdisk
     sections: list[EifSection] = []
     small: dict[SectionType, bytes] = {}
-    ramdisks = 0
-    for index in range(header.num_sections):
-        raw = _read_exact(stream, SECTION_HEADER_SIZE, f"section {index} header")
-        section = parse_section_header(raw, index, header)
-        check_position(section.type, index, header.num_sections, [s.type for s in sections])
-        sections.append(section)
-        crc = zlib.crc32(raw, crc)
-        targets: list[PcrHasher] = []
-        if section.type in (SectionType.KERNEL, SectionType.CMDLINE):
-            targets = [image, boot]
-        elif section.type is SectionType.RAMDISK:
-            targets = [image, boot] if ramdisks == 0 else [image, app]
-            ramdisks += 1
-        keep = section.type in (SectionType.CMDLINE, SectionType.METADATA, SectionType.SIGNATURE)
-        if keep and section.size > MAX_SMALL_SECTION:
-            raise EIFSectionBoundsError(
-                f"EIF: {section.type.name.lower()} section is {section.size} bytes, "
-                f"at most {MAX_SMALL_SECTION}"
-            )
-        kept = bytearray()
-        remaining = section.size
-        while remaining:
-            chunk = _read_exact(stream, min(CHUNK, remaining), f"section {index} data")
-            remaining -= len(chunk)
-            crc = zlib.crc32(chunk, crc)
-            for hasher in targets:
-                hasher.update(chunk)
+    with _Helper() as helper:
+        for index in range(header.num_sections):
+            raw = _read_exact(stream, SECTION_HEADER_SIZE, f"section {index} header")
+            section = parse_section_header(raw, index, header)
+            check_position(section.type, index, header.num_sections, [s.type for s in sections])
+            sections.append(section)
+            helper.feed((crc,), raw)
+            first_ramdisk = section.type is SectionType.RAMDISK and boot is None
+            in_pcr0 = section.type in (SectionType.KERNEL, SectionType.CMDLINE, SectionType.RAMDISK)
+            # Measured by the helper: the CRC always, PCR2 from the second ramdisk on.
+            behind: tuple[_Sink, ...] = (crc,)
+            if section.type is SectionType.RAMDISK and not first_ramdisk:
+                behind = (crc, app)
+            keep = section.type in (
+                SectionType.CMDLINE, SectionType.METADATA, SectionType.SIGNATURE
+            )  # fmt: skip
+            if keep and section.size > MAX_SMALL_SECTION:
+                raise EIFSectionBoundsError(
+                    f"EIF: {section.type.name.lower()} section is {section.size} bytes, "
+                    f"at most {MAX_SMALL_SECTION}"
+                )
+            kept = bytearray()
+            remaining = section.size
+            while remaining:
+                chunk = _read_exact(stream, min(CHUNK, remaining), f"section {index} data")
+                remaining -= len(chunk)
+                helper.feed(behind, chunk)
+                if in_pcr0:
+                    image.update(chunk)
+                if keep:
+                    kept += chunk
+            if first_ramdisk:
+                boot = image.copy()
             if keep:
-                kept += chunk
-        if keep:
-            small[section.type] = bytes(kept)
-    if crc != header.crc32:
-        raise EIFChecksumError(f"EIF: CRC32 is {crc:08x}, the header says {header.crc32:08x}")
+                small[section.type] = bytes(kept)
+    assert boot is not None  # check_position demands a ramdisk
+    if crc.value != header.crc32:
+        raise EIFChecksumError(f"EIF: CRC32 is {crc.value:08x}, the header says {header.crc32:08x}")
 
     metadata = _metadata(small.get(SectionType.METADATA))
     signatures: tuple[PcrSignature, ...] = ()
@@ -281,6 +300,57 @@ def read_eif_file(path: str | Path) -> EifInfo:
             return read_eif(stream, size)
     except OSError as exc:
         raise ImageFileError(f"{path}: cannot read EIF: {exc.strerror}") from None
+
+
+class _Sink(Protocol):
+    def update(self, data: bytes) -> None: ...
+
+
+class _Crc32:
+    """A running CRC32 with the same ``update`` as a hasher."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+class _Helper:
+    """One helper thread that feeds chunks to sinks in the order they were handed over.
+
+    At most :data:`HELPER_BACKLOG` chunks wait for it; leaving the ``with`` block waits
+    for all of them (and re-raises what the helper raised), so the sinks are complete.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-measure")
+        self._pending: deque[Future[None]] = deque()
+
+    def feed(self, sinks: Sequence[_Sink], data: bytes) -> None:
+        self._pending.append(self._pool.submit(_feed, sinks, data))
+        while len(self._pending) > HELPER_BACKLOG:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> _Helper:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _feed(sinks: Sequence[_Sink], data: bytes) -> None:
+    for sink in sinks:
+        sink.update(data)
 
 
 def _file_size(stream: BinaryIO) -> int:

@@ -29,6 +29,12 @@ class PcrHasher:
     def update(self, data: bytes | memoryview) -> None:
         self._digest.update(data)
 
+    def copy(self) -> PcrHasher:
+        """A hasher that has seen what this one has, so a shared prefix is hashed once."""
+        twin = PcrHasher()
+        twin._digest = self._digest.copy()
+        return twin
+
     def pcr(self) -> bytes:
         return extend(ZERO_PCR, self._digest.digest())
 
