@@ -69,3 +69,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def act_as_enclave(cid: int, root: Path | None = None) -> None:
+    """Publish this test process as enclave ``cid``'s identity, so the parent-side vsock
+    endpoints (which admit only a process of that enclave's sandbox) accept it, and the
+    parent's connections to ``cid``'s ports accept its listeners."""
+    from hermetic.peercred import ProcessIdentity
+    from hermetic.transport import vsock
+
+    vsock.publish_identity(
+        root or vsock.emulation_root(), cid, ProcessIdentity.of_process(os.getpid())
+    )

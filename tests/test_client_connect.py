@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import websockets
 
+from helpers import act_as_enclave
 from hermetic.channel.noise import XX
 from hermetic.client import (
     ServicePolicy,
@@ -143,6 +144,7 @@ async def test_connect_over_unix_websocket_and_emulated_vsock(
 
         monkeypatch.setenv("HERMETIC_VSOCK", "emulated")
         monkeypatch.setenv("HERMETIC_VSOCK_DIR", str(tmp_path / "vs"))
+        act_as_enclave(16)
 
         async def on_stream(stream: vsock.VsockStream) -> None:
             await serve_attested(stream.reader, stream.writer, provider, handlers())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import act_as_enclave
 from hermetic.proxy.server import ProxyOptions, ServiceProxy
 from hermetic.transport import vsock
 from hermetic.transport.tcp import HostPort
@@ -24,6 +25,7 @@ from hermetic.transport.tcp import HostPort
 def _emulated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HERMETIC_VSOCK", "emulated")
     monkeypatch.setenv("HERMETIC_VSOCK_DIR", str(tmp_path / "v"))
+    act_as_enclave(16)
 
 
 def _relay_threads() -> list[threading.Thread]:

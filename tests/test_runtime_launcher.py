@@ -63,10 +63,16 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
     try:
         started = probe.run()
         report = asyncio.run(probe.call(vsock_url(started), "isolation", port))
+        # The enclave's 127.0.0.1 is its own namespace's loopback: nothing reached ours.
+        host.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            host.accept()
     finally:
         host.close()
     assert isinstance(report, dict)
-    assert report["tcp"].startswith("OSError: Network is unreachable"), report["tcp"]
+    assert report["tcp"].startswith(
+        ("ConnectionRefusedError: Connection refused", "OSError: Network is unreachable")
+    ), report["tcp"]
     # execve gave exactly the four documented variables; the only other one the app sees
     # is LC_CTYPE, which the interpreter itself adds in the C locale (PEP 538 coercion).
     assert report["initial_environment"] == [
@@ -78,19 +84,17 @@ def test_sandbox_blocks_host_network_environment_image_writes_and_console(
     assert set(report["environment"]) - set(report["initial_environment"]) <= {"LC_CTYPE"}
     assert "Read-only file system" in report["write_image"]
     record = records.load(started["EnclaveID"])
-    assert record.sandbox["network"] == "isolated"
-    assert record.sandbox["image"] == "read-only mount"
-    assert record.sandbox["launcher_state"] == "hidden"
-    # The launcher's state (the dev PKI's signing keys, other enclaves) is out of reach:
-    # only the vsock directory and this enclave's own image are there.
+    assert record.sandbox["net_namespace"] == "own"
+    assert record.sandbox["network"] == "loopback only (own namespace)"
+    assert "/enclave(ro)" in record.sandbox["root_filesystem"].split()
+    assert record.sandbox["launcher_state"] == "not visible"
+    # The launcher's state (the dev PKI's signing keys, other enclaves) is not in the
+    # enclave's file system at all: its root holds the image, the runtime and its endpoints.
     state_dir = os.environ["HERMETIC_STATE_DIR"]
     assert pki_dir().is_dir()
-    listed = asyncio.run(probe.call(vsock_url(started), "listdir", state_dir))
-    assert listed == ["enclaves", "vsock"]
-    pki = asyncio.run(probe.call(vsock_url(started), "listdir", str(pki_dir())))
-    assert pki == "FileNotFoundError: No such file or directory"
-    mine = asyncio.run(probe.call(vsock_url(started), "listdir", f"{state_dir}/enclaves"))
-    assert mine == [record.id]
+    for path in (state_dir, str(pki_dir()), f"{state_dir}/enclaves"):
+        listed = asyncio.run(probe.call(vsock_url(started), "listdir", path))
+        assert listed == "FileNotFoundError: No such file or directory", path
     # Nothing the app printed reached the host: no file in the state dir holds it.
     state = Path(os.environ["HERMETIC_STATE_DIR"])
     for path, data in state_files(state):

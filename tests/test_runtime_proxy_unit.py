@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import websockets
 
+from helpers import act_as_enclave
 from hermetic.channel.framing import MAX_FRAME_LEN, FrameDecoder, encode_frame
 from hermetic.enclave import boot
 from hermetic.proxy.server import ProxyOptions, ServiceProxy
@@ -23,6 +24,7 @@ from hermetic.transport.tcp import HostPort
 def _emulated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HERMETIC_VSOCK", "emulated")
     monkeypatch.setenv("HERMETIC_VSOCK_DIR", str(tmp_path / "v"))
+    act_as_enclave(16)
 
 
 async def test_proxy_delivers_config_and_logs_the_enclaves_refusal(

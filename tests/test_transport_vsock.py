@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from pathlib import Path
 
 import pytest
 
-from hermetic.errors import ConfigError, PeerUnavailableError, TransportError
+from helpers import act_as_enclave
+from hermetic.errors import ConfigError, PeerRefusedError, PeerUnavailableError, TransportError
+from hermetic.peercred import ProcessIdentity
 from hermetic.transport import vsock
 from hermetic.transport.tcp import parse_hostport
 from hermetic.transport.vsock import VsockStream
@@ -26,13 +30,14 @@ async def _echo(stream: VsockStream) -> None:
 
 
 async def test_listener_lives_at_cid_and_port_and_reports_peer_cid(tmp_path: Path) -> None:
+    act_as_enclave(16, tmp_path)
     async with await vsock.listen(16, 5000, _echo, root=tmp_path) as listener:
-        assert listener.path == tmp_path / "16" / "5000.sock"
+        assert listener.path == tmp_path / "16" / "enclave" / "5000.sock"
         stream = await vsock.connect(16, 5000, root=tmp_path, source_cid=3)
         stream.writer.write(b"hi")
         assert await stream.reader.read(100) == b"3:hi"
         await stream.aclose()
-    assert not (tmp_path / "16" / "5000.sock").exists()
+    assert not (tmp_path / "16" / "enclave" / "5000.sock").exists()
 
 
 async def test_connect_to_nobody_is_a_clean_peer_unavailable_error(tmp_path: Path) -> None:
@@ -40,22 +45,97 @@ async def test_connect_to_nobody_is_a_clean_peer_unavailable_error(tmp_path: Pat
         await vsock.connect(17, 5000, root=tmp_path)
 
 
-async def test_peer_specific_listener_wins_and_refuses_other_cids(tmp_path: Path) -> None:
-    shared = await vsock.listen(3, 9000, _echo, root=tmp_path)
+async def test_parent_listener_serves_one_enclave_in_its_own_directory(tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match="serves one enclave: expected a peer CID"):
+        await vsock.listen(3, 9000, _echo, root=tmp_path)
+    act_as_enclave(16, tmp_path)
     only16 = await vsock.listen(3, 9000, _echo, root=tmp_path, peer_cid=16)
-
-    async def ask(source: int) -> bytes:
-        stream = await vsock.connect(3, 9000, root=tmp_path, source_cid=source)
-        stream.writer.write(b"x")
-        data = await stream.reader.read(100)
-        await stream.aclose()
-        return data
-
-    assert await ask(16) == b"16:x"  # served by the peer-specific listener
-    assert await ask(17) == b"17:x"  # falls back to the shared one
-    assert only16.path == tmp_path / "3" / "9000.16.sock"
+    assert only16.path == tmp_path / "16" / "host" / "9000.sock"
+    stream = await vsock.connect(3, 9000, root=tmp_path, source_cid=16)
+    stream.writer.write(b"x")
+    assert await stream.reader.read(100) == b"16:x"
+    await stream.aclose()
+    # Another enclave has no such endpoint at all: its directory holds only its own.
+    with pytest.raises(PeerUnavailableError, match="nobody listening"):
+        await vsock.connect(3, 9000, root=tmp_path, source_cid=17)
     await only16.aclose()
-    await shared.aclose()
+
+
+async def test_parent_listener_refuses_a_peer_claiming_another_cid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    act_as_enclave(16, tmp_path)
+    called = asyncio.Event()
+
+    async def handler(stream: VsockStream) -> None:
+        called.set()
+
+    listener = await vsock.listen(3, 9000, handler, root=tmp_path, peer_cid=16)
+    assert listener.path is not None
+    reader, writer = await asyncio.open_unix_connection(str(listener.path))
+    writer.write((17).to_bytes(4, "big"))  # the right socket, another enclave's CID
+    with caplog.at_level(logging.WARNING, logger="hermetic.vsock"):
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+    assert not called.is_set()
+    assert "refused a peer claiming CID 17" in caplog.text
+    writer.close()
+    await listener.aclose()
+
+
+async def test_parent_listener_refuses_a_process_outside_the_enclaves_sandbox(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Enclave 16's identity is another uid in another PID namespace than this process.
+    vsock.publish_identity(
+        tmp_path, 16, ProcessIdentity(uid=os.getuid() + 1, pid_namespace="pid:[1]")
+    )
+    called = asyncio.Event()
+
+    async def handler(stream: VsockStream) -> None:
+        called.set()
+
+    listener = await vsock.listen(3, 9000, handler, root=tmp_path, peer_cid=16)
+    with caplog.at_level(logging.WARNING, logger="hermetic.vsock"):
+        stream = await vsock.connect(3, 9000, root=tmp_path, source_cid=16)
+        assert await asyncio.wait_for(stream.reader.read(), 30) == b""
+    assert not called.is_set()
+    assert f"expected uid {os.getuid() + 1}, got uid {os.getuid()}" in caplog.text
+    await stream.aclose()
+    # Right uid, wrong PID namespace: refused too.
+    vsock.publish_identity(tmp_path, 16, ProcessIdentity(uid=os.getuid(), pid_namespace="pid:[1]"))
+    with caplog.at_level(logging.WARNING, logger="hermetic.vsock"):
+        stream = await vsock.connect(3, 9000, root=tmp_path, source_cid=16)
+        assert await asyncio.wait_for(stream.reader.read(), 30) == b""
+    assert "expected a process in pid:[1]" in caplog.text
+    assert not called.is_set()
+    await stream.aclose()
+    await listener.aclose()
+
+
+async def test_parent_does_not_follow_a_symlink_an_enclave_planted_for_its_port(
+    tmp_path: Path,
+) -> None:
+    act_as_enclave(17, tmp_path)
+    target = await vsock.listen(17, 5000, _echo, root=tmp_path)  # somebody else's socket
+    assert target.path is not None
+    planted = tmp_path / "16" / "enclave" / "5000.sock"
+    planted.parent.mkdir(parents=True)
+    planted.symlink_to(target.path)
+    with pytest.raises(PeerRefusedError, match="is not a socket"):
+        await vsock.connect(16, 5000, root=tmp_path, source_cid=3)
+    await target.aclose()
+
+
+async def test_parent_refuses_a_listener_that_is_not_the_enclaves_process(
+    tmp_path: Path,
+) -> None:
+    listener = await vsock.listen(16, 5000, _echo, root=tmp_path)
+    with pytest.raises(PeerRefusedError, match="enclave 16 has no published identity"):
+        await vsock.connect(16, 5000, root=tmp_path, source_cid=3)
+    vsock.publish_identity(tmp_path, 16, ProcessIdentity(uid=os.getuid(), pid_namespace="pid:[1]"))
+    with pytest.raises(PeerRefusedError, match="expected a process in pid:\\[1\\]"):
+        await vsock.connect(16, 5000, root=tmp_path, source_cid=3)
+    await listener.aclose()
 
 
 async def test_stale_socket_file_is_replaced_but_live_one_is_address_in_use(

@@ -246,6 +246,10 @@ class SandboxError(LauncherError):
     """The launcher could not build the enclave's sandbox (namespace, limits, image)."""
 
 
+class SandboxUnavailableError(SandboxError):
+    """This machine cannot build the enclave sandbox (bubblewrap or user namespaces missing)."""
+
+
 class RuntimeConfigError(LauncherError, VerificationError):
     """A runtime config bundle is unsigned, tampered, or signed by the wrong operator key."""
 
@@ -272,6 +276,10 @@ class FrameFormatError(TransportError, MalformedInputError):
 
 class PeerUnavailableError(TransportError):
     """The other end (an enclave, the parent, a proxied service) is not reachable or went away."""
+
+
+class PeerRefusedError(PeerUnavailableError):
+    """A local peer is not who the endpoint serves (wrong enclave, host process, wrong uid)."""
 
 
 class EgressRefusedError(TransportError):

@@ -25,6 +25,18 @@ from hermetic.launcher import nitro, records
 from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of
 from hermetic.transport.tcp import HostPort, parse_hostport
 
+no_sandbox_option = click.option(
+    "--no-sandbox",
+    is_flag=True,
+    help="Run the enclave as a plain host process, for platforms without bubblewrap or user "
+    "namespaces. Its code can then reach this host: never for untrusted code. Warns on every "
+    "start and shows in `ps --json`.",
+)
+_NO_SANDBOX_WARNING = (
+    "hermetic: WARNING: --no-sandbox: the enclave runs as a plain host process with this "
+    "user's rights; nothing isolates its code from this machine"
+)
+
 _CREDENTIALS_HELP = (
     "Forward AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN from this "
     "environment to the enclave at boot, for its KMS calls (kept in memory only: never "
@@ -55,6 +67,7 @@ _CREDENTIALS_HELP = (
     is_flag=True,
     help="Stay attached until the enclave exits or Ctrl-C (default: return once it is ready).",
 )
+@no_sandbox_option
 def run(
     image: Path,
     cpus: int | None,
@@ -65,6 +78,7 @@ def run(
     endorsement: Path | None,
     foreground: bool,
     forward_credentials: bool,
+    no_sandbox: bool,
 ) -> None:
     """Start an enclave from IMAGE and print its description (like nitro-cli run-enclave).
 
@@ -102,7 +116,10 @@ def run(
         cid=cid,
         debug=debug,
         endorsement=_read_file(endorsement, "--endorsement"),
+        sandboxed=not no_sandbox,
     )
+    if no_sandbox:
+        click.echo(_NO_SANDBOX_WARNING, err=True)
     if endorsement is None and record.endorsement is not None:
         click.echo("hermetic: reusing the endorsement of an earlier run of this image", err=True)
     elif record.endorsement is None and not debug:
@@ -356,6 +373,7 @@ def proxy(
     help="Write the client trust file (dev Nitro root, dev log key, dev witness, dev "
     "publisher) for `hermetic connect --trust`.",
 )
+@no_sandbox_option
 def up(
     source: Path,
     listen: str,
@@ -367,6 +385,7 @@ def up(
     endorsement: Path | None,
     trust_out: Path | None,
     forward_credentials: bool,
+    no_sandbox: bool,
 ) -> None:
     """Build (if SOURCE is an app directory), release, run and expose a service until Ctrl-C.
 
@@ -428,7 +447,15 @@ def up(
             "log": published.origin,
             "log_index": published.index,
         }
-    record = emulated.prepare(image, debug=debug, endorsement=served, reuse_endorsement=False)
+    record = emulated.prepare(
+        image,
+        debug=debug,
+        endorsement=served,
+        reuse_endorsement=False,
+        sandboxed=not no_sandbox,
+    )
+    if no_sandbox:
+        click.echo(_NO_SANDBOX_WARNING, err=True)
     if trust_out is not None and dev_log is not None:
         dev_log.write_trust(trust_out)
     bundle = config.read_bytes() if config else None

@@ -53,6 +53,7 @@ def prepare(
     debug: bool = False,
     endorsement: bytes | None = None,
     reuse_endorsement: bool = True,
+    sandboxed: bool = True,
 ) -> EnclaveRecord:
     """Copy and check the image, choose resources and a CID, write the BOOTING record.
 
@@ -60,8 +61,14 @@ def prepare(
     and kept in the record. Without one, and with ``reuse_endorsement``, the newest
     endorsement an earlier enclave of the same image (same PCR0) ran with is reused, so
     ``hermetic run IMAGE`` restarts a service as its clients knew it.
+
+    With ``sandboxed`` (the default) this machine must be able to build the sandbox
+    (:func:`hermetic.launcher.sandbox.preflight`): nothing starts otherwise.
     """
     from datetime import UTC, datetime
+
+    if sandboxed:
+        sandbox.preflight()
 
     enclave_id = new_module_id(DevPKI().instance_id(), datetime.now(UTC))
     workdir = enclave_dir(enclave_id)
@@ -77,6 +84,7 @@ def prepare(
             debug,
             endorsement,
             reuse_endorsement,
+            sandboxed,
         )
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -93,6 +101,7 @@ def _prepare_in(
     debug: bool,
     endorsement: bytes | None,
     reuse_endorsement: bool,
+    sandboxed: bool,
 ) -> EnclaveRecord:
     private = workdir / "image.img"
     shutil.copyfile(image_path, private)
@@ -124,6 +133,7 @@ def _prepare_in(
         ports=manifest.ports,
         egress=tuple(str(rule) for rule in manifest.egress),
         endorsement=endorsement_text,
+        sandboxed=sandboxed,
     )
     return records.allocate(draft, cid)
 

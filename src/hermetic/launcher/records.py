@@ -54,6 +54,9 @@ class EnclaveRecord:
     reason: str | None = None
     config_digest: str | None = None
     sandbox: dict[str, str] = field(default_factory=dict)
+    """What the supervisor measured of the enclave's sandbox (``sandbox.inspect``)."""
+    sandboxed: bool = True
+    """False for ``--no-sandbox``: the enclave then runs as a plain host process."""
     endorsement: str | None = None
     """The release endorsement (JSON) handed to the enclave at boot, kept for restarts."""
 
@@ -92,6 +95,7 @@ class EnclaveRecord:
             "Flags": "DEBUG_MODE" if self.debug else "NONE",
             "Measurements": self.measurements,
             "Reason": self.reason,
+            "Sandbox": self.sandbox,
         }
 
 

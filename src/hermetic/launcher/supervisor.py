@@ -24,11 +24,13 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from hermetic.enclave import boot
 from hermetic.errors import FrameFormatError, HermeticError
@@ -38,6 +40,7 @@ from hermetic.launcher.records import EnclaveRecord
 from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.server import start_server
 from hermetic.paths import state_dir
+from hermetic.peercred import ProcessIdentity, peer_credentials, pid_namespace
 from hermetic.transport import vsock
 from hermetic.transport.frames import read_frame, write_frame
 
@@ -75,6 +78,8 @@ class Supervisor:
         self.ready = asyncio.Event()
         self.boot_status: boot.BootStatus | None = None
         self.process: asyncio.subprocess.Process | None = None
+        self._ready_pid: int | None = None
+        self._config_served = False
 
     def _update(self, **changes: object) -> None:
         self.record = replace(self.record, **changes)  # type: ignore[arg-type]
@@ -87,9 +92,12 @@ class Supervisor:
         )
         workdir = enclave_dir(self.record.id)
         image_dir = workdir / "image"
+        cid = self.record.cid
+        endpoints = vsock.endpoint_dir(self.root, cid)
         cleanup: list[object] = []
         try:
             try:
+                tools = sandbox.preflight() if self.record.sandboxed else None
                 image = open_image(workdir / "image.img")
                 extract(image, image_dir)
                 _make_read_only(image_dir)
@@ -103,31 +111,27 @@ class Supervisor:
             nsm = EmulatedNSM(
                 measurements.pcrs(), debug=self.record.debug, module_id=self.record.id
             )
-            cid_dir = self.root / str(self.record.cid)
-            cid_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            nsm_socket = cid_dir / "nsm.sock"
-            nsm_server = await start_server(nsm, nsm_socket)
+            uid = sandbox.sandbox_uid(cid) if tools is not None and os.geteuid() == 0 else None
+            _prepare_endpoints(endpoints, uid)
+            nsm_server = await start_server(
+                nsm, endpoints / vsock.HOST_DIR / "nsm.sock", mode=0o666, admit=self._admit_nsm
+            )
             cleanup.append(nsm_server)
-            cleanup.append(
-                await vsock.listen(
-                    vsock.PARENT_CID, boot.READY_PORT, self._on_ready, peer_cid=self.record.cid
-                )
-            )
-            cleanup.append(
-                await vsock.listen(
-                    vsock.PARENT_CID, boot.CONFIG_PORT, self._on_config, peer_cid=self.record.cid
-                )
-            )
+            for port, handler in (
+                (boot.READY_PORT, self._on_ready),
+                (boot.CONFIG_PORT, self._on_config),
+            ):
+                cleanup.append(await vsock.listen(vsock.PARENT_CID, port, handler, peer_cid=cid))
             spec = sandbox.SandboxSpec(
                 image_dir=image_dir,
+                endpoint_dir=endpoints,
+                cid=cid,
                 boot_module=image.boot.boot_module,
                 memory_mib=self.record.memory_mib,
                 cpu_ids=self.record.cpu_ids,
-                environment=sandbox.enclave_environment(nsm_socket, self.root, self.record.cid),
-                hidden_state=state_dir(),
-                exposed=(self.root, image_dir),
+                uid=uid,
             )
-            return await self._boot_and_wait(spec, image_dir)
+            return await self._boot_and_wait(spec, tools)
         finally:
             await self._terminate_child()
             for item in reversed(cleanup):
@@ -136,23 +140,82 @@ class Supervisor:
                 elif isinstance(item, asyncio.Server):
                     item.close()
                     await item.wait_closed()
-            with contextlib.suppress(FileNotFoundError):
-                (self.root / str(self.record.cid) / "nsm.sock").unlink()
+            vsock.withdraw_identity(self.root, cid)
+            _remove_tree(endpoints)
             _remove_tree(workdir)
 
-    async def _boot_and_wait(self, spec: sandbox.SandboxSpec, image_dir: Path) -> int:
+    async def _admit_nsm(self, sock: socket.socket) -> None:
+        await vsock.admit_enclave_peer(sock, self.root, self.record.cid, "NSM")
+
+    async def _spawn(
+        self, spec: sandbox.SandboxSpec, tools: sandbox.SandboxTools | None, console: IO[bytes]
+    ) -> asyncio.subprocess.Process:
+        """Start the enclave process and publish its identity for the parent's endpoints."""
+        if tools is None:
+            log.warning(
+                "enclave %s runs WITHOUT A SANDBOX (--no-sandbox): its code can reach this"
+                " host as the launcher's user",
+                self.record.id,
+            )
+            nsm_socket = spec.endpoint_dir / vsock.HOST_DIR / "nsm.sock"
+            process = await asyncio.create_subprocess_exec(
+                *sandbox.unsandboxed_command(spec),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                env=sandbox.enclave_environment(nsm_socket, self.root, spec.cid),
+                cwd=spec.image_dir,
+                preexec_fn=partial(sandbox.limit_resources, spec),
+            )
+            vsock.publish_identity(self.root, spec.cid, ProcessIdentity.of_process(process.pid))
+            return process
+        program = sandbox.seccomp_program()
+        seccomp_fd = os.memfd_create("hermetic-seccomp", 0)
+        info_read, info_write = os.pipe()
+        try:
+            os.write(seccomp_fd, program)
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+            process = await asyncio.create_subprocess_exec(
+                *sandbox.command(spec, tools, seccomp_fd, info_write),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                env={},
+                pass_fds=(seccomp_fd, info_write),
+                preexec_fn=partial(sandbox.limit_resources, spec),
+            )
+        finally:
+            os.close(seccomp_fd)
+            os.close(info_write)
+        try:
+            raw = await asyncio.wait_for(asyncio.to_thread(_read_all, info_read), BOOT_TIMEOUT)
+        finally:
+            os.close(info_read)
+        first = sandbox.parse_info(raw) if raw else None
+        if first is None:
+            return process  # bwrap failed before starting anything: its exit says why
+        identity = ProcessIdentity(
+            uid=os.getuid() if spec.uid is None else spec.uid,
+            pid_namespace=pid_namespace(first),
+        )
+        vsock.publish_identity(self.root, spec.cid, identity)
+        return process
+
+    async def _boot_and_wait(
+        self, spec: sandbox.SandboxSpec, tools: sandbox.SandboxTools | None
+    ) -> int:
         if self.record.debug:
             console = open(console_path(self.record.id), "ab")  # noqa: SIM115
         else:
             console = open(os.devnull, "wb")  # noqa: SIM115
         with console:
-            self.process = await asyncio.create_subprocess_exec(
-                *spec.argv(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=console,
-                stderr=console,
-                env={},
-            )
+            try:
+                self.process = await self._spawn(spec, tools, console)
+            except (HermeticError, OSError, TimeoutError) as exc:
+                reason = f"sandbox: {exc}"
+                log.error("enclave %s did not start: %s", self.record.id, reason)
+                self._update(state=records.FAILED, reason=reason)
+                return 1
         pid = self.process.pid
         self._update(pid=pid, pid_start=records.process_start(pid))
         exited = asyncio.ensure_future(self.process.wait())
@@ -169,9 +232,10 @@ class Supervisor:
             log.error("enclave %s did not start: %s", self.record.id, reason)
             self._update(state=records.FAILED, reason=reason)
             return 1
-        checks = sandbox.inspect(pid, image_dir, state_dir())
+        app_pid = self._ready_pid or sandbox.find_enclave_process(pid)
+        checks = sandbox.inspect(app_pid, state=state_dir(), sandboxed=tools is not None)
         for what, verdict in checks.items():
-            if verdict.isupper():
+            if any(word.isupper() and len(word) > 2 for word in verdict.split()):
                 log.warning("SANDBOX WEAKENED for %s: %s %s", self.record.id, what, verdict)
         digest = (
             self.boot_status.digest.hex() if self.boot_status and self.boot_status.digest else None
@@ -203,9 +267,17 @@ class Supervisor:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             byte = await asyncio.wait_for(stream.reader.readexactly(1), 10)
             if byte == boot.READY_BYTE:
+                with contextlib.suppress(OSError):
+                    self._ready_pid = peer_credentials(stream.writer.get_extra_info("socket")).pid
                 self.ready.set()
 
     async def _on_config(self, stream: vsock.VsockStream) -> None:
+        # The boot frames (config, endorsement, forwarded credentials) go out once, to the
+        # enclave's first connection only: a second asker gets nothing.
+        if self._config_served:
+            log.warning("enclave %s asked for its boot frames again: refused", self.record.id)
+            return
+        self._config_served = True
         try:
             await write_frame(stream.writer, self.bundle or b"")
             endorsement = self.record.endorsement
@@ -233,6 +305,26 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+
+def _prepare_endpoints(endpoints: Path, uid: int | None) -> None:
+    """A fresh endpoint directory: ``host/`` is ours, ``enclave/`` the sandbox user's."""
+    _remove_tree(endpoints)
+    endpoints.mkdir(parents=True, mode=0o755)
+    endpoints.chmod(0o755)  # the sandbox user must traverse it, whatever the umask
+    (endpoints / vsock.HOST_DIR).mkdir(mode=0o755)
+    (endpoints / vsock.HOST_DIR).chmod(0o755)
+    own = endpoints / vsock.ENCLAVE_DIR
+    own.mkdir(mode=0o700)
+    if uid is not None:
+        os.chown(own, uid, uid)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _make_read_only(root: Path) -> None:

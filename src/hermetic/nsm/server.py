@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from hermetic.errors import NSMError, NSMUnavailableError
+from hermetic.errors import HermeticError, NSMError, NSMUnavailableError
 from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.messages import (
     REQUEST_MAX_SIZE,
@@ -30,6 +32,7 @@ from hermetic.nsm.messages import (
 
 #: Environment variable naming the emulator socket inside an emulated enclave.
 SOCKET_ENV = "HERMETIC_NSM_SOCKET"
+log = logging.getLogger("hermetic.nsm")
 FRAME_HEADER = struct.Struct(">I")
 
 
@@ -38,8 +41,18 @@ def frame(message: bytes) -> bytes:
     return FRAME_HEADER.pack(len(message)) + message
 
 
-async def start_server(nsm: EmulatedNSM, path: Path | str, *, mode: int = 0o600) -> asyncio.Server:
-    """Listen on ``path`` (replacing a stale socket file) and answer with ``nsm``."""
+Admit = Callable[[socket.socket], Awaitable[None]]
+"""Checks who connected; raises :class:`~hermetic.errors.HermeticError` to refuse."""
+
+
+async def start_server(
+    nsm: EmulatedNSM, path: Path | str, *, mode: int = 0o600, admit: Admit | None = None
+) -> asyncio.Server:
+    """Listen on ``path`` (replacing a stale socket file) and answer with ``nsm``.
+
+    The launcher passes ``admit`` so that only its own enclave's processes are answered:
+    an NSM that served another enclave would let it claim that enclave's PCRs.
+    """
     path = Path(path)
     with contextlib.suppress(FileNotFoundError):
         if path.is_socket():
@@ -47,6 +60,13 @@ async def start_server(nsm: EmulatedNSM, path: Path | str, *, mode: int = 0o600)
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if admit is not None:
+                try:
+                    await admit(writer.get_extra_info("socket"))
+                except HermeticError as exc:
+                    log.warning("NSM %s: refused a connection: %s", path, exc)
+                    writer.close()
+                    return
             await _serve_connection(nsm, reader, writer)
         except asyncio.CancelledError:
             # The server is shutting down. End the connection task normally: Python 3.11's

@@ -84,6 +84,7 @@ class ServiceProxy:
         self._listeners: list[vsock.VsockListener] = []
         self._http: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._config_served = False
 
     async def start(self) -> ServiceProxy:
         o = self.options
@@ -300,6 +301,11 @@ class ServiceProxy:
             writer.close()
 
     async def _on_config(self, stream: vsock.VsockStream) -> None:
+        # Once, to the enclave's first connection: the frames carry forwarded credentials.
+        if self._config_served:
+            log.warning("CID %d asked for its boot frames again: refused", stream.peer.cid)
+            return
+        self._config_served = True
         await deliver_config(
             stream, self.options.config_bundle, self.options.endorsement, self.options.credentials
         )

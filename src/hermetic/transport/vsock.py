@@ -13,13 +13,23 @@ included) have it, with a host on the other end that is not a Nitro parent.
 
 Emulation details a reader must know:
 
+* every enclave has one endpoint directory, ``<root>/<cid>/``, and sees nothing else of
+  the root (the sandbox bind-mounts only that directory): ``host/`` holds the parent-side
+  listeners that serve this enclave (``host/<port>.sock``, read-only inside the sandbox),
+  its NSM socket and its published identity; ``enclave/`` holds the enclave's own
+  listeners (``enclave/<port>.sock``). So an enclave can reach only the parent, and only
+  the parent's endpoints for it, exactly as on Nitro, where an enclave talks to nobody but
+  its parent. Enclave-to-enclave traffic goes through the parent, as it must on Nitro.
 * the connecting side sends its own CID first (4 bytes, big-endian), because a Unix
   socket has no notion of a CID; the listener strips it and reports it as the peer CID
-  (the peer *port* is reported as 0). The emulated sandbox trusts this header, as the
-  whole emulator trusts the local machine.
-* a parent-side listener may be bound for one peer CID only (``peer_cid=``), file
-  ``<port>.<peer>.sock``; a connecting enclave tries that file before the shared one.
-  This lets several enclaves boot at once, each with its own launcher listening on
+  (the peer *port* is reported as 0). The header is never trusted alone: a parent-side
+  listener serves one enclave, checks that the header names it and, through
+  ``SO_PEERCRED``, that the connecting process runs in that enclave's sandbox (its uid and
+  PID namespace, :mod:`hermetic.peercred`); the parent, when it connects to an enclave's
+  port, checks the same of the process that listens there, so a socket or symlink an
+  enclave plants in its directory cannot lead the parent anywhere else. Refusals are
+  logged.
+* this lets several enclaves boot at once, each with its own launcher listening on
   "parent port 9000", which real nitro-cli cannot do (aws-nitro-enclaves-cli#516).
 """
 
@@ -29,15 +39,22 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import json
+import logging
 import os
 import socket
+import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hermetic.errors import PeerUnavailableError, TransportError
+from hermetic.errors import PeerRefusedError, PeerUnavailableError, TransportError
 from hermetic.paths import state_dir
+from hermetic.peercred import ProcessIdentity, peer_credentials
+
+log = logging.getLogger("hermetic.vsock")
 
 PARENT_CID = 3
 """The parent instance, as seen from an enclave (``VMADDR_CID_PARENT``)."""
@@ -51,6 +68,13 @@ _IOCTL_VM_SOCKETS_GET_LOCAL_CID = 0x7B9
 _HEADER_TIMEOUT = 5.0
 STREAM_LIMIT = 1024 * 1024
 """Reader buffer limit for vsock streams (asyncio's 64 KiB default halves bulk throughput)."""
+HOST_DIR = "host"
+"""Per-enclave subdirectory of the parent-side listeners (read-only inside the sandbox)."""
+ENCLAVE_DIR = "enclave"
+"""Per-enclave subdirectory of the enclave's own listeners."""
+IDENTITY_FILE = "identity.json"
+IDENTITY_WAIT = 30.0
+"""How long a parent-side listener waits for a booting enclave's identity to appear."""
 
 
 @dataclass(frozen=True)
@@ -120,16 +144,90 @@ def local_cid() -> int:
     return PARENT_CID
 
 
+def endpoint_dir(root: Path, cid: int) -> Path:
+    """The one directory enclave ``cid`` sees of the emulation root (see the module doc)."""
+    return root / str(VsockAddress(cid, 0).cid)
+
+
 def socket_path(root: Path, address: VsockAddress, peer_cid: int | None = None) -> Path:
-    """The Unix socket file that emulates a listener on ``address``."""
-    name = f"{address.port}.sock" if peer_cid is None else f"{address.port}.{peer_cid}.sock"
-    path = root / str(address.cid) / name
+    """The Unix socket file that emulates a listener on ``address``.
+
+    A parent-side address (CID 3) exists only per enclave: ``peer_cid`` names it.
+    """
+    if address.cid == PARENT_CID:
+        if peer_cid is None:
+            raise TransportError(
+                f"{address}: an emulated parent listener serves one enclave: expected a"
+                " peer CID, got none"
+            )
+        path = endpoint_dir(root, peer_cid) / HOST_DIR / f"{address.port}.sock"
+    else:
+        path = endpoint_dir(root, address.cid) / ENCLAVE_DIR / f"{address.port}.sock"
     if len(os.fsencode(path)) > _UNIX_PATH_MAX:
         raise TransportError(
             f"emulated vsock path: expected at most {_UNIX_PATH_MAX} bytes, got "
             f"{len(os.fsencode(path))} ({path}); use a shorter HERMETIC_STATE_DIR"
         )
     return path
+
+
+def identity_path(root: Path, cid: int) -> Path:
+    return endpoint_dir(root, cid) / HOST_DIR / IDENTITY_FILE
+
+
+def publish_identity(root: Path, cid: int, identity: ProcessIdentity) -> None:
+    """Record who enclave ``cid`` is, for every parent-side endpoint to check against."""
+    path = identity_path(root, cid)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    temporary = path.with_name(f".{IDENTITY_FILE}.{os.getpid()}")
+    temporary.write_bytes(identity.dumps())
+    temporary.chmod(0o644)
+    os.replace(temporary, path)
+
+
+def withdraw_identity(root: Path, cid: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        identity_path(root, cid).unlink()
+
+
+def load_identity(root: Path, cid: int) -> ProcessIdentity | None:
+    """Enclave ``cid``'s published identity, or ``None`` while it has none."""
+    try:
+        raw = identity_path(root, cid).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise PeerRefusedError(f"enclave {cid}: identity unreadable ({exc.strerror})") from None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise PeerRefusedError(f"enclave {cid}: identity file is not JSON") from None
+    return ProcessIdentity.from_json(value)
+
+
+async def _wait_identity(root: Path, cid: int, timeout: float) -> ProcessIdentity:
+    deadline = time.monotonic() + timeout
+    while True:
+        identity = load_identity(root, cid)
+        if identity is not None:
+            return identity
+        if time.monotonic() > deadline:
+            raise PeerRefusedError(f"enclave {cid}: no published identity to check peers against")
+        await asyncio.sleep(0.02)
+
+
+def check_enclave_peer(sock: socket.socket, root: Path, cid: int, what: str) -> None:
+    """Raise :class:`PeerRefusedError` unless ``sock``'s peer is a process of enclave ``cid``."""
+    identity = load_identity(root, cid)
+    if identity is None:
+        raise PeerRefusedError(f"{what}: enclave {cid} has no published identity")
+    identity.check(peer_credentials(sock), what)
+
+
+async def admit_enclave_peer(sock: socket.socket, root: Path, cid: int, what: str) -> None:
+    """:func:`check_enclave_peer`, waiting (bounded) for a booting enclave's identity."""
+    identity = await _wait_identity(root, cid, IDENTITY_WAIT)
+    identity.check(peer_credentials(sock), what)
 
 
 async def connect(
@@ -161,36 +259,47 @@ async def connect_socket(
     """
     address = VsockAddress(cid, port)
     loop = asyncio.get_running_loop()
-    candidates: list[tuple[int, tuple[int, int] | str]]
     if native_available():
-        candidates = [(socket.AF_VSOCK, (address.cid, address.port))]
-        header = b""
-    else:
-        root = root or emulation_root()
-        me = local_cid() if source_cid is None else source_cid
-        candidates = [
-            (socket.AF_UNIX, str(socket_path(root, address, me))),
-            (socket.AF_UNIX, str(socket_path(root, address))),
-        ]
-        header = _CID_HEADER.pack(me)
-    last: OSError | None = None
-    for family, target in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, target), timeout)
-            if header:
-                await loop.sock_sendall(sock, header)
+            await asyncio.wait_for(loop.sock_connect(sock, (address.cid, address.port)), timeout)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            last = exc
-            continue
+            raise PeerUnavailableError(f"{address}: nobody listening ({exc.strerror})") from None
         except (OSError, TimeoutError) as exc:
             sock.close()
             raise PeerUnavailableError(f"{address}: connect failed: {exc}") from None
         return sock
-    reason = last.strerror if last is not None and last.strerror else "no listener"
-    raise PeerUnavailableError(f"{address}: nobody listening ({reason})")
+    root = root or emulation_root()
+    me = local_cid() if source_cid is None else source_cid
+    path = socket_path(root, address, me)
+    # An enclave owns its listener directory: refuse anything there that is not a socket
+    # (a symlink would lead the parent to a host socket), then check who listens.
+    try:
+        mode = path.lstat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise PeerUnavailableError(f"{address}: nobody listening (no such endpoint)") from None
+    if not stat.S_ISSOCK(mode):
+        raise PeerRefusedError(f"{address}: endpoint {path.name} is not a socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, str(path)), timeout)
+        if address.cid != PARENT_CID and me == PARENT_CID:
+            check_enclave_peer(sock, root, address.cid, f"{address} listener")
+        await loop.sock_sendall(sock, _CID_HEADER.pack(me))
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        sock.close()
+        raise PeerUnavailableError(f"{address}: nobody listening ({exc.strerror})") from None
+    except PeerRefusedError as exc:
+        sock.close()
+        log.warning("refused to connect: %s", exc)
+        raise
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        raise PeerUnavailableError(f"{address}: connect failed: {exc}") from None
+    return sock
 
 
 class VsockListener:
@@ -225,16 +334,18 @@ async def listen(
 ) -> VsockListener:
     """Accept streams on ``(cid, port)`` and run ``handler`` for each (then close it).
 
-    ``peer_cid`` restricts the listener to one peer. In emulation the listener file is
-    created with mode 0600 and removed on close; a stale file left by a dead process is
-    replaced, a live one is an error (address in use).
+    ``peer_cid`` restricts the listener to one peer; a parent-side (CID 3) listener must
+    name it in emulation, and admits only a process of that enclave's sandbox (see the
+    module doc). In emulation the listener file is removed on close; a stale file left by
+    a dead process is replaced, a live one is an error (address in use).
     """
     address = VsockAddress(cid, port)
     if native_available():
         return await _listen_native(address, handler, peer_cid)
     root = root or emulation_root()
     path = socket_path(root, address, peer_cid)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    serves_enclave = cid == PARENT_CID and peer_cid is not None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755 if serves_enclave else 0o700)
     await _remove_stale(path, address)
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -245,12 +356,26 @@ async def listen(
             return
         (source,) = _CID_HEADER.unpack(header)
         if peer_cid is not None and source != peer_cid:
+            log.warning(
+                "%s: refused a peer claiming CID %d (serves CID %d)", address, source, peer_cid
+            )
             writer.close()
             return
+        if serves_enclave and peer_cid is not None:
+            try:
+                await admit_enclave_peer(
+                    writer.get_extra_info("socket"), root, peer_cid, f"{address} for {peer_cid}"
+                )
+            except PeerRefusedError as exc:
+                log.warning("refused a connection: %s", exc)
+                writer.close()
+                return
         await _run_handler(handler, VsockStream(reader, writer, VsockAddress(source, 0)))
 
     server = await asyncio.start_unix_server(accept, path=str(path), limit=STREAM_LIMIT)
-    os.chmod(path, 0o600)
+    # The directory decides who can reach the socket (only this enclave's sandbox sees
+    # it), and the sandbox user must be able to connect; SO_PEERCRED decides the rest.
+    os.chmod(path, 0o666 if serves_enclave else 0o600)
     return VsockListener(server, address, path)
 
 
