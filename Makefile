@@ -8,7 +8,22 @@ STAMP := $(VENV)/.installed
 
 all: test
 
-$(STAMP): requirements.lock pyproject.toml
+# System packages the emulator needs: bubblewrap builds every enclave's sandbox. Installed
+# with apt when missing and we are root; otherwise `hermetic run` says what is missing.
+SYSTEM_STAMP := $(VENV)/.system
+
+$(SYSTEM_STAMP):
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the enclave sandbox)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else \
+	    echo "warning: bubblewrap (bwrap) is missing: install the 'bubblewrap' package to run enclaves"; \
+	  fi; \
+	fi
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): requirements.lock pyproject.toml $(SYSTEM_STAMP)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .

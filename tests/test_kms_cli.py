@@ -77,24 +77,53 @@ def test_serve_defaults_to_the_state_dir(tmp_path: Path, vectors: Path) -> None:
     assert (state / "kms" / "root.key").stat().st_mode & 0o777 == 0o600
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--attestation-root", "nowhere.pem"], "--attestation-root"),
-        (["--attestation-root", "dev"], "dev root"),
-        (["--listen", "no-port"], "--listen"),
-    ],
-)
-def test_serve_startup_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    env = {**os.environ, "HERMETIC_STATE_DIR": str(tmp_path / "empty-state")}
+def test_serve_on_a_fresh_state_dir_creates_the_dev_pki_it_trusts(tmp_path: Path) -> None:
+    state = tmp_path / "fresh"
+    state.mkdir()
+    env = {**os.environ, "HERMETIC_STATE_DIR": str(state)}
+    with _serve(env=env) as endpoint:  # --attestation-root dev is the default
+        assert _kms(endpoint).list_keys()["Keys"] == []
+    root = state / "dev-pki" / "root.pem"
+    assert root.is_file()
+    created = root.read_bytes()
+    with _serve(env=env) as endpoint:  # created once: a restart trusts the same root
+        assert _kms(endpoint).list_keys()["Keys"] == []
+    assert root.read_bytes() == created
+
+
+def _startup_error(state: Path, *args: str) -> str:
+    """Start ``kms serve`` expecting it to refuse; returns its stderr (one line, no trace)."""
     done = subprocess.run(
-        [sys.executable, "-m", "hermetic", "kms", "serve", *args],
-        env=env,
+        [sys.executable, "-m", "hermetic", "kms", "serve", "--port", "0", *args],
+        env={**os.environ, "HERMETIC_STATE_DIR": str(state)},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode in (1, 2)
-    assert message in done.stderr
     assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--attestation-root", "nowhere.pem"], "--attestation-root"),
+        (["--listen", "no-port"], "--listen"),
+    ],
+)
+def test_serve_startup_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    assert message in _startup_error(tmp_path / "empty-state", *args)
+
+
+def test_serve_refuses_a_broken_dev_pki_in_one_line_instead_of_replacing_it(
+    tmp_path: Path,
+) -> None:
+    pki = tmp_path / "state" / "dev-pki"
+    pki.mkdir(parents=True)
+    (pki / "root.pem").write_text("not a certificate\n")  # and no key beside it
+    err = _startup_error(tmp_path / "state")
+    assert "DevPKIStateError" in err
+    assert "root.pem" in err
+    assert (pki / "root.pem").read_text() == "not a certificate\n"  # left for the user

@@ -68,6 +68,17 @@ def test_dev_root_file_is_where_trust_root_dev_reads_it() -> None:
     assert pinned.fingerprint == fingerprint(DevPKI().root(NOW))
 
 
+def test_trust_root_creates_the_pki_on_first_use_and_pins_the_root_documents_chain_to() -> None:
+    assert not root_path().exists()  # a fresh state directory
+    pinned = DevPKI().trust_root(NOW)
+    assert root_path().is_file()
+    assert pinned.name == "dev"
+    assert pinned.der == TrustRoot.dev().der  # what verifiers told "dev" read back
+    # The next use keeps that root: documents emulated afterwards chain to it.
+    assert DevPKI().trust_root(NOW).der == pinned.der
+    AttestationVerifier(pinned).verify(_emulated(), Policy(), NOW)
+
+
 def test_private_keys_are_mode_0600() -> None:
     _emulated()
     keys = list(pki_dir().rglob("*.key.pem"))

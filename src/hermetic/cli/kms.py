@@ -43,7 +43,11 @@ def _trust_root(choice: str) -> TrustRoot:
     from hermetic.attestation import TrustRoot
 
     if choice == "dev":
-        return TrustRoot.dev()
+        from datetime import UTC, datetime
+
+        from hermetic.nsm.pki import DevPKI
+
+        return DevPKI().trust_root(datetime.now(UTC))  # created on first use
     if choice == "aws":
         return TrustRoot.aws()
     path = Path(choice)

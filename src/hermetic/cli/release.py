@@ -145,8 +145,7 @@ def _nitro_root(choice: str) -> TrustRoot:
 
         from hermetic.nsm.pki import DevPKI
 
-        DevPKI().root(datetime.now(UTC))
-        return TrustRoot.dev()
+        return DevPKI().trust_root(datetime.now(UTC))
     path = Path(choice)
     if not path.is_file():
         raise UsageError(f"--nitro-root must be aws, dev or a PEM file, got {choice!r}")

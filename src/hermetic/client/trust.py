@@ -245,8 +245,7 @@ def _local_dev_root() -> TrustRoot:
 
     from hermetic.nsm.pki import DevPKI
 
-    DevPKI().root(datetime.now(UTC))
-    return TrustRoot.dev()
+    return DevPKI().trust_root(datetime.now(UTC))
 
 
 # --- policy ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from hermetic.attestation.roots import TrustRoot
 from hermetic.errors import DevPKIStateError, NSMError
 from hermetic.paths import state_dir
 
@@ -158,6 +159,16 @@ class DevPKI:
     def root(self, now: datetime) -> x509.Certificate:
         """The dev root certificate (created and persisted if it does not exist yet)."""
         return self.ca_chain(now)[0].certificate
+
+    def trust_root(self, now: datetime) -> TrustRoot:
+        """The dev root pinned as a :class:`TrustRoot`, creating the PKI on first use.
+
+        Every service that trusts the dev root (the local KMS, dev releases, client trust
+        files) takes it from here, so a fresh state directory is set up the way
+        ``hermetic nsm attest`` sets it up instead of failing with a step to run first.
+        """
+        pem = self.root(now).public_bytes(serialization.Encoding.PEM)
+        return TrustRoot.from_pem(pem, name="dev")
 
     def instance_id(self) -> str:
         """The emulated parent instance id (``i-`` + 17 hex), stable for this directory."""

@@ -1,0 +1,168 @@
+"""A hostile app in the emulated enclave: everything a real Nitro enclave cannot do is refused.
+
+The app (tests/apps/hostile) is run by ``hermetic run`` in the real sandbox beside a victim
+enclave (the probe app), and reports, from inside, the outcome of each attempt. Each test
+asserts the refusal itself (the errno or the endpoint's answer), not only that nothing
+worked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from apps.probe.harness import Release, release, run_json, vsock_url
+from hermetic.client import ServicePolicy, connect
+from hermetic.errors import PeerRefusedError, ReleasePCRMismatchError
+from hermetic.image import build_image
+from hermetic.image.build import BuildResult
+from hermetic.launcher import records
+from hermetic.paths import state_dir
+from hermetic.transport import vsock
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("no_leftover_enclaves")]
+HOSTILE = Path(__file__).parent / "apps" / "hostile" / "hostile_service.py"
+
+
+def build_hostile(
+    workdir: Path, operator: ed25519.Ed25519PrivateKey, victim_endorsement: Path | None = None
+) -> BuildResult:
+    app = workdir / "hostile"
+    app.mkdir(parents=True)
+    shutil.copy(HOSTILE, app / "hostile_service.py")
+    if victim_endorsement is not None:
+        shutil.copy(victim_endorsement, app / "victim.endorsement.json")
+    pem = operator.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (app / "operator.pub.pem").write_bytes(pem)
+    (app / "hermetic.toml").write_text(
+        'name = "hostile"\nversion = "1.0.0"\nentry = "hostile_service:app"\n'
+        'cpus = 1\nmemory_mib = 512\nports = [5000]\noperator_key = "operator.pub.pem"\n'
+    )
+    return build_image(app, workdir / "hostile.img")
+
+
+@pytest.fixture(scope="module")
+def hostile(
+    tmp_path_factory: pytest.TempPathFactory, operator: ed25519.Ed25519PrivateKey
+) -> Release:
+    directory = tmp_path_factory.mktemp("hostile")
+    return release(build_hostile(directory, operator), directory)
+
+
+async def call_hostile(hostile: Release, url: str, targets: dict[str, Any]) -> Any:
+    async with await hostile.connect(url, service="hostile") as session:
+        return await session.call("attack", targets)
+
+
+def _refused(report: dict[str, Any], key: str, *expected: str) -> None:
+    value = report[key]
+    assert isinstance(value, str), (key, value)
+    assert value.startswith("refused"), f"{key}: {value}"
+    assert any(e in value for e in expected), f"{key}: {value}"
+
+
+def test_hostile_enclave_is_refused_everything_a_nitro_enclave_cannot_do(
+    probe: Release, hostile: Release
+) -> None:
+    victim = probe.run()
+    attacker = hostile.run()
+    host = socket.socket()
+    host.bind(("127.0.0.1", 0))
+    host.listen()
+    record = records.load(attacker["EnclaveID"])
+    targets = {
+        "other_cid": victim["EnclaveCID"],
+        "other_port": 5000,
+        "state_dir": str(state_dir()),
+        "host_vsock_root": str(vsock.emulation_root()),
+        "supervisor_pid": record.supervisor_pid,
+        "host_port": host.getsockname()[1],
+    }
+    try:
+        report = asyncio.run(call_hostile(hostile, vsock_url(attacker), targets))
+        host.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            host.accept()  # nothing reached the host's loopback
+    finally:
+        host.close()
+    assert isinstance(report, dict)
+
+    # Another enclave's NSM and endpoints: not even there, by any path.
+    for key in ("other_nsm_view", "other_nsm_host_path", "other_nsm_proc_root"):
+        _refused(report, key, "No such file", "NSMUnavailable")
+    _refused(report, "other_service_port", "PeerUnavailableError")
+    _refused(report, "other_config_port", "ENOENT")
+    # Boot frames: not for a claimed CID, and not a second time for its own.
+    _refused(report, "boot_frames_claiming_other_cid", "closed without a frame")
+    _refused(report, "boot_frames_again", "closed without a frame")
+    # The launcher's state (dev PKI keys, logs, records), by any path.
+    for key in [k for k in report if k.startswith("read_")]:
+        _refused(report, key, "ENOENT", "EACCES")
+    assert max(report["visible_processes"]) < 64, report["visible_processes"]
+    assert record.supervisor_pid not in report["visible_processes"]
+    # Mounts, namespaces, the host network, other processes.
+    for key in ("mount_tmpfs", "umount_image", "unshare_user", "unshare_net", "unshare_mount"):
+        _refused(report, key, "EPERM")
+    _refused(report, "setns_pid1_net", "EPERM", "EACCES")
+    _refused(report, "setns_own_net", "EPERM")
+    _refused(report, "tcp_host_loopback", "ECONNREFUSED", "ENETUNREACH")
+    _refused(report, "signal_supervisor", "ESRCH")
+    _refused(report, "signal_pid1", "EPERM")
+    _refused(report, "ptrace_pid1", "EPERM")
+    # A set-uid binary gives nothing: mount runs, but as the enclave's own user.
+    _refused(report, "setuid_mount", "must be superuser")
+    status = report["status"]
+    assert status["NoNewPrivs"] == "1"
+    assert int(status["CapEff"], 16) == 0
+    assert int(status["CapBnd"], 16) == 0
+    assert status["Seccomp"] == "2"
+    assert status["Uid"].split()[0] != "0"
+    assert report["usr_nosuid"] is True
+    # Its parent-side endpoints are read-only; a symlink it plants leads the parent nowhere.
+    _refused(report, "write_host_dir", "EROFS")
+    assert report["plant_symlink"].startswith("SUCCEEDED"), report["plant_symlink"]
+
+    async def follow_planted() -> None:
+        await vsock.connect(attacker["EnclaveCID"], 5001, timeout=5)
+
+    with pytest.raises(PeerRefusedError, match="is not a socket"):
+        asyncio.run(follow_planted())
+
+    # ps --json reports the sandbox as measured from the host.
+    described = {d["EnclaveID"]: d for d in run_json("ps", "--json")}[attacker["EnclaveID"]]
+    sandbox = described["Sandbox"]
+    assert sandbox["mode"] == "bubblewrap"
+    for kind in ("user", "pid", "mnt", "net", "ipc", "uts"):
+        assert sandbox[f"{kind}_namespace"] == "own", kind
+    assert sandbox["capabilities"] == "none"
+    assert sandbox["no_new_privs"] == "yes"
+    assert sandbox["seccomp"] == "filter"
+    assert sandbox["launcher_state"] == "not visible"
+    assert sandbox["proc"].startswith("private")
+    if os.geteuid() == 0:
+        assert sandbox["uid"].endswith("(unprivileged)")
+
+
+def test_client_rejects_a_hostile_enclave_serving_another_releases_endorsement(
+    probe: Release, operator: ed25519.Ed25519PrivateKey, tmp_path: Path
+) -> None:
+    probe.run()  # the victim is running too: its NSM is what the impostor would want
+    impostor = build_hostile(tmp_path, operator, victim_endorsement=probe.endorsement)
+    started = run_json("run", str(impostor.path))
+
+    async def attempt() -> None:
+        policy = ServicePolicy(services=frozenset({"probe"}))
+        await connect(vsock_url(started), trust=probe.trust(), policy=policy, timeout=60)
+
+    with pytest.raises(ReleasePCRMismatchError):
+        asyncio.run(attempt())
