@@ -9,6 +9,7 @@ worked.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -19,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import Release, release, run_json, vsock_url
+from apps.probe.harness import Release, hermetic, release, run_json, vsock_url
 from hermetic.client import ServicePolicy, connect
 from hermetic.errors import PeerRefusedError, ReleasePCRMismatchError
 from hermetic.image import build_image
@@ -166,3 +167,27 @@ def test_client_rejects_a_hostile_enclave_serving_another_releases_endorsement(
 
     with pytest.raises(ReleasePCRMismatchError):
         asyncio.run(attempt())
+
+
+def test_run_refuses_in_one_line_when_the_sandbox_cannot_be_built(probe: Release) -> None:
+    done = hermetic("run", probe.image.path, env={"PATH": "/nonexistent"})
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "SandboxUnavailableError" in lines[0]
+    assert "bubblewrap (bwrap) is not installed" in lines[0]
+    assert "--no-sandbox" in lines[0]
+    assert run_json("ps", "--json", "--all") == []  # nothing was started
+
+
+def test_no_sandbox_warns_on_every_start_and_shows_in_ps(probe: Release) -> None:
+    for _ in range(2):
+        done = hermetic("run", probe.image.path, "--endorsement", probe.endorsement, "--no-sandbox")
+        assert done.returncode == 0, done.stderr
+        assert "WARNING: --no-sandbox" in done.stderr
+        started = json.loads(done.stdout)
+        assert started["Sandbox"]["mode"] == "NONE (--no-sandbox)"
+        assert started["Sandbox"]["pid_namespace"] == "SHARED WITH HOST"
+        described = {d["EnclaveID"]: d for d in run_json("ps", "--json")}
+        assert described[started["EnclaveID"]]["Sandbox"]["mode"] == "NONE (--no-sandbox)"
+        hermetic("stop", started["EnclaveID"], check=True)
