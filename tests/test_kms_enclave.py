@@ -301,7 +301,7 @@ def test_vault_enclave_seals_and_unseals_with_keys_released_to_its_measured_pcr0
 
     sealed, plaintext, raw = asyncio.run(scenario())
     # The enclave has its own network namespace: the only way to the KMS is the egress.
-    assert records.load(served.enclave["EnclaveID"]).sandbox["network"] == "isolated"
+    assert records.load(served.enclave["EnclaveID"]).sandbox["net_namespace"] == "own"
     assert plaintext == "attack at dawn"
     assert raw == b"\x00\xff" * 40
     assert "attack at dawn" not in json.dumps(sealed)
