@@ -36,7 +36,8 @@ LATENCY_CALLS = 500
 ROUNDS = 5
 
 SERVICE = r"""
-import asyncio, sys
+import asyncio, os, sys
+from hermetic.peercred import ProcessIdentity
 from hermetic.transport import vsock
 async def echo(reader, writer):
     while data := await reader.read(256 * 1024):
@@ -44,6 +45,8 @@ async def echo(reader, writer):
         await writer.drain()
     writer.close()
 async def main():
+    # This process plays enclave 16: the proxy checks who listens on its port.
+    vsock.publish_identity(vsock.emulation_root(), 16, ProcessIdentity.of_process(os.getpid()))
     await vsock.listen(16, 5000, lambda s: echo(s.reader, s.writer))
     await asyncio.start_unix_server(echo, path=sys.argv[1])
     print("ready", flush=True)
