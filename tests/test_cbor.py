@@ -67,7 +67,7 @@ def test_duplicate_key_error_never_echoes_the_key_or_value(key: object) -> None:
     [
         (b"\xff", "unexpected break code"),
         (b"\x1c", "malformed unsigned integer"),
-        (b"\x62\xff\xfe", "malformed text string"),
+        (b"\x62\xff\xfe", "text string is not valid UTF-8"),
         (b"\x5f\x01\xff", "malformed byte string"),
         (b"\xf8\x01", "malformed special value"),
     ],

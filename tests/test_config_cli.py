@@ -109,7 +109,7 @@ def test_inspect_refuses_a_bundle_signed_by_another_operator(
     ("args", "code", "message"),
     [
         (["sign", "{config}", "--key", "{public}", "-o", "{out}"], 2, "operator key: expected"),
-        (["sign", "{public}", "--key", "{private}", "-o", "{out}"], 2, "expected a UTF-8 JSON"),
+        (["sign", "{public}", "--key", "{private}", "-o", "{out}"], 2, "config: not valid JSON"),
         (["sign", "{missing}", "--key", "{private}", "-o", "{out}"], 2, "config: cannot read"),
         (["inspect", "{config}"], 2, "config bundle: not valid CBOR"),
         (["inspect", "{missing}"], 2, "config bundle: cannot read"),

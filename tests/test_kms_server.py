@@ -263,6 +263,57 @@ def test_put_key_policy_rejects_malformed_documents(kms: Any, key_id: str) -> No
         assert _code(caught) == "MalformedPolicyDocumentException", document
 
 
+_ADMIN = (
+    '{"Sid": "admin", "Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "kms:*",'
+    ' "Resource": "*"}'
+)
+_PCR0 = '"kms:RecipientAttestation:ImageSha384": "' + "a0" * 48 + '"'
+#: Key policies whose text repeats a key; ``json.loads`` keeps the last, so each would be
+#: read differently from what it shows (the first one allows Decrypt without attestation).
+DUPLICATED_KEY_POLICIES = {
+    "condition then empty condition": (
+        '{"Statement": [' + _ADMIN + ', {"Sid": "release", "Effect": "Allow", "Principal": "*",'
+        ' "Action": "kms:Decrypt", "Resource": "*",'
+        ' "Condition": {"StringEqualsIgnoreCase": {' + _PCR0 + '}}, "Condition": {}}]}'
+    ),
+    "top-level Statement": '{"Statement": [' + _ADMIN + '], "Statement": [' + _ADMIN + "]}",
+    "condition operator": (
+        '{"Statement": [' + _ADMIN + ', {"Effect": "Allow", "Principal": "*", "Action":'
+        ' "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {' + _PCR0 + "},"
+        ' "StringEquals": {"kms:CallerAccount": "111122223333"}}}]}'
+    ),
+    "condition key": (
+        '{"Statement": [' + _ADMIN + ', {"Effect": "Allow", "Principal": "*", "Action":'
+        ' "kms:Decrypt", "Resource": "*", "Condition": {"StringEquals": {'
+        + _PCR0
+        + ", "
+        + _PCR0.replace("a0", "b1")
+        + "}}}]}"
+    ),
+    "principal": (
+        '{"Statement": [{"Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::111122223333:'
+        'user/admin", "AWS": "*"}, "Action": "kms:*", "Resource": "*"}]}'
+    ),
+}
+
+
+@pytest.mark.parametrize("document", DUPLICATED_KEY_POLICIES.values(), ids=DUPLICATED_KEY_POLICIES)
+def test_key_policy_with_a_duplicate_key_at_any_depth_is_malformed(kms: Any, document: str) -> None:
+    json.loads(document)  # valid JSON to a lax reader, which keeps the last of each key
+    key = kms.create_key()["KeyMetadata"]["KeyId"]
+    before = kms.get_key_policy(KeyId=key, PolicyName="default")["Policy"]
+    with pytest.raises(ClientError) as caught:
+        kms.put_key_policy(KeyId=key, PolicyName="default", Policy=document)
+    assert _code(caught) == "MalformedPolicyDocumentException"
+    assert "duplicate object key" in caught.value.response["Error"]["Message"]
+    assert kms.get_key_policy(KeyId=key, PolicyName="default")["Policy"] == before
+    keys = {k["KeyId"] for k in kms.list_keys(Limit=1000)["Keys"]}
+    with pytest.raises(ClientError) as caught:
+        kms.create_key(Policy=document, Description="must not exist")
+    assert _code(caught) == "MalformedPolicyDocumentException"
+    assert {k["KeyId"] for k in kms.list_keys(Limit=1000)["Keys"]} == keys
+
+
 def test_put_key_policy_refuses_to_lock_the_caller_out(kms: Any) -> None:
     key = kms.create_key()["KeyMetadata"]["KeyId"]
     only_decrypt = json.dumps(

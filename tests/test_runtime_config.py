@@ -80,7 +80,20 @@ def test_junk_bundles_raise_only_config_errors(junk: bytes) -> None:
         verify_bundle(junk, pem)
 
 
-@pytest.mark.parametrize("config", [b"[1, 2]", b"\xff", b"not json"])
-def test_config_must_be_a_json_object(operator: ed25519.Ed25519PrivateKey, config: bytes) -> None:
-    with pytest.raises(RuntimeConfigFormatError, match="config: expected"):
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (b"[1, 2]", r"config: expected a JSON object, got list"),
+        (b"\xff", r"config: not valid UTF-8 \(byte 0\)"),
+        (b"not json", r"config: not valid JSON \(Expecting value at line 1 column 1\)"),
+        (b'{"a": 1, "a": 2}', r"config: duplicate object key"),
+        (b'{"a": "\\ud800"}', r"config: lone UTF-16 surrogate"),
+        (b'{"a": NaN}', r"config: NaN is not allowed"),
+        (b"[" * 65536 + b"]" * 65536, r"config: nesting depth above"),
+    ],
+)
+def test_config_must_be_a_strict_json_object(
+    operator: ed25519.Ed25519PrivateKey, config: bytes, message: str
+) -> None:
+    with pytest.raises(RuntimeConfigFormatError, match=f"^{message}"):
         sign_config(config, operator)

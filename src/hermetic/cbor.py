@@ -12,6 +12,9 @@ use, so they are written once here:
   string references and sets decode as opaque :class:`cbor2.CBORTag` values, so a caller's
   type checks reject them instead of receiving a coerced ``int`` or ``datetime``;
 * bounded nesting depth and no duplicate map keys;
+* text strings are Unicode text: strictly valid UTF-8, so no lone surrogates (the rule
+  :func:`hermetic.jsontext.is_unicode_text` states for JSON), both when decoding and when
+  encoding, with a message that says so;
 * any decoder failure becomes the caller's own :class:`~hermetic.errors.HermeticError`
   subclass, with the caller's message prefix, so only typed errors escape;
 * error messages name the kind of problem, never a decoded value: cbor2's own text can
@@ -60,6 +63,10 @@ _OPAQUE_DECODERS: Mapping[int, Callable[[Any, bool], Any]] = MappingProxyType(
 )
 
 
+#: A text string whose bytes are not strictly valid UTF-8 (which excludes encoded
+#: surrogates, overlong forms and truncated sequences).
+_NOT_UTF8 = "text string is not valid UTF-8"
+
 #: The item kind cbor2 names at the start of its messages ("error decoding map: ...").
 _DECODING_KIND = re.compile(r"error decoding ([a-z ]+?)(?::|$)")
 
@@ -67,6 +74,8 @@ _DECODING_KIND = re.compile(r"error decoding ([a-z ]+?)(?::|$)")
 def _problem(exc: BaseException, max_depth: int) -> str:
     """What went wrong, by kind only: cbor2's message is matched, never echoed."""
     text = str(exc)
+    if isinstance(exc.__cause__, UnicodeDecodeError):
+        return _NOT_UTF8
     if isinstance(exc, RecursionError) or "nesting depth" in text:
         return f"nesting depth above {max_depth}"
     if "duplicate map key" in text.lower():
@@ -85,9 +94,9 @@ def strict_loads(data: bytes, *, what: str, error: ErrorFactory, max_depth: int 
     """Decode exactly one CBOR item from ``data`` under the rules in the module docstring.
 
     Any problem raises ``error(f"{what}: ...")``: ``not valid CBOR (<kind>)`` for
-    undecodable bytes (``truncated``, ``duplicate map key``, ``nesting depth above
-    N``, ``malformed <item>``...; never a decoded value) and ``N trailing byte(s)
-    after the CBOR item`` when more than one item is present.
+    undecodable bytes (``truncated``, ``duplicate map key``, ``nesting depth above N``,
+    ``text string is not valid UTF-8``, ``malformed <item>``...; never a decoded value)
+    and ``N trailing byte(s) after the CBOR item`` when more than one item is present.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise error(f"{what}: expected bytes, got {type(data).__name__}")
@@ -113,6 +122,9 @@ def canonical_dumps(value: Any, *, what: str, error: ErrorFactory) -> bytes:
     """The deterministic encoding (RFC 8949 §4.2.1) of ``value``, or ``error`` if it has none."""
     try:
         data: bytes = cbor2.dumps(value, canonical=True)
+    except UnicodeEncodeError:
+        # Only a lone surrogate makes a str unencodable; the message must not quote it.
+        raise error(f"{what}: cannot encode (a text string has a lone UTF-16 surrogate)") from None
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise error(f"{what}: cannot encode ({exc})") from None
     return data

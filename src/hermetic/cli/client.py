@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from hermetic import jsontext
 from hermetic.cli import echo_json
 from hermetic.errors import UsageError
 
@@ -93,10 +94,7 @@ def connect(
     trust = ClientTrust.load(trust_file)
     policy = ServicePolicy.load(policy_file) if policy_file is not None else ServicePolicy()
     policy = policy.with_service(service).with_debug(allow_debug)
-    try:
-        args = json.loads(json_args)
-    except ValueError as exc:
-        raise UsageError(f"--json-args: not valid JSON ({exc})") from None
+    args = jsontext.loads(json_args, what="--json-args", error=UsageError, allow_floats=True)
     report = VerificationReport()
     try:
         verified, result = asyncio.run(_session(url, trust, policy, report, method, args, timeout))

@@ -122,9 +122,8 @@ def inspect(bundle_file: Path, operator_key: Path | None) -> None:
     Without --operator-key the signature is not checked ("signature_verified": null);
     with it, a bundle that does not verify is an error (exit 1), as it is at boot.
     """
-    import json
-
-    from hermetic.enclave.config import config_digest, parse_bundle, verify_bundle
+    from hermetic.enclave.config import config_digest, parse_bundle, parse_values, verify_bundle
+    from hermetic.errors import RuntimeConfigFormatError
     from hermetic.evidence import user_data
 
     bundle = read_input(bundle_file, "config bundle")
@@ -136,9 +135,9 @@ def inspect(bundle_file: Path, operator_key: Path | None) -> None:
         verified = True
     else:
         try:
-            values = json.loads(config_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            values = None
+            values = parse_values(config_bytes)
+        except RuntimeConfigFormatError:
+            values = None  # shown as null; verify_bundle (with --operator-key) says why
     digest = config_digest(config_bytes)
     echo_json(
         {

@@ -19,13 +19,13 @@ with SHA-256/SHA-384 respectively.
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from hermetic import jsontext
 from hermetic.cbor import canonical_dumps, strict_loads
 from hermetic.enclave.app import RuntimeConfig
 from hermetic.errors import RuntimeConfigError, RuntimeConfigFormatError
@@ -46,7 +46,7 @@ def config_digest(config: bytes) -> bytes:
 
 def sign_config(config: bytes, key: PrivateKey) -> bytes:
     """Make a bundle from config bytes (a UTF-8 JSON object) and the operator's key."""
-    _parse_values(config)
+    parse_values(config)
     message = SIGNING_CONTEXT + config
     if isinstance(key, ed25519.Ed25519PrivateKey):
         signature = key.sign(message)
@@ -96,7 +96,7 @@ def verify_bundle(bundle: bytes, operator_key_pem: bytes) -> RuntimeConfig:
             "config bundle signature: does not verify with the image's operator key "
             "(tampered config or wrong key)"
         ) from None
-    return RuntimeConfig(config, _parse_values(config), config_digest(config))
+    return RuntimeConfig(config, parse_values(config), config_digest(config))
 
 
 def load_operator_key(pem: bytes) -> PrivateKey:
@@ -117,11 +117,12 @@ def load_operator_key(pem: bytes) -> PrivateKey:
     )
 
 
-def _parse_values(config: bytes) -> dict[str, Any]:
-    try:
-        values = json.loads(config.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise RuntimeConfigFormatError("config: expected a UTF-8 JSON object") from None
+def parse_values(config: bytes) -> dict[str, Any]:
+    """The config's values: strict JSON (:mod:`hermetic.jsontext`, numbers may be
+    fractional) that must be an object; the app reads exactly what the operator signed."""
+    values = jsontext.loads(
+        config, what="config", error=RuntimeConfigFormatError, allow_floats=True
+    )
     if not isinstance(values, dict):
         raise RuntimeConfigFormatError(
             f"config: expected a JSON object, got {type(values).__name__}"

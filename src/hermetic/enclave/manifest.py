@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from hermetic import jsontext
 from hermetic.errors import ManifestError
 
 MANIFEST_NAME = "hermetic.toml"
@@ -177,10 +178,14 @@ def parse_manifest(
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ManifestError(f"{source}: not UTF-8 (byte {exc.start})") from None
+    elif not jsontext.is_unicode_text(text):  # the shared text rule (no lone surrogates)
+        raise ManifestError(f"{source}: not Unicode text (a lone UTF-16 surrogate)")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ManifestError(f"{source}: arrays or inline tables nested too deeply") from None
 
     unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:

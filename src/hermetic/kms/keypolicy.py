@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hermetic import jsontext
 from hermetic.errors import ReleaseEndorsementFormatError, UsageError
 from hermetic.kms.policy import KeyPolicy, canonical_json, policy_digest, wildcard_match
 
@@ -100,10 +101,7 @@ def load_release_reference(data: bytes | str | Path) -> ReleaseReference:
     verified here (``hermetic release verify`` does that); only its PCRs are read.
     """
     raw = data.read_bytes() if isinstance(data, Path) else data
-    try:
-        tree = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ReleaseEndorsementFormatError(f"endorsement: not valid JSON ({exc})") from None
+    tree = jsontext.loads(raw, what="endorsement", error=ReleaseEndorsementFormatError)
     statement = _find_statement(tree)
     if statement is None:
         raise ReleaseEndorsementFormatError(

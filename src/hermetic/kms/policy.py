@@ -22,7 +22,9 @@ way AWS documents for key policies, restricted to the subset that matters here:
 
 Anything outside this subset (``NotAction``, ``NotPrincipal``, other operators) is rejected
 when the policy is stored rather than ignored: a policy that is read differently from how
-AWS reads it would fail open. Evaluation is a pure function returning a :class:`Decision`
+AWS reads it would fail open. For the same reason the document is parsed strictly
+(:mod:`hermetic.jsontext`): a duplicate key at any depth is a malformed policy, not "the
+last one wins". Evaluation is a pure function returning a :class:`Decision`
 whose ``reason`` names the failed condition (key, expected, actual), for the denial log.
 """
 
@@ -35,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hermetic import jsontext
 from hermetic.errors import KeyPolicyFormatError
 
 __all__ = [
@@ -131,10 +134,7 @@ class KeyPolicy:
             raise KeyPolicyFormatError(
                 f"Policy: {len(document)} characters, expected at most {MAX_POLICY_BYTES}"
             )
-        try:
-            tree = json.loads(document)
-        except (ValueError, RecursionError) as exc:
-            raise KeyPolicyFormatError(f"Policy: not valid JSON ({exc})") from None
+        tree = _load(document)
         if not isinstance(tree, dict):
             raise KeyPolicyFormatError("Policy: expected a JSON object")
         version = tree.get("Version", "2012-10-17")
@@ -201,16 +201,22 @@ def default_key_policy(account: str) -> str:
 
 def canonical_json(value: Any) -> bytes:
     """Sorted keys, no insignificant whitespace, UTF-8: the bytes a policy digest covers."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if not jsontext.is_unicode_text(text):
+        raise KeyPolicyFormatError("Policy: a string holds a lone UTF-16 surrogate")
+    return text.encode()
 
 
 def policy_digest(document: str) -> str:
     """SHA-256 (hex) of a policy's canonical JSON: what gets logged and published."""
-    try:
-        tree = json.loads(document)
-    except ValueError as exc:
-        raise KeyPolicyFormatError(f"Policy: not valid JSON ({exc})") from None
-    return hashlib.sha256(canonical_json(tree)).hexdigest()
+    return hashlib.sha256(canonical_json(_load(document))).hexdigest()
+
+
+def _load(document: str | bytes) -> Any:
+    """Strict JSON (:func:`hermetic.jsontext.loads`): a duplicate key at any depth, a lone
+    surrogate or NaN is a malformed policy, since ``json.loads`` would keep only the last of
+    two ``Condition`` keys and so read a policy differently from what its text shows."""
+    return jsontext.loads(document, what="Policy", error=KeyPolicyFormatError, allow_floats=True)
 
 
 def normalise_condition_key(key: str) -> str:

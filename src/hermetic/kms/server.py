@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from hermetic import jsontext
 from hermetic.errors import (
     HermeticError,
     KeyPolicyFormatError,
@@ -957,6 +958,11 @@ def caller_from_authorization(header: str | None, account: str) -> Caller:
     return Caller(access_key_id=match.group(1), account=account)
 
 
+def _serialization_error(message: str) -> KMSServiceError:
+    """What AWS answers for a body it cannot parse (strict JSON: no duplicate keys...)."""
+    return KMSServiceError(message, "SerializationException")
+
+
 def create_app(service: KMSService) -> Starlette:
     """The starlette app serving ``service`` over AWS JSON 1.1 at ``POST /``."""
     from starlette.applications import Starlette
@@ -984,13 +990,12 @@ def create_app(service: KMSService) -> Starlette:
             caller = caller_from_authorization(
                 request.headers.get("authorization"), service.account
             )
-            raw = await request.body()
-            try:
-                body = json.loads(raw or b"{}")
-            except (ValueError, RecursionError):
-                raise KMSServiceError(
-                    "request body: not valid JSON", "SerializationException"
-                ) from None
+            body = jsontext.loads(
+                await request.body() or b"{}",
+                what="request body",
+                error=_serialization_error,
+                allow_floats=True,
+            )
             result = service.handle(operation, body, caller)
         except KMSServiceError as exc:
             return reply(exc.status, {"__type": exc.code, "message": str(exc)})

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from hermetic import jsontext
 from hermetic.errors import (
     ConsistencyProofError,
     InclusionProofError,
@@ -64,6 +65,14 @@ def _hashes(value: Any, what: str, error: type[TranslogError]) -> list[bytes]:
     return out
 
 
+def _body(response: httpx.Response, what: str) -> dict[str, Any]:
+    """A log server's JSON answer, strictly parsed; it must be an object."""
+    body = jsontext.loads(response.content, what=f"{what} response", error=LogServiceError)
+    if not isinstance(body, dict):
+        raise LogServiceError(f"{what} response: expected a JSON object")
+    return body
+
+
 class LogClient:
     """Talks to ``url`` and verifies with the pinned log key ``vkey``.
 
@@ -109,9 +118,9 @@ class LogClient:
         if response.status_code != 200:
             detail = response.text[:300]
             try:
-                body = response.json()
+                body = _body(response, f"{method} {path}")
                 detail = f"{body.get('error')}: {body.get('message')}"
-            except (ValueError, AttributeError):
+            except LogServiceError:
                 pass
             raise LogServiceError(
                 f"{method} {self.url}/{path} answered {response.status_code}: {detail}"
@@ -119,10 +128,7 @@ class LogClient:
         return response
 
     def _json(self, path: str, **params: int) -> dict[str, Any]:
-        body = self._request("GET", path, params=params).json()
-        if not isinstance(body, dict):
-            raise LogServiceError(f"{path} did not return a JSON object")
-        return body
+        return _body(self._request("GET", path, params=params), path)
 
     def fetch(self, path: str) -> bytes:
         """Raw bytes of a tlog-tiles resource (for :class:`TileHashReader`)."""
@@ -188,11 +194,12 @@ class LogClient:
 
     def add(self, entry: bytes) -> AddResult:
         """Log ``entry``; return once integrated, with the proof checked."""
-        body = self._request(
-            "POST", "add", content=entry, headers={"Content-Type": "application/octet-stream"}
-        ).json()
-        if not isinstance(body, dict):
-            raise LogServiceError("add did not return a JSON object")
+        body = _body(
+            self._request(
+                "POST", "add", content=entry, headers={"Content-Type": "application/octet-stream"}
+            ),
+            "add",
+        )
         index = body.get("index")
         note = body.get("checkpoint")
         if not isinstance(index, int) or index < 0 or not isinstance(note, str):
@@ -204,13 +211,16 @@ class LogClient:
 
     def submit_cosignature(self, cosigned_note: str) -> list[str]:
         """POST a cosigned checkpoint note; returns the witness names the log stored."""
-        body = self._request(
-            "POST",
+        body = _body(
+            self._request(
+                "POST",
+                "cosignature",
+                content=cosigned_note.encode(),
+                headers={"Content-Type": "text/plain"},
+            ),
             "cosignature",
-            content=cosigned_note.encode(),
-            headers={"Content-Type": "text/plain"},
-        ).json()
-        stored = body.get("stored") if isinstance(body, dict) else None
+        )
+        stored = body.get("stored")
         return [str(s) for s in stored] if isinstance(stored, list) else []
 
     # -- reading entries -----------------------------------------------------------------
@@ -262,7 +272,7 @@ def add_unpinned(url: str, entry: bytes, *, timeout: float = 60.0) -> tuple[int,
         raise LogServiceError(
             f"POST {url}/add answered {response.status_code}: {response.text[:300]}"
         )
-    body = response.json()
+    body = _body(response, "add")
     index, note = body.get("index"), body.get("checkpoint")
     if not isinstance(index, int) or not isinstance(note, str):
         raise LogServiceError("add response lacks index or checkpoint")

@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from hermetic import jsontext
 from hermetic.errors import RekorEntryError, RekorFormatError
 from hermetic.translog.checkpoint import open_checkpoint
 from hermetic.translog.merkle import HASH_SIZE, leaf_hash, verify_inclusion
@@ -100,10 +101,7 @@ def _b64(obj: Any, name: str, where: str) -> bytes:
 def _load_json(value: str | bytes | Mapping[str, Any], what: str) -> Mapping[str, Any]:
     if isinstance(value, Mapping):
         return value
-    try:
-        data = json.loads(value)
-    except (ValueError, TypeError, RecursionError):
-        raise RekorFormatError(f"{what} is not JSON") from None
+    data = jsontext.loads(value, what=what, error=RekorFormatError)
     if not isinstance(data, Mapping):
         raise RekorFormatError(f"{what} must be a JSON object")
     return data
@@ -313,10 +311,7 @@ _V1_ALGORITHMS = {"sha256": "SHA2_256", "sha384": "SHA2_384", "sha512": "SHA2_51
 
 
 def _check_body(body: bytes, kind: str, version: str, message_signature: Any) -> None:
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        raise RekorFormatError("canonicalizedBody is not JSON") from None
+    parsed = jsontext.loads(body, what="canonicalizedBody", error=RekorFormatError)
     if canonical_json(parsed) != body:
         raise RekorEntryError("canonicalizedBody is not RFC 8785 canonical JSON")
     if not isinstance(parsed, Mapping):

@@ -40,6 +40,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from hermetic import jsontext
 from hermetic.errors import (
     CheckpointError,
     CosignatureThresholdError,
@@ -79,7 +80,11 @@ def canonical_json(value: Any) -> bytes:
 
 
 def _check_canonical_value(value: Any, where: str) -> None:
-    if value is None or isinstance(value, str | bool):
+    if isinstance(value, str):
+        if not jsontext.is_unicode_text(value):
+            raise ReleaseFormatError(f"{where}: string holds a lone UTF-16 surrogate")
+        return
+    if value is None or isinstance(value, bool):
         return
     if isinstance(value, int):
         if abs(value) > 2**53:
@@ -91,60 +96,26 @@ def _check_canonical_value(value: Any, where: str) -> None:
         return
     if isinstance(value, dict):
         for key, item in value.items():
-            if not isinstance(key, str):
-                raise ReleaseFormatError(f"{where}: object key {key!r} is not a string")
+            if not isinstance(key, str) or not jsontext.is_unicode_text(key):
+                raise ReleaseFormatError(f"{where}: an object key is not Unicode text")
             _check_canonical_value(item, f"{where}.{key}")
         return
     raise ReleaseFormatError(f"{where}: {type(value).__name__} is not allowed in canonical JSON")
 
 
 def load_json_file(path: str | Path, what: str, error: type[HermeticError]) -> Any:
-    """Read and strictly parse (:func:`parse_json`) a JSON file; any problem is ``error``.
+    """Read and strictly parse (:func:`hermetic.jsontext.load_file`) a JSON file as ``error``.
 
     Trust files, client policies and the like are all loaded this way, so "cannot read"
     and "not valid JSON" read the same whichever file it was.
     """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise error(f"cannot read {what} {path}: {exc.strerror}") from None
-    try:
-        return parse_json(data, f"{what} {path}")
-    except ReleaseFormatError as exc:
-        raise error(str(exc)) from None
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ReleaseFormatError(f"duplicate JSON key {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_float(text: str) -> Any:
-    raise ReleaseFormatError(f"non-integer number {text} is not allowed")
-
-
-def _reject_constant(text: str) -> Any:
-    raise ReleaseFormatError(f"{text} is not allowed")
+    return jsontext.load_file(path, what=what, error=error)
 
 
 def parse_json(data: bytes | str, what: str) -> Any:
-    """Strict JSON: UTF-8, no duplicate keys, no floats, NaN or Infinity."""
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
-        return json.loads(
-            text,
-            object_pairs_hook=_reject_duplicates,
-            parse_float=_reject_float,
-            parse_constant=_reject_constant,
-        )
-    except ReleaseFormatError as exc:
-        raise ReleaseFormatError(f"{what}: {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ReleaseFormatError(f"{what} is not valid UTF-8 JSON: {exc}") from None
+    """Strict JSON (:func:`hermetic.jsontext.loads`: UTF-8, no duplicate keys, no lone
+    surrogates, bounded depth) without floats, NaN or Infinity, as ReleaseFormatError."""
+    return jsontext.loads(data, what=what, error=ReleaseFormatError)
 
 
 def _b64(data: bytes) -> str:
@@ -970,10 +941,13 @@ def submit_to_rekor(url: str, signed: SignedStatement, *, timeout: float = 30.0)
         raise RekorSubmissionError(
             f"POST {endpoint} answered {response.status_code}: {response.text[:300]}"
         )
+    what = f"{endpoint} LogEntry"
     try:
-        reply = response.json()
+        reply = jsontext.loads(response.content, what=what, error=RekorSubmissionError)
         ((uuid, entry),) = reply.items()
-        body = json.loads(base64.b64decode(entry["body"], validate=True))
+        body = jsontext.loads(
+            base64.b64decode(entry["body"], validate=True), what=what, error=RekorSubmissionError
+        )
         receipt = RekorReceipt(
             url,
             str(uuid),
