@@ -151,13 +151,18 @@ def test_monitor_reports_only_statements_for_watched_services(
         client,
     ):
         monitor = Monitor(client, ["svc-a"], state)
-        events = monitor.step()
+        junk_event, *events = monitor.step()
+        # The junk entry is not a statement: a finding for every watcher, not a silent skip.
+        assert (junk_event.kind, junk_event.index) == ("malformed", 0)
         assert [(e.index, e.detail["statement"]["service"]) for e in events] == [(1, "svc-a")]
         assert events[0].detail["signature_valid"] is True
         svc.integrate(entries[2:])
         later = Monitor(client, ["svc-a"], state).step()  # resumes from the state file
         assert [(e.index, e.detail["statement"]["type"]) for e in later] == [(3, GATEWAY_POLICY_V1)]
-        assert [e.index for e in Monitor(client, ["*"], None).step()] == [1, 2, 3]
+        everything = Monitor(client, ["*"], None).step()
+        assert [(e.kind, e.index) for e in everything] == [
+            ("malformed", 0), ("statement", 1), ("statement", 2), ("statement", 3),
+        ]  # fmt: skip
 
 
 def test_monitor_detects_an_inconsistent_checkpoint(

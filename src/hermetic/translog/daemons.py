@@ -9,7 +9,13 @@ it with the checkpoint. Any inconsistency is refused with a typed error naming b
 The **monitor** tails the log for the services a relying party cares about: it verifies
 each new checkpoint against the previous one, reads the new entries from the tiles (each
 proven included), decodes release/policy statements and reports the ones for watched
-subjects, so a publisher notices a release it did not make.
+subjects, so a publisher notices a release it did not make. An entry it cannot read as a
+statement (invalid UTF-8, a lone surrogate, absurd nesting, any other parse failure) is a
+finding reported with its index, never a reason to stop: a monitor that died on one rogue
+entry, and again on every restart, would never see the release appended after it.
+
+Neither daemon trusts what the log sends, and neither stops on anything but a fork: a
+transient error is yielded and the follow loop goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +33,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 
+from hermetic import jsontext
 from hermetic.errors import (
     ForkDetectedError,
     HermeticError,
@@ -41,6 +49,8 @@ from hermetic.translog.release import SignedStatement
 from hermetic.translog.witness import WitnessState
 
 _T = TypeVar("_T")
+
+log = logging.getLogger("hermetic.translog.daemons")
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -65,10 +75,7 @@ def _read_state(path: Path) -> dict[str, Any] | None:
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        raise MalformedInputError(f"state file {path} is not JSON") from None
+    value = jsontext.loads(raw, what=f"state file {path}", error=MalformedInputError)
     if not isinstance(value, dict):
         raise MalformedInputError(f"state file {path} is not a JSON object")
     return value
@@ -201,7 +208,12 @@ def _follow(
 
 @dataclass(frozen=True)
 class MonitorEvent:
-    """A new statement for a watched subject (or, for ``kind='checkpoint'``, progress)."""
+    """Something the monitor reports about one entry.
+
+    ``kind`` is ``statement`` (a new statement for a watched subject) or ``malformed`` (an
+    entry that is not a readable statement: reported for every subject, since nobody can
+    tell whose it was meant to be).
+    """
 
     kind: str
     index: int
@@ -263,8 +275,14 @@ class Monitor:
     def _decode(self, index: int, entry: bytes) -> MonitorEvent | None:
         try:
             signed = SignedStatement.from_entry(entry)
-        except HermeticError:
-            return None  # not a statement: other applications may share the log
+        except HermeticError as exc:
+            return _malformed(index, entry, type(exc).__name__, str(exc))
+        except Exception as exc:
+            # Every parser of log entries raises only typed errors (tested); should one
+            # ever fail otherwise, the entry is still a finding: a monitor that stopped
+            # here would be blind to every entry after it, and so would its restarts.
+            log.exception("entry %d: the statement parser failed unexpectedly", index)
+            return _malformed(index, entry, type(exc).__name__, "unexpected parser failure")
         statement = signed.statement
         if not self._watched(statement.subject):
             return None
@@ -290,3 +308,20 @@ class Monitor:
     def run(self, interval: float, once: bool = False) -> Iterator[MonitorEvent | HermeticError]:
         """Step every ``interval`` seconds; yields events and transient errors (forks raise)."""
         return _follow(self.step, interval, once)
+
+
+def _malformed(index: int, entry: bytes, error: str, reason: str) -> MonitorEvent:
+    """The finding for an entry that is not a readable statement (logged as well)."""
+    reason = reason[:500]  # messages name the problem; a bounded one is enough
+    log.warning("malformed log entry at index %d (%d bytes): %s: %r", index, len(entry),
+                error, reason)  # fmt: skip
+    return MonitorEvent(
+        "malformed",
+        index,
+        {
+            "error": error,
+            "reason": reason,
+            "size": len(entry),
+            "entry_sha256": hashlib.sha256(entry).hexdigest(),
+        },
+    )
