@@ -485,6 +485,14 @@ class TrustBundleError(TranslogError, UsageError):
     """A trust file lacks a field or has a bad value."""
 
 
+class DuplicateTrustedKeyError(TrustBundleError):
+    """One public key is pinned twice: under two witness names, or as the log and a witness.
+
+    Cosignatures do not sign the witness's name, so one key listed twice would let one
+    signature count as two witnesses (and the log's own key would witness itself).
+    """
+
+
 class StatementSignatureError(TranslogVerificationError):
     """The publisher's signature over the canonical statement does not verify."""
 

@@ -21,6 +21,7 @@ from hermetic.errors import (
     CheckpointError,
     CheckpointFormatError,
     CosignatureThresholdError,
+    DuplicateTrustedKeyError,
     NoteFormatError,
     UnknownKeyError,
 )
@@ -140,6 +141,10 @@ class CosignatureVerifier(NoteVerifier):
         (timestamp,) = struct.unpack(">Q", signature[:8])
         message = COSIGNATURE_V1_HEADER.format(timestamp).encode() + text
         return _ed25519_verify(self.public_key, signature[8:], message)
+
+    @property
+    def key_material(self) -> bytes:
+        return self.public_key
 
     @property
     def vkey(self) -> str:
@@ -263,6 +268,35 @@ class VerifiedCheckpoint:
         return self.checkpoint.root_hash
 
 
+def check_distinct_keys(
+    log_verifier: NoteVerifier | None,
+    witness_verifiers: Sequence[NoteVerifier],
+    labels: Sequence[str] | None = None,
+) -> None:
+    """Refuse a set of pinned keys in which one public key appears twice.
+
+    A cosignature/v1 signature covers the checkpoint and a timestamp but not the witness's
+    name, so a key pinned under two witness names would turn one signature into two
+    cosignatures, and a log key pinned as a witness would let the log witness itself.
+    ``labels`` names the log key (first) and each witness in the error, e.g. the trust
+    file's ``log.vkey`` and ``log.witnesses[1]``; without them the key names are used.
+    Raises :class:`DuplicateTrustedKeyError` naming both entries.
+    """
+    verifiers = ([] if log_verifier is None else [log_verifier]) + list(witness_verifiers)
+    if labels is None:
+        labels = [f"log key {log_verifier.name}"] if log_verifier is not None else []
+        labels += [f"witness {w.name}" for w in witness_verifiers]
+    seen: dict[bytes, str] = {}
+    for label, verifier in zip(labels, verifiers, strict=True):
+        earlier = seen.get(verifier.key_material)
+        if earlier is not None:
+            raise DuplicateTrustedKeyError(
+                f"{label} has the same public key as {earlier}: one key must not count as"
+                " two signers (a cosignature does not sign the witness name)"
+            )
+        seen[verifier.key_material] = label
+
+
 def open_checkpoint(
     message: str | bytes,
     log_verifier: NoteVerifier,
@@ -276,13 +310,16 @@ def open_checkpoint(
     ``origin`` defaults to the log key's name (C2SP: they SHOULD match; Rekor v1 uses a
     longer origin, so pass it explicitly there). Raises :class:`UnknownKeyError` without a
     log signature, :class:`CheckpointError` on an origin mismatch,
-    :class:`CosignatureThresholdError` when too few witnesses cosigned.
+    :class:`CosignatureThresholdError` when too few witnesses cosigned, and
+    :class:`DuplicateTrustedKeyError` when one key is given twice (see
+    :func:`check_distinct_keys`): every counted cosignature is by a distinct key.
     """
     witnesses = list(witness_verifiers)
     if threshold < 0 or threshold > len(witnesses):
         raise CosignatureThresholdError(
             f"threshold {threshold} cannot be met by {len(witnesses)} trusted witnesses"
         )
+    check_distinct_keys(log_verifier, witnesses)
     note = open_note(message, [log_verifier, *witnesses])
     log_id = (log_verifier.name, bytes(log_verifier.key_id))
     if not any((s.name, s.key_id) == log_id for s in note.signatures):

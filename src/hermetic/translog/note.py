@@ -77,6 +77,16 @@ class NoteVerifier(ABC):
         """Whether ``signature`` (without the 4-byte key ID) is valid over ``text``."""
 
     @property
+    @abstractmethod
+    def key_material(self) -> bytes:
+        """The public key alone (raw Ed25519 bytes, or DER SPKI for ECDSA).
+
+        Name and signature type are left out on purpose: two verifiers with the same key
+        material are one signer, however they are named (see
+        :func:`hermetic.translog.checkpoint.check_distinct_keys`).
+        """
+
+    @property
     def key_hash(self) -> str:
         return self.key_id.hex()
 
@@ -106,6 +116,10 @@ class Ed25519NoteVerifier(NoteVerifier):
         return _ed25519_verify(self.public_key, signature, text)
 
     @property
+    def key_material(self) -> bytes:
+        return self.public_key
+
+    @property
     def vkey(self) -> str:
         """The C2SP verifier key text."""
         return format_key_text("", self.name, self.key_hash, ALG_ED25519, self.public_key)
@@ -129,6 +143,10 @@ class EcdsaNoteVerifier(NoteVerifier):
         _load_ec_key(self.spki_der)  # reject a bad key at construction, not at first use
         if not self.key_id:
             object.__setattr__(self, "key_id", hashlib.sha256(self.spki_der).digest()[:4])
+
+    @property
+    def key_material(self) -> bytes:
+        return self.spki_der
 
     def verify(self, text: bytes, signature: bytes) -> bool:
         key = _load_ec_key(self.spki_der)

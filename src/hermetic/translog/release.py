@@ -44,6 +44,7 @@ from hermetic import jsontext
 from hermetic.errors import (
     CheckpointError,
     CosignatureThresholdError,
+    DuplicateTrustedKeyError,
     HermeticError,
     NoteFormatError,
     RekorSubmissionError,
@@ -586,11 +587,18 @@ class TrustBundle:
         origin = log.get("origin")
         if origin is not None and not isinstance(origin, str):
             raise TrustBundleError("trust file: log.origin must be a string")
+        verifiers = []
         for text in [log["vkey"], *witnesses]:
             try:
-                _note_verifier(text)
+                verifiers.append(_note_verifier(text))
             except NoteFormatError as exc:
                 raise TrustBundleError(f"trust file: bad verifier key {text!r}: {exc}") from None
+        labels = [f"log.vkey ({verifiers[0].name})"]
+        labels += [f"log.witnesses[{n}] ({w.name})" for n, w in enumerate(verifiers[1:])]
+        try:
+            _check_distinct_keys(verifiers[0], verifiers[1:], labels)
+        except DuplicateTrustedKeyError as exc:
+            raise DuplicateTrustedKeyError(f"trust file: {exc}") from None
         publishers_raw = value.get("publishers", [])
         if not isinstance(publishers_raw, list):
             raise TrustBundleError("trust file: publishers must be a list")
@@ -642,6 +650,12 @@ def _note_verifier(vkey: str) -> Any:
     from hermetic.translog.note import NoteVerifier
 
     return NoteVerifier.from_vkey(vkey)
+
+
+def _check_distinct_keys(log_key: Any, witnesses: Sequence[Any], labels: Sequence[str]) -> None:
+    from hermetic.translog.checkpoint import check_distinct_keys
+
+    check_distinct_keys(log_key, witnesses, labels)
 
 
 def match_publisher(

@@ -48,6 +48,7 @@ from hermetic.errors import (
 from hermetic.translog.checkpoint import (
     Checkpoint,
     CosignatureVerifier,
+    check_distinct_keys,
     open_checkpoint,
     sign_checkpoint,
 )
@@ -211,6 +212,7 @@ class LogService:
         for w in self.witnesses:
             if not isinstance(w, CosignatureVerifier):
                 raise UsageError(f"witness key {w.name} is not a cosignature/v1 (type 0x04) key")
+        check_distinct_keys(self.verifier, self.witnesses)  # else one key is two witnesses
         self.sequencer = Sequencer(self.integrate, max_batch=max_batch, max_delay=max_delay)
         self._tiles: OrderedDict[tuple[int | None, int], bytes] = OrderedDict()
         store.bind_identity(self.origin, getattr(verifier, "vkey", verifier.name))
