@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import act_as_enclave
 from hermetic.enclave import boot
 from hermetic.enclave.kmsaccess import EgressForwarder, KMSSettings, parse_connect_head
 from hermetic.errors import EnclaveBootError, FrameFormatError, UsageError
@@ -172,6 +173,7 @@ def test_any_bytes_as_connect_head_give_a_destination_or_frame_format_error(data
 def enclave_side(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HERMETIC_VSOCK", "emulated")
     monkeypatch.setenv("HERMETIC_VSOCK_DIR", str(tmp_path / "v"))
+    act_as_enclave(16)
     monkeypatch.setenv("HERMETIC_VSOCK_CID", "16")
 
 
@@ -249,6 +251,7 @@ async def test_proxy_forwards_credentials_as_the_third_boot_frame(
 ) -> None:
     monkeypatch.setenv("HERMETIC_VSOCK", "emulated")
     monkeypatch.setenv("HERMETIC_VSOCK_DIR", str(tmp_path / "v"))
+    act_as_enclave(16)
     options = ProxyOptions(cid=16, service_port=5000, serve_config=True, credentials=CREDENTIALS)
     assert SECRET not in repr(options)
     async with ServiceProxy(options):
