@@ -12,7 +12,9 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from hermetic.client import ServicePolicy, connect
 from hermetic.errors import PeerRefusedError, ReleasePCRMismatchError
 from hermetic.image import build_image
 from hermetic.image.build import BuildResult
-from hermetic.launcher import records
+from hermetic.launcher import records, sandbox
 from hermetic.paths import state_dir
 from hermetic.transport import vsock
 
@@ -191,3 +193,130 @@ def test_no_sandbox_warns_on_every_start_and_shows_in_ps(probe: Release) -> None
         described = {d["EnclaveID"]: d for d in run_json("ps", "--json")}
         assert described[started["EnclaveID"]]["Sandbox"]["mode"] == "NONE (--no-sandbox)"
         hermetic("stop", started["EnclaveID"], check=True)
+
+
+# --- Further probes: what holds, each tried from inside by the hostile app ------------------
+
+
+def _enclave_processes(pid_namespace: str) -> list[int]:
+    """Host pids of every process in the PID namespace ``pid_namespace``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "ns" / "pid") == pid_namespace:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _wait_gone(pid_namespace: str, deadline: float = 60) -> list[int]:
+    end = time.monotonic() + deadline
+    while (left := _enclave_processes(pid_namespace)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return left
+
+
+def _call(hostile: Release, started: dict[str, Any], method: str, arg: object = None) -> Any:
+    async def go() -> Any:
+        async with await hostile.connect(vsock_url(started), service="hostile") as session:
+            return await session.call(method, arg)
+
+    return asyncio.run(go())
+
+
+def test_filter_kills_system_calls_through_the_i386_and_x32_abis(hostile: Release) -> None:
+    started = hostile.run()
+    report = _call(hostile, started, "other_abis")
+    # A filter matching only x86_64 numbers would let int 0x80 (i386 numbering) and the
+    # x32 bit through; libseccomp's architecture check kills the caller instead.
+    for key in ("i386_getpid", "i386_unshare_user", "x32_getpid", "x32_unshare_user"):
+        assert report[key] == "killed by SIGSYS", (key, report[key])
+    assert report["native_getpid"].startswith("returned 'SUCCEEDED")  # the control
+    assert report["native_unshare_user"] == "returned 'refused: EPERM'"
+
+
+def test_enclave_inherits_only_its_four_variables_and_no_launcher_file(hostile: Release) -> None:
+    started = hostile.run()
+    report = _call(hostile, started, "inherited")
+    cid = started["EnclaveCID"]
+    assert report["environ"] == sorted(
+        [
+            f"HERMETIC_NSM_SOCKET=/run/hermetic/vsock/{cid}/host/nsm.sock",
+            "HERMETIC_VSOCK=emulated",
+            "HERMETIC_VSOCK_DIR=/run/hermetic/vsock",
+            f"HERMETIC_VSOCK_CID={cid}",
+        ]
+    )
+    # The runtime's own sockets and epoll, and /dev/null: no seccomp memfd, info pipe or file.
+    for fd, target in report["fds"].items():
+        assert target == "/dev/null" or target.startswith(("socket:", "anon_inode:")), (fd, target)
+    minimal_dev = "core fd full null ptmx pts random shm stderr stdin stdout tty urandom zero"
+    assert report["dev"] == sorted(minimal_dev.split())
+    assert report["sys"].startswith("refused: ENOENT"), report["sys"]
+
+
+def test_tmp_holds_at_most_the_enclave_memory(hostile: Release) -> None:
+    started = hostile.run()
+    report = _call(hostile, started, "tmp_quota")
+    assert report["tmp"] == f"refused: ENOSPC after {report['limit_mib']} MiB", report
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="RLIMIT_NPROC is set when the enclave has its own uid"
+)
+def test_fork_bomb_stops_at_the_process_limit(hostile: Release) -> None:
+    started = hostile.run()
+    report = _call(hostile, started, "fork_limit", sandbox.MAX_PROCESSES + 50)
+    forked, _, refusal = report.partition(" forked, then ")
+    assert refusal == "EAGAIN", report
+    assert int(forked) < sandbox.MAX_PROCESSES, report
+
+
+def test_host_abstract_unix_socket_is_out_of_reach(hostile: Release) -> None:
+    started = hostile.run()
+    name = f"hermetic-hostile-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+        host.bind(b"\0" + name.encode())
+        host.listen()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.connect(b"\0" + name.encode())  # it is there, for the host
+        host.accept()[0].close()
+        report = _call(hostile, started, "abstract_socket", name)
+        host.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            host.accept()  # nothing from the enclave reached it
+    _refused({"abstract": report}, "abstract", "ECONNREFUSED")
+
+
+def test_kernel_settings_and_device_nodes_are_refused(hostile: Release) -> None:
+    started = hostile.run()
+    report = _call(hostile, started, "kernel_knobs")
+    for path in [k for k in report if k.startswith("/proc/sys/")]:
+        _refused(report, path, "EACCES", "EROFS")
+    _refused(report, "mknod_null", "EPERM")
+
+
+def test_stop_leaves_no_enclave_process_behind(hostile: Release) -> None:
+    started = hostile.run()
+    daemon = _call(hostile, started, "daemonize")
+    assert isinstance(daemon, int)
+    identity = vsock.load_identity(vsock.emulation_root(), started["EnclaveCID"])
+    assert identity is not None
+    before = _enclave_processes(identity.pid_namespace)
+    assert len(before) >= 3, before  # bwrap's init, the app, the daemon (at least)
+    hermetic("stop", started["EnclaveID"], check=True)
+    assert _wait_gone(identity.pid_namespace) == []
+
+
+def test_killed_supervisor_takes_its_enclave_with_it(hostile: Release) -> None:
+    started = hostile.run()
+    _call(hostile, started, "daemonize")
+    identity = vsock.load_identity(vsock.emulation_root(), started["EnclaveCID"])
+    assert identity is not None
+    assert _enclave_processes(identity.pid_namespace)
+    supervisor = records.load(started["EnclaveID"]).supervisor_pid
+    assert supervisor is not None
+    os.kill(supervisor, signal.SIGKILL)
+    assert _wait_gone(identity.pid_namespace) == []

@@ -10,11 +10,13 @@ the victim's NSM when it can reach it (it must not), else with its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import os
 import signal
 import socket
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -236,3 +238,193 @@ def _impersonate() -> None:
 
 
 _impersonate()
+
+
+# --- Probes beyond "attack": each reports outcomes, the tests decide what must hold. -----
+
+MIB = 1 << 20
+X32_SYSCALL_BIT = 0x40000000
+I386_GETPID, I386_UNSHARE = 20, 310
+X86_64_GETPID, X86_64_UNSHARE, X86_64_IO_URING_SETUP = 39, 272, 425
+LIBC.syscall.restype = ctypes.c_long
+LIBC.shmat.restype = ctypes.c_void_p
+
+
+def in_child(action: Any) -> str:
+    """Run ``action`` in a forked child: ``killed by SIG...`` or ``returned ...``."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        try:
+            os.write(write, repr(action()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        said = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"returned {said}"
+
+
+def int80(number: int, ebx: int = 0) -> int:
+    """A 32-bit (i386 ABI) system call through ``int 0x80``, from executable memory."""
+    import mmap
+
+    code = (
+        b"\x53"  # push rbx
+        + b"\xb8" + number.to_bytes(4, "little")  # mov eax, number
+        + b"\xbb" + ebx.to_bytes(4, "little")  # mov ebx, arg
+        + b"\xcd\x80"  # int 0x80
+        + b"\x5b\xc3"  # pop rbx; ret
+    )  # fmt: skip
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    function = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+    return int(function())
+
+
+def raw_syscall(number: int, *args: int) -> str:
+    result = LIBC.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
+    if result < 0:
+        return f"refused: {errno.errorcode.get(ctypes.get_errno(), '?')}"
+    return f"SUCCEEDED {result}"
+
+
+@app.method("other_abis")
+async def other_abis(_: object = None) -> dict[str, str]:
+    """System calls through the i386 (int 0x80) and x32 ABIs, which a filter for x86_64
+    numbers alone would let through; and the same calls natively, as a control."""
+    return {
+        "i386_getpid": in_child(lambda: int80(I386_GETPID)),
+        "i386_unshare_user": in_child(lambda: int80(I386_UNSHARE, CLONE_NEWUSER)),
+        "x32_getpid": in_child(lambda: raw_syscall(X32_SYSCALL_BIT | X86_64_GETPID)),
+        "x32_unshare_user": in_child(
+            lambda: raw_syscall(X32_SYSCALL_BIT | X86_64_UNSHARE, CLONE_NEWUSER)
+        ),
+        "native_getpid": in_child(lambda: raw_syscall(X86_64_GETPID)),
+        "native_unshare_user": in_child(lambda: raw_syscall(X86_64_UNSHARE, CLONE_NEWUSER)),
+    }
+
+
+@app.method("inherited")
+async def inherited(_: object = None) -> dict[str, object]:
+    """What the process got from the launcher: its initial environment and open files."""
+    environ = Path("/proc/self/environ").read_bytes().split(b"\0")
+    fds: dict[str, str] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    return {
+        "environ": sorted(e.decode() for e in environ if e),
+        "fds": fds,
+        "dev": sorted(os.listdir("/dev")),
+        "sys": outcome(lambda: os.listdir("/sys")),
+    }
+
+
+def write_until(path: str, total: int) -> str:
+    """Write ``total`` bytes to a new file ``path``: ``SUCCEEDED`` or where it stopped."""
+    chunk = b"\1" * MIB
+    done = 0
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        return f"refused: {errno.errorcode.get(exc.errno or 0, '?')} (open)"
+    try:
+        while done < total:
+            done += os.write(fd, chunk)
+    except OSError as exc:
+        return f"refused: {errno.errorcode.get(exc.errno or 0, '?')} after {done >> 20} MiB"
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return f"SUCCEEDED {done >> 20} MiB"
+
+
+def address_space_limit() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_AS)[0]
+
+
+@app.method("tmp_quota")
+async def tmp_quota(_: object = None) -> dict[str, object]:
+    """``/tmp`` is a tmpfs of at most the enclave's memory: twice that must not fit."""
+    limit = address_space_limit()
+    return {"limit_mib": limit >> 20, "tmp": write_until("/tmp/hostile-fill", 2 * limit)}
+
+
+@app.method("fork_limit")
+async def fork_limit(count: int) -> str:
+    """Fork ``count`` sleeping children: how many the sandbox allows before refusing."""
+    children: list[int] = []
+    refusal = "none"
+    for _ in range(count):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            refusal = errno.errorcode.get(exc.errno or 0, "?")
+            break
+        if pid == 0:  # pragma: no cover - the child
+            signal.pause()
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return f"{len(children)} forked, then {refusal}"
+
+
+@app.method("daemonize")
+async def daemonize(_: object = None) -> int:
+    """Leave a process behind: a double-forked session leader that ignores every catchable
+    signal. Returns its pid as the enclave sees it."""
+    read, write = os.pipe()
+    if os.fork() == 0:  # pragma: no cover - the children
+        os.setsid()
+        if os.fork() == 0:
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_IGN)
+            os.write(write, str(os.getpid()).encode())
+            os.close(write)
+            while True:
+                signal.pause()
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        return int(pipe.read())
+
+
+@app.method("abstract_socket")
+async def abstract_socket(name: str) -> str:
+    """Connect to a host process's abstract Unix socket (not a file: no mount hides it)."""
+
+    def attempt() -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(b"\0" + name.encode())
+        return "connected"
+
+    return outcome(attempt)
+
+
+@app.method("kernel_knobs")
+async def kernel_knobs(_: object = None) -> dict[str, str]:
+    """Host-wide kernel settings through /proc/sys (the network namespace's own included)."""
+    report = {}
+    for path in (
+        "/proc/sys/kernel/core_pattern",
+        "/proc/sys/vm/drop_caches",
+        "/proc/sys/kernel/hostname",
+        "/proc/sys/net/ipv4/ip_forward",
+    ):
+        report[path] = outcome(lambda path=path: Path(path).write_text("0\n"))
+    report["mknod_null"] = outcome(
+        lambda: os.mknod("/tmp/hostile-null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    )
+    return report
