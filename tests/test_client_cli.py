@@ -104,6 +104,7 @@ def test_connect_json_prints_one_object(
     value = json.loads(done.stdout)
     assert value == {
         "verified": {
+            "debug": False,
             "service": SERVICE,
             "release": VERSION,
             "pcrs": {str(i): PCRS[i].hex() for i in (0, 1, 2, 8)},
@@ -129,6 +130,23 @@ def test_connect_names_the_failed_check_and_exits_1(
                        cwd=tmp_path)  # fmt: skip
     assert allowed.returncode == 0, allowed.stderr
     assert "✓ debug mode" in allowed.stdout
+
+
+def test_connect_json_says_a_debug_peer_is_debug_and_no_release(
+    stack: Stack, serve: Callable[[Provider], str], tmp_path: Path
+) -> None:
+    url = serve(stack.provider(debug=True))  # it sends the logged endorsement too
+    done = hermetic("connect", url, "--trust", str(stack.trust_path), "--allow-debug", "--json",
+                    cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    verified = json.loads(done.stdout)["verified"]
+    assert verified["debug"] is True
+    assert (verified["service"], verified["release"], verified["log_index"]) == (None, None, None)
+    named = hermetic("connect", url, "--trust", str(stack.trust_path), "--allow-debug", "--json",
+                     "--service", SERVICE, cwd=tmp_path)  # fmt: skip
+    assert named.returncode == 1, named.stderr
+    assert "ServiceNotAcceptedError" in named.stderr
+    assert "debug peer" in named.stderr
 
 
 def test_connect_policy_file_and_service_option_reject_other_services(

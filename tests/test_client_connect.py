@@ -43,6 +43,7 @@ from hermetic.errors import (
     PublicKeyMismatchError,
     ReleaseNotAcceptedError,
     ReleasePCRMismatchError,
+    ServiceNotAcceptedError,
     ServiceURLError,
     UnknownPublisherError,
     UntrustedRootError,
@@ -91,6 +92,7 @@ async def test_connect_and_call_over_tcp_reports_the_verified_release(stack: Sta
             assert verified.pcrs[0] == PCRS[0]
             assert verified.debug is False
             assert session.verified.to_json() == {
+                "debug": False,
                 "service": SERVICE,
                 "release": VERSION,
                 "pcrs": {str(i): PCRS[i].hex() for i in (0, 1, 2, 8)},
@@ -222,10 +224,15 @@ async def test_rejects_debug_enclave_under_a_non_debug_policy(stack: Stack) -> N
 
 async def test_accepts_debug_enclave_with_allow_debug_and_marks_the_peer(stack: Stack) -> None:
     async with tcp_service(stack.provider(debug=True)) as url:
-        policy = STRICT.with_debug(True)
+        policy = ServicePolicy(allow_debug=True)
         async with await connect(url, trust=stack.fresh_trust(), policy=policy) as session:
             assert session.verified.debug is True
+            # It sent the logged endorsement, yet claims no release from it.
+            assert (session.verified.service, session.verified.release) == (None, None)
             assert await session.call("echo", 1) == 1
+        # A policy that names the service is not met by a debug peer's endorsement.
+        await _rejected(stack, stack.provider(debug=True), ServiceNotAcceptedError,
+                        STRICT.with_debug(True))  # fmt: skip
 
 
 async def test_rejects_bundle_replayed_from_another_session(stack: Stack) -> None:

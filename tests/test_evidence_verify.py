@@ -195,10 +195,53 @@ def test_rejects_debug_enclave_under_non_debug_policy(stack: Stack) -> None:
 def test_accepts_debug_enclave_only_when_allowed_and_marks_it(stack: Stack) -> None:
     hh, static = session()
     bundle = stack.provider(debug=True)(hh, static)
-    peer = verify_evidence(bundle, hh, static, stack.trust, STRICT.with_debug(True))
+    peer = verify_evidence(bundle, hh, static, stack.trust, ServicePolicy(allow_debug=True))
     assert peer.debug is True
     assert peer.pcrs[0] == bytes(48)
-    assert peer.service == SERVICE  # from the verified (logged) statement
+    assert peer.to_json()["debug"] is True
+
+
+def test_debug_peer_claims_no_release_from_the_endorsement_it_sends(stack: Stack) -> None:
+    # The debug enclave sends the genuine, logged and witnessed endorsement of SERVICE
+    # VERSION: it must not thereby become that release.
+    hh, static = session()
+    bundle = stack.provider(debug=True)(hh, static)
+    assert EvidenceBundle.decode(bundle).endorsement == stack.endorsement
+    report = VerificationReport()
+    peer = verify_evidence(
+        bundle, hh, static, stack.fresh_trust(), ServicePolicy(allow_debug=True), report=report
+    )
+    released = (peer.service, peer.version, peer.publisher, peer.log_index, peer.tree_size)
+    assert (peer.debug, released, peer.cosigners) == (True, (None,) * 5, ())
+    shown = peer.to_json()
+    assert (shown["debug"], shown["service"], shown["release"], shown["log_index"]) == (
+        True, None, None, None,
+    )  # fmt: skip
+    assert "release" not in [c.name for c in report.checks]  # no PCR comparison was skipped
+
+
+@pytest.mark.parametrize(
+    ("policy", "error"),
+    [
+        (STRICT.with_debug(True), ServiceNotAcceptedError),
+        (ServicePolicy(versions=frozenset({VERSION}), allow_debug=True), ReleaseNotAcceptedError),
+        (
+            ServicePolicy(pcr0s=frozenset({PCRS[0].hex()}), allow_debug=True),
+            ReleaseNotAcceptedError,
+        ),
+    ],
+    ids=["service", "version", "pcr0"],
+)
+def test_policy_naming_a_release_is_not_satisfied_by_a_debug_peers_endorsement(
+    stack: Stack, policy: ServicePolicy, error: type[Exception]
+) -> None:
+    hh, static = session()
+    bundle = stack.provider(debug=True)(hh, static)
+    report = VerificationReport()
+    with pytest.raises(error, match="debug peer"):
+        verify_evidence(bundle, hh, static, stack.fresh_trust(), policy, report=report)
+    assert report.failure is not None
+    assert report.failure.name == "policy"
 
 
 def test_debug_enclave_without_endorsement_has_no_service(stack: Stack) -> None:

@@ -14,7 +14,10 @@ its own typed error, so a caller (and ``hermetic connect``) can say which check 
 4. ``public_key``: document public_key == the peer's Noise static key
    (PublicKeyMismatchError);
 5. ``config``: user_data carries the bundle's config digest (ConfigDigestMismatchError);
-6. ``debug``: debug enclaves only under an allow-debug policy (DebugModeError);
+6. ``debug``: debug enclaves only under an allow-debug policy (DebugModeError); a debug
+   peer's PCRs are zero, so no endorsement describes it: whatever endorsement it sends is
+   not used, the peer carries no service, version or publisher, and a policy that names
+   services, versions or PCR0s rejects it;
 7. ``publisher``: the release statement is signed by a trusted publisher
    (UnknownPublisherError, StatementSignatureError);
 8. ``release``: statement PCR0/1/2/8 == document PCRs (ReleasePCRMismatchError);
@@ -111,8 +114,9 @@ _ISSUED = object()
 class VerifiedPeer:
     """What the evidence proved about the peer; only :func:`verify_evidence` builds one.
 
-    ``service``, ``version``, ``log_index`` and ``publisher`` are None only for a debug
-    peer without an endorsement. ``debug`` peers prove nothing about their code.
+    ``service``, ``version``, ``log_index``, ``publisher`` and ``tree_size`` are None
+    exactly for a ``debug`` peer: its code is not proven, so it is no logged release, even
+    if it sends an endorsement (which would otherwise let a debug build claim a release).
     """
 
     service: str | None
@@ -132,6 +136,9 @@ class VerifiedPeer:
     def __post_init__(self) -> None:
         if self._token is not _ISSUED:
             raise TypeError("VerifiedPeer is only created by verify_evidence()")
+        released = (self.service, self.version, self.log_index, self.publisher, self.tree_size)
+        if self.debug and (any(v is not None for v in released) or self.cosigners):
+            raise TypeError("a debug peer carries no release (service, version, publisher)")
         object.__setattr__(self, "_token", None)
 
     @property
@@ -140,8 +147,13 @@ class VerifiedPeer:
         return self.version
 
     def to_json(self) -> dict[str, Any]:
-        """``{service, release, pcrs, log_index, config_digest}`` (hex for bytes)."""
+        """``{debug, service, release, pcrs, log_index, config_digest}`` (hex for bytes).
+
+        ``debug`` is always present, so a reader of ``hermetic connect --json`` cannot miss
+        that a peer's code is not proven.
+        """
         return {
+            "debug": self.debug,
             "service": self.service,
             "release": self.version,
             "pcrs": {str(i): self.pcrs[i].hex() for i in RELEASE_PCRS if i in self.pcrs},
@@ -231,27 +243,36 @@ def _verify(
             )
         steps.passed("debug-mode enclave accepted by policy: its code is NOT proven")
 
-    release = _verify_endorsement(bundle.endorsement, doc.pcrs, doc.debug, trust, when, steps)
+    release: VerifiedRelease | None = None
+    if doc.debug:
+        steps.begin("publisher")
+        steps.passed(
+            "not used: a debug enclave's code is not proven, so no endorsement it sends"
+            " can make it a logged release"
+        )
+    else:
+        release = _verify_endorsement(bundle.endorsement, doc.pcrs, trust, when, steps)
 
     steps.begin("policy")
     statement = release.statement if release is not None else None
     assert statement is None or isinstance(statement, ReleaseStatement)
     service = statement.service if statement is not None else None
     version = statement.version if statement is not None else None
+    shown = "a debug peer (no logged release)" if doc.debug else repr(service)
     if policy.services is not None and service not in policy.services:
         raise ServiceNotAcceptedError(
-            f"service: {service!r} is not accepted (policy accepts {sorted(policy.services)})"
+            f"service: {shown} is not accepted (policy accepts {sorted(policy.services)})"
         )
     if policy.versions is not None and version not in policy.versions:
         raise ReleaseNotAcceptedError(
-            f"release: version {version!r} of {service!r} is not accepted"
+            f"release: version {version!r} of {shown} is not accepted"
             f" (policy accepts {sorted(policy.versions)})"
         )
-    if policy.pcr0s is not None and not doc.debug:
+    if policy.pcr0s is not None:  # a debug peer's PCR0 is zero: never an accepted release
         pcr0 = doc.pcrs[0].hex()
         if pcr0 not in policy.pcr0s:
             raise ReleaseNotAcceptedError(
-                f"release: PCR0 {pcr0} of {service!r} {version!r} is not among the"
+                f"release: PCR0 {pcr0} of {shown} {version!r} is not among the"
                 f" {len(policy.pcr0s)} accepted PCR0 value(s)"
             )
     if policy.config_digests is not None:
@@ -318,20 +339,16 @@ def _verify_document(
 def _verify_endorsement(
     endorsement: Endorsement | None,
     pcrs: Mapping[int, bytes],
-    debug: bool,
     trust: ClientTrust,
     when: datetime,
     steps: VerificationReport,
-) -> VerifiedRelease | None:
+) -> VerifiedRelease:
     if endorsement is None:
         steps.begin("publisher")
-        if not debug:
-            raise EndorsementMissingError(
-                "endorsement: the bundle carries none, so nothing shows a trusted publisher"
-                " logged this enclave's release"
-            )
-        steps.passed("no endorsement (debug peer)")
-        return None
+        raise EndorsementMissingError(
+            "endorsement: the bundle carries none, so nothing shows a trusted publisher"
+            " logged this enclave's release"
+        )
     signed = endorsement.signed
     statement = signed.statement
     entry = signed.entry()
@@ -359,11 +376,8 @@ def _verify_endorsement(
     steps.passed(f"{statement.service} {statement.version} signed by publisher {name!r}")
 
     steps.begin("release")
-    if debug:
-        steps.passed("skipped: a debug enclave's PCRs are zero and never match a release")
-    else:
-        _check_release_pcrs(statement, pcrs)
-        steps.passed(f"PCR0 {statement.pcr0[:32]}... (and PCR1/2/8) = the logged release")
+    _check_release_pcrs(statement, pcrs)
+    steps.passed(f"PCR0 {statement.pcr0[:32]}... (and PCR1/2/8) = the logged release")
 
     steps.begin("inclusion")
     if cached is None:
