@@ -11,8 +11,8 @@ paths are measured in the same run:
 
 The machine is shared (and has few cores), so the two paths are never measured at
 different times: both connections stay open for the whole run, latency samples alternate
-direct and proxied round trips one by one (the order flipping every call), and throughput
-alternates short bursts of each path over many rounds. The table reports the p50 of all
+direct and proxied in batches of 20 round trips (the order flipping every batch), and
+throughput alternates short bursts of each path over many rounds. The table reports the p50 of all
 round trips and the median of the per-round throughput figures; the throughput ratio is
 the median of the per-round ratios.
 
