@@ -13,6 +13,7 @@ from helpers import VECTORS
 
 if TYPE_CHECKING:
     from apps.probe.harness import Release
+    from test_translog_service_support import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +78,17 @@ def background() -> Iterator[list[subprocess.Popen[str]]]:
     from apps.probe.harness import stop_all
 
     stop_all()
+
+
+# --- storage: one throw-away PostgreSQL server for the whole session ----------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (initdb + pg_ctl in a temp dir, Unix socket only), shared
+    by every test that asks; each test takes its own database with ``new_database()``.
+    Skipped when the server binaries are not installed."""
+    from test_translog_service_support import postgres_server
+
+    with postgres_server() as server:
+        yield server

@@ -57,3 +57,24 @@ def test_enclave_package_still_exports_the_app_framework() -> None:
     assert enclave.App is App
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = enclave.Nope  # type: ignore[attr-defined]
+
+
+_BASE = ("hermetic", "hermetic.errors", "hermetic.paths")
+
+
+def test_store_layer_loads_nothing_above_the_base_layer() -> None:
+    """The log, the KMS and the record store sit on ``hermetic.store``: it must not load
+    any of them (or anything else above the base layer), with every submodule imported."""
+    code = (
+        "import importlib, json, pkgutil, sys, hermetic.store\n"
+        "for m in pkgutil.iter_modules(hermetic.store.__path__):\n"
+        "    importlib.import_module('hermetic.store.' + m.name)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hermetic'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+    )
+    loaded: list[str] = json.loads(out.stdout)
+    assert "hermetic.store.migrations" in loaded
+    above = [m for m in loaded if m not in _BASE and not m.startswith("hermetic.store")]
+    assert above == []

@@ -583,8 +583,84 @@ class KMSUnavailableError(KMSError):
     """KMS could not be reached (connection refused, timeout, TLS failure)."""
 
 
+# --- store: the shared storage layer and the parent's record store ----------------------
+
+
 class StoreError(HermeticError):
-    """Persistent storage (SQLite, PostgreSQL)."""
+    """Persistent storage (SQLite, PostgreSQL): the shared layer under the log, the local
+    KMS and the record store, and the record store itself."""
+
+
+class StoreLocationError(StoreError, UsageError):
+    """A database location is neither a path, a ``sqlite:///`` URL nor a PostgreSQL URL."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database could not be opened or reached (or the connection was lost)."""
+
+
+class StoreClosedError(StoreError):
+    """The store was used after it was closed."""
+
+
+class StoreIntegrityError(StoreError):
+    """The database refused a write that breaks one of its constraints."""
+
+
+class StoreQueryError(StoreError):
+    """A statement failed for another reason (locked too long, disk full, bad SQL)."""
+
+
+class SchemaError(StoreError):
+    """A database's recorded schema does not fit the code that opens it."""
+
+
+class SchemaTooNewError(SchemaError):
+    """The database was migrated by newer code than this one: opening it could corrupt it."""
+
+
+class SchemaMismatchError(SchemaError):
+    """A migration recorded as applied differs from the code's migration of that version."""
+
+
+class RecordStoreError(StoreError):
+    """The parent's record store (core, HTTP service or client)."""
+
+
+class RecordIdError(RecordStoreError, UsageError):
+    """A record id (or list prefix) is empty, too long or not printable ASCII."""
+
+
+class RecordTooLargeError(RecordStoreError, UsageError):
+    """A record's data is larger than the store accepts."""
+
+
+class RecordVersionError(RecordStoreError, UsageError):
+    """An expected version (or an If-Match / If-None-Match header) is malformed or missing."""
+
+
+class RecordNotFoundError(RecordStoreError):
+    """No record is stored under this id (or it was deleted)."""
+
+
+class VersionConflictError(RecordStoreError):
+    """Compare-and-set failed: the record is not at the version the writer expected.
+
+    ``current`` is the version stored now (``None`` when the record does not exist), so a
+    writer can re-read and retry.
+    """
+
+    def __init__(self, message: str, current: int | None = None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+class RecordServiceError(RecordStoreError):
+    """The record store server could not be reached or answered with an error."""
+
+
+class RecordResponseFormatError(RecordStoreError, MalformedInputError):
+    """The record store server's answer is not in the documented form."""
 
 
 class ConfigError(UsageError):

@@ -66,9 +66,9 @@ def _trust_root(choice: str) -> TrustRoot:
 @click.option("--port", type=int, default=None, help="Port to listen on (overrides --listen's).")
 @click.option(
     "--db",
-    type=FILE,
     default=None,
-    help="SQLite key store (default: <state dir>/kms/kms.sqlite3; root key beside it).",
+    help="Key store: a SQLite file or a postgresql:// URL (default: <state dir>/kms/kms.sqlite3;"
+    " the root key sits beside a SQLite file, else in <state dir>/kms).",
 )
 @click.option(
     "--root-key",
@@ -94,7 +94,7 @@ def _trust_root(choice: str) -> TrustRoot:
 def serve(
     listen: str,
     port: int | None,
-    db: Path | None,
+    db: str | None,
     root_key: Path | None,
     attestation_root: str,
     max_document_age: int,

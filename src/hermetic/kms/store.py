@@ -1,19 +1,18 @@
-"""The local KMS server's key store: SQLite, with key material sealed under a root key.
+"""The local KMS server's key store: key material sealed under a root key.
 
 The server is the stand-in for an HSM-backed service, so key material never sits in the
 database in the clear: each version of each key is sealed with AES-256-GCM under a 32-byte
 server root key kept in a separate file (created 0600 on first start), with the key id,
 version and key spec bound as associated data, so a row copied onto another key, or another
 version, does not unseal. Metadata (state, policy, aliases) is stored as is: AWS does not
-treat key policies as secret either. Python's stdlib ``sqlite3`` is enough; writes are
-committed before the server answers, so nothing acknowledged is lost on a crash.
+treat key policies as secret either. The database is the shared storage layer's
+(:mod:`hermetic.store`): a SQLite file by default, a ``postgresql://`` URL works too; writes
+are committed before the server answers, so nothing acknowledged is lost on a crash.
 """
 
 from __future__ import annotations
 
 import os
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,38 +21,55 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from hermetic.errors import KMSSealedStoreError
+from hermetic.errors import (
+    KMSSealedStoreError,
+    SchemaError,
+    StoreError,
+    StoreIntegrityError,
+    StoreLocationError,
+)
 from hermetic.paths import state_dir
+from hermetic.store import DatabaseLocation, Migration, Schema, open_database, parse_location
 
 __all__ = ["AliasRecord", "KeyRecord", "KeyStore", "default_db_path", "load_root_key"]
 
 ROOT_KEY_BYTES = 32
 _SEAL_LABEL = b"hermetic-kms-key-material/v1"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keys (
+SCHEMA = Schema(
+    "kms",
+    (
+        Migration(
+            1,
+            "keys, sealed key material, aliases",
+            (
+                """CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
+    created {double} NOT NULL,
     description TEXT NOT NULL,
     key_usage TEXT NOT NULL,
     key_spec TEXT NOT NULL,
     state TEXT NOT NULL,
-    deletion_date REAL,
+    deletion_date {double},
     policy TEXT NOT NULL,
     current_version INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS key_material (
+)""",
+                """CREATE TABLE IF NOT EXISTS key_material (
     key_id TEXT NOT NULL REFERENCES keys(key_id),
     version INTEGER NOT NULL,
-    sealed BLOB NOT NULL,
+    sealed {blob} NOT NULL,
     PRIMARY KEY (key_id, version)
-);
-CREATE TABLE IF NOT EXISTS aliases (
+)""",
+                """CREATE TABLE IF NOT EXISTS aliases (
     alias_name TEXT PRIMARY KEY,
     key_id TEXT NOT NULL REFERENCES keys(key_id),
-    created REAL NOT NULL
-);
-"""
+    created {double} NOT NULL
+)""",
+            ),
+        ),
+    ),
+)
+"""The key store's tables; version 1 is what it created before migrations existed."""
 
 
 @dataclass(frozen=True)
@@ -106,34 +122,45 @@ def load_root_key(path: Path) -> bytes:
 
 
 class KeyStore:
-    """Keys, sealed material and aliases in one SQLite file. Thread-safe."""
+    """Keys, sealed material and aliases in one database. Thread-safe.
 
-    def __init__(self, db_path: Path, root_key: bytes) -> None:
+    ``location`` is a SQLite path (its directory is created 0700), ``sqlite:///path`` or a
+    ``postgresql://`` URL.
+    """
+
+    def __init__(self, location: str | Path | DatabaseLocation, root_key: bytes) -> None:
         if len(root_key) != ROOT_KEY_BYTES:
             raise KMSSealedStoreError(f"root key: expected {ROOT_KEY_BYTES} bytes")
-        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        where = parse_location(location)
+        if where.backend == "sqlite":
+            where.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._aead = AESGCM(root_key)
-        self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise KMSSealedStoreError(f"key store {db_path}: {exc}") from None
+            self._db = open_database(where, SCHEMA)
+        except (SchemaError, StoreLocationError):
+            raise
+        except StoreError as exc:
+            raise KMSSealedStoreError(f"key store {where}: {exc}") from None
         self._material: dict[tuple[str, int], bytes] = {}
 
     @classmethod
-    def open(cls, db_path: Path | None = None, root_key_path: Path | None = None) -> KeyStore:
-        """Open (creating if needed) the store; the root key defaults to beside the db."""
-        db = db_path if db_path is not None else default_db_path()
-        root = root_key_path if root_key_path is not None else db.parent / "root.key"
-        return cls(db, load_root_key(root))
+    def open(
+        cls, location: str | Path | None = None, root_key_path: Path | None = None
+    ) -> KeyStore:
+        """Open (creating if needed) the store; the root key defaults to beside a SQLite
+        file (``root.key``), or to ``<state dir>/kms/root.key`` for PostgreSQL."""
+        where = parse_location(location if location is not None else default_db_path())
+        if root_key_path is not None:
+            root = root_key_path
+        elif where.backend == "sqlite":
+            root = where.path.parent / "root.key"
+        else:
+            root = state_dir() / "kms" / "root.key"
+        return cls(where, load_root_key(root))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-            self._material.clear()
+        self._db.close()
+        self._material.clear()
 
     # --- keys ---------------------------------------------------------------------------
 
@@ -153,8 +180,8 @@ class KeyStore:
             current_version=1,
         )
         sealed = self._seal(key_id, 1, key_spec, material)
-        with self._lock, self._transaction():
-            self._db.execute(
+        with self._db.transaction() as cur:
+            cur.execute(
                 "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.key_id,
@@ -168,17 +195,17 @@ class KeyStore:
                     record.current_version,
                 ),
             )
-            self._db.execute("INSERT INTO key_material VALUES (?, ?, ?)", (key_id, 1, sealed))
+            cur.execute("INSERT INTO key_material VALUES (?, ?, ?)", (key_id, 1, sealed))
         return record
 
     def get_key(self, key_id: str) -> KeyRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+        with self._db.cursor() as cur:
+            row = cur.execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
         return KeyRecord(*row) if row else None
 
     def list_keys(self) -> list[KeyRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM keys ORDER BY created, key_id").fetchall()
+        with self._db.cursor() as cur:
+            rows = cur.execute("SELECT * FROM keys ORDER BY created, key_id").fetchall()
         return [KeyRecord(*row) for row in rows]
 
     def material(self, record: KeyRecord, version: int) -> bytes:
@@ -186,8 +213,8 @@ class KeyStore:
         cached = self._material.get((record.key_id, version))
         if cached is not None:
             return cached
-        with self._lock:
-            row = self._db.execute(
+        with self._db.cursor() as cur:
+            row = cur.execute(
                 "SELECT sealed FROM key_material WHERE key_id = ? AND version = ?",
                 (record.key_id, version),
             ).fetchone()
@@ -212,28 +239,29 @@ class KeyStore:
         """False if the alias already exists."""
         try:
             self._update("INSERT INTO aliases VALUES (?, ?, ?)", (alias_name, key_id, time.time()))
-        except sqlite3.IntegrityError:
+        except StoreIntegrityError:
             return False
         return True
 
     def delete_alias(self, alias_name: str) -> bool:
-        with self._lock, self._transaction():
-            cursor = self._db.execute("DELETE FROM aliases WHERE alias_name = ?", (alias_name,))
-        return cursor.rowcount > 0
+        with self._db.transaction() as cur:
+            cur.execute("DELETE FROM aliases WHERE alias_name = ?", (alias_name,))
+            deleted = cur.rowcount
+        return deleted > 0
 
     def get_alias(self, alias_name: str) -> AliasRecord | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._db.cursor() as cur:
+            row = cur.execute(
                 "SELECT * FROM aliases WHERE alias_name = ?", (alias_name,)
             ).fetchone()
         return AliasRecord(*row) if row else None
 
     def list_aliases(self, key_id: str | None = None) -> list[AliasRecord]:
-        with self._lock:
+        with self._db.cursor() as cur:
             if key_id is None:
-                rows = self._db.execute("SELECT * FROM aliases ORDER BY alias_name").fetchall()
+                rows = cur.execute("SELECT * FROM aliases ORDER BY alias_name").fetchall()
             else:
-                rows = self._db.execute(
+                rows = cur.execute(
                     "SELECT * FROM aliases WHERE key_id = ? ORDER BY alias_name", (key_id,)
                 ).fetchall()
         return [AliasRecord(*row) for row in rows]
@@ -254,22 +282,8 @@ class KeyStore:
             ) from None
 
     def _update(self, sql: str, params: tuple[object, ...]) -> None:
-        with self._lock, self._transaction():
-            self._db.execute(sql, params)
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")
+        with self._db.transaction() as cur:
+            cur.execute(sql, params)
 
 
 def _aad(key_id: str, version: int, key_spec: str) -> bytes:

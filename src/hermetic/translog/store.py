@@ -23,28 +23,39 @@ proof and C2SP tile is O(log n) or one range read away.
 Identical entries are deduplicated (the existing index is returned) because it is cheap:
 a partial unique index on level-0 hashes answers a whole batch with one query.
 
-Two implementations sit behind :class:`LogStore`: SQLite (default; stdlib ``sqlite3``,
-WAL, ``synchronous=FULL`` so a commit survives power loss) and PostgreSQL (psycopg 3, for
-several hosts or managed databases). They share all SQL except connection set-up, the
-placeholder style and how a writer takes the log's write lock.
+The database is the shared storage layer's (:mod:`hermetic.store`): SQLite by default
+(WAL, ``synchronous=FULL`` so a commit survives power loss) or PostgreSQL for a
+``postgresql://`` URL (several hosts, managed databases), one set of SQL for both, and the
+tables as the ``translog`` schema's migrations. Writers hold the ``translog_writer`` lock,
+so two servers on one PostgreSQL database never interleave batches.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hermetic.errors import (
     CheckpointConflictError,
     EntryRejectedError,
     LogStoreError,
+    SchemaError,
+    StoreError,
+    StoreIntegrityError,
+    StoreLocationError,
     TranslogError,
+)
+from hermetic.store import (
+    Connection,
+    Cursor,
+    DatabaseLocation,
+    Migration,
+    Schema,
+    connect,
+    open_database,
+    parse_location,
 )
 from hermetic.translog.merkle import leaf_hash, root_hash, stored_hashes_for_leaf
 
@@ -92,72 +103,67 @@ def check_entry(entry: bytes) -> None:
         raise EntryRejectedError(f"entry is {len(entry)} bytes, at most {MAX_ENTRY_SIZE} allowed")
 
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS entries (idx BIGINT PRIMARY KEY, data {blob} NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS hashes (level INTEGER NOT NULL, idx BIGINT NOT NULL,"
-    " hash {blob} NOT NULL, PRIMARY KEY (level, idx)){without_rowid}",
-    "CREATE UNIQUE INDEX IF NOT EXISTS leaf_dedup ON hashes (hash) WHERE level = 0",
-    "CREATE TABLE IF NOT EXISTS checkpoints (size BIGINT PRIMARY KEY, note TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS cosignatures (size BIGINT NOT NULL, witness TEXT NOT NULL,"
-    " line TEXT NOT NULL, PRIMARY KEY (size, witness))",
+SCHEMA = Schema(
+    "translog",
+    (
+        Migration(
+            1,
+            "entries, perfect-subtree hashes, checkpoints, cosignatures, log identity",
+            (
+                "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+                "CREATE TABLE IF NOT EXISTS entries (idx BIGINT PRIMARY KEY, data {blob} NOT NULL)",
+                "CREATE TABLE IF NOT EXISTS hashes (level INTEGER NOT NULL, idx BIGINT NOT NULL,"
+                " hash {blob} NOT NULL, PRIMARY KEY (level, idx)){without_rowid}",
+                "CREATE UNIQUE INDEX IF NOT EXISTS leaf_dedup ON hashes (hash) WHERE level = 0",
+                "CREATE TABLE IF NOT EXISTS checkpoints (size BIGINT PRIMARY KEY,"
+                " note TEXT NOT NULL)",
+                "CREATE TABLE IF NOT EXISTS cosignatures (size BIGINT NOT NULL,"
+                " witness TEXT NOT NULL, line TEXT NOT NULL, PRIMARY KEY (size, witness))",
+            ),
+        ),
+    ),
 )
+"""The log's tables; version 1 is what the store created before migrations existed."""
 
+_WRITER_LOCK = "translog_writer"
 _DEDUP_CHUNK = 500
 
 
-class LogStore(ABC):
+class LogStore:
     """Append-only storage for one log; safe to share between threads.
 
     Reads go through their own connection so that tile and proof requests are not blocked
     by a batch being integrated (both back ends give readers a committed snapshot).
+    ``location`` is a path, ``sqlite:///path`` or a ``postgresql://`` URL; a database whose
+    schema does not fit this code raises :class:`~hermetic.errors.SchemaError` as is, any
+    other failure to open it :class:`~hermetic.errors.LogStoreError`.
     """
 
-    _placeholder = "?"
-
-    def __init__(self) -> None:
-        self._write_lock = threading.Lock()
-        self._read_lock = threading.Lock()
-        self._writer: Any = None
-        self._reader: Any = None
-
-    # -- back-end specifics -------------------------------------------------------------
-
-    @abstractmethod
-    def _begin_write(self, cur: Any) -> None:
-        """Start a write transaction holding the log's single-writer lock."""
-
-    @abstractmethod
-    def _commit(self, conn: Any) -> None: ...
-
-    @abstractmethod
-    def _rollback(self, conn: Any) -> None: ...
-
-    @abstractmethod
-    def _is_integrity_error(self, exc: BaseException) -> bool: ...
-
-    @abstractmethod
-    def _is_db_error(self, exc: BaseException) -> bool: ...
-
-    def _sql(self, text: str) -> str:
-        return text.replace("?", self._placeholder)
+    def __init__(self, location: str | Path | DatabaseLocation) -> None:
+        self.location = parse_location(location)
+        self._writer: Connection | None = None
+        self._reader: Connection | None = None
+        try:
+            self._writer = open_database(self.location, SCHEMA)
+            self._reader = connect(self.location)
+        except (SchemaError, StoreLocationError):
+            self.close()
+            raise
+        except StoreError as exc:
+            self.close()
+            raise LogStoreError(f"cannot open log database {self.location}: {exc}") from None
 
     # -- reads --------------------------------------------------------------------------
 
     @contextmanager
-    def _reading(self) -> Iterator[Any]:
-        with self._read_lock:
-            if self._reader is None:
-                raise LogStoreError("store is closed")
-            cur = self._reader.cursor()
-            try:
+    def _reading(self) -> Iterator[Cursor]:
+        if self._reader is None:
+            raise LogStoreError("store is closed")
+        try:
+            with self._reader.cursor() as cur:
                 yield cur
-            except Exception as exc:
-                if self._is_db_error(exc):
-                    raise LogStoreError(f"database read failed: {exc}") from None
-                raise
-            finally:
-                cur.close()
+        except StoreError as exc:
+            raise LogStoreError(f"database read failed: {exc}") from None
 
     def tree_size(self) -> int:
         """Size of the latest published checkpoint (0 for an empty log)."""
@@ -169,9 +175,7 @@ class LogStore(ABC):
     def read_hash(self, level: int, index: int) -> bytes:
         """The :data:`~hermetic.translog.merkle.HashReader` over the stored hashes."""
         with self._reading() as cur:
-            cur.execute(
-                self._sql("SELECT hash FROM hashes WHERE level = ? AND idx = ?"), (level, index)
-            )
+            cur.execute("SELECT hash FROM hashes WHERE level = ? AND idx = ?", (level, index))
             row = cur.fetchone()
         if row is None:
             raise LogStoreError(f"no stored hash at level {level}, index {index}")
@@ -181,7 +185,7 @@ class LogStore(ABC):
         """``count`` consecutive stored hashes of one level (a tile's contents)."""
         with self._reading() as cur:
             cur.execute(
-                self._sql(
+                (
                     "SELECT idx, hash FROM hashes WHERE level = ? AND idx >= ? AND idx < ?"
                     " ORDER BY idx"
                 ),
@@ -199,7 +203,7 @@ class LogStore(ABC):
         """``count`` consecutive entries starting at index ``start``."""
         with self._reading() as cur:
             cur.execute(
-                self._sql("SELECT idx, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx"),
+                "SELECT idx, data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx",
                 (start, start + count),
             )
             rows = cur.fetchall()
@@ -213,7 +217,7 @@ class LogStore(ABC):
         """The index of ``entry`` if it is in the log."""
         with self._reading() as cur:
             cur.execute(
-                self._sql("SELECT idx FROM hashes WHERE level = 0 AND hash = ?"),
+                "SELECT idx FROM hashes WHERE level = 0 AND hash = ?",
                 (leaf_hash(entry),),
             )
             row = cur.fetchone()
@@ -222,13 +226,11 @@ class LogStore(ABC):
     def checkpoint_at(self, size: int) -> StoredCheckpoint | None:
         """The checkpoint published for ``size``, with its cosignatures, if any."""
         with self._reading() as cur:
-            cur.execute(self._sql("SELECT note FROM checkpoints WHERE size = ?"), (size,))
+            cur.execute("SELECT note FROM checkpoints WHERE size = ?", (size,))
             row = cur.fetchone()
             if row is None:
                 return None
-            cur.execute(
-                self._sql("SELECT line FROM cosignatures WHERE size = ? ORDER BY witness"), (size,)
-            )
+            cur.execute("SELECT line FROM cosignatures WHERE size = ? ORDER BY witness", (size,))
             lines = tuple(str(r[0]) for r in cur.fetchall())
         return StoredCheckpoint(size, str(row[0]), lines)
 
@@ -245,7 +247,7 @@ class LogStore(ABC):
             return self.tree_size()
         with self._reading() as cur:
             cur.execute(
-                self._sql(
+                (
                     "SELECT size FROM cosignatures GROUP BY size HAVING COUNT(*) >= ?"
                     " ORDER BY size DESC LIMIT 1"
                 ),
@@ -262,32 +264,24 @@ class LogStore(ABC):
 
     def meta(self, name: str) -> str | None:
         with self._reading() as cur:
-            cur.execute(self._sql("SELECT value FROM meta WHERE name = ?"), (name,))
+            cur.execute("SELECT value FROM meta WHERE name = ?", (name,))
             row = cur.fetchone()
         return None if row is None else str(row[0])
 
     # -- writes -------------------------------------------------------------------------
 
     @contextmanager
-    def _writing(self) -> Iterator[Any]:
-        with self._write_lock:
-            if self._writer is None:
-                raise LogStoreError("store is closed")
-            conn = self._writer
-            cur = conn.cursor()
-            try:
-                self._begin_write(cur)
+    def _writing(self) -> Iterator[Cursor]:
+        """One write transaction holding the log's single-writer lock (in every process)."""
+        if self._writer is None:
+            raise LogStoreError("store is closed")
+        try:
+            with self._writer.transaction(write=True, exclusive=_WRITER_LOCK) as cur:
                 yield cur
-                self._commit(conn)
-            except BaseException as exc:
-                self._rollback(conn)
-                if self._is_integrity_error(exc):
-                    raise LogStoreError(f"store refused a write: {exc}") from None
-                if self._is_db_error(exc):
-                    raise LogStoreError(f"database write failed: {exc}") from None
-                raise
-            finally:
-                cur.close()
+        except StoreIntegrityError as exc:
+            raise LogStoreError(f"store refused a write: {exc}") from None
+        except StoreError as exc:
+            raise LogStoreError(f"database write failed: {exc}") from None
 
     def bind_identity(self, origin: str, vkey: str) -> None:
         """Record which log (origin and verifier key) this store belongs to, or check it.
@@ -297,12 +291,10 @@ class LogStore(ABC):
         """
         with self._writing() as cur:
             for name, value in (("origin", origin), ("vkey", vkey)):
-                cur.execute(self._sql("SELECT value FROM meta WHERE name = ?"), (name,))
+                cur.execute("SELECT value FROM meta WHERE name = ?", (name,))
                 row = cur.fetchone()
                 if row is None:
-                    cur.execute(
-                        self._sql("INSERT INTO meta (name, value) VALUES (?, ?)"), (name, value)
-                    )
+                    cur.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (name, value))
                 elif str(row[0]) != value:
                     raise LogStoreError(
                         f"store belongs to a log with {name} {row[0]!r}, not {value!r}"
@@ -336,9 +328,7 @@ class LogStore(ABC):
                 got = pending.get((level, index))
                 if got is not None:
                     return got
-                cur.execute(
-                    self._sql("SELECT hash FROM hashes WHERE level = ? AND idx = ?"), (level, index)
-                )
+                cur.execute("SELECT hash FROM hashes WHERE level = ? AND idx = ?", (level, index))
                 r = cur.fetchone()
                 if r is None:
                     raise LogStoreError(f"no stored hash at level {level}, index {index}")
@@ -363,7 +353,7 @@ class LogStore(ABC):
                 for level, i, h in stored_hashes_for_leaf(index, bytes(entry), read):
                     pending[(level, i)] = h
             if new_size == size:
-                cur.execute(self._sql("SELECT note FROM checkpoints WHERE size = ?"), (size,))
+                cur.execute("SELECT note FROM checkpoints WHERE size = ?", (size,))
                 note_row = cur.fetchone()
                 if note_row is None:
                     note = sign(size, root_hash(size, read))
@@ -372,11 +362,9 @@ class LogStore(ABC):
                     note = str(note_row[0])
                 checkpoint = StoredCheckpoint(size, note)
             else:
+                cur.executemany("INSERT INTO entries (idx, data) VALUES (?, ?)", new_entries)
                 cur.executemany(
-                    self._sql("INSERT INTO entries (idx, data) VALUES (?, ?)"), new_entries
-                )
-                cur.executemany(
-                    self._sql("INSERT INTO hashes (level, idx, hash) VALUES (?, ?, ?)"),
+                    "INSERT INTO hashes (level, idx, hash) VALUES (?, ?, ?)",
                     [(lv, i, h) for (lv, i), h in pending.items()],
                 )
                 note = sign(new_size, root_hash(new_size, read))
@@ -384,28 +372,28 @@ class LogStore(ABC):
                 checkpoint = StoredCheckpoint(new_size, note)
         return IntegratedBatch(tuple(indices), tuple(duplicates), checkpoint)
 
-    def _existing_leaves(self, cur: Any, leaves: Sequence[bytes]) -> dict[bytes, int]:
+    def _existing_leaves(self, cur: Cursor, leaves: Sequence[bytes]) -> dict[bytes, int]:
         found: dict[bytes, int] = {}
         unique = list(dict.fromkeys(leaves))
         for n in range(0, len(unique), _DEDUP_CHUNK):
             chunk = unique[n : n + _DEDUP_CHUNK]
             marks = ", ".join("?" * len(chunk))
             cur.execute(
-                self._sql(f"SELECT hash, idx FROM hashes WHERE level = 0 AND hash IN ({marks})"),  # noqa: S608 - only placeholders are interpolated
+                f"SELECT hash, idx FROM hashes WHERE level = 0 AND hash IN ({marks})",  # noqa: S608 - only placeholders are interpolated
                 chunk,
             )
             for h, idx in cur.fetchall():
                 found[bytes(h)] = int(idx)
         return found
 
-    def _insert_checkpoint(self, cur: Any, size: int, note: str) -> None:
-        cur.execute(self._sql("SELECT note FROM checkpoints WHERE size = ?"), (size,))
+    def _insert_checkpoint(self, cur: Cursor, size: int, note: str) -> None:
+        cur.execute("SELECT note FROM checkpoints WHERE size = ?", (size,))
         row = cur.fetchone()
         if row is not None:
             raise CheckpointConflictError(
                 f"a checkpoint for size {size} is already published; it is never rewritten"
             )
-        cur.execute(self._sql("INSERT INTO checkpoints (size, note) VALUES (?, ?)"), (size, note))
+        cur.execute("INSERT INTO checkpoints (size, note) VALUES (?, ?)", (size, note))
 
     def add_cosignature(self, size: int, witness: str, line: str) -> bool:
         """Store a witness's cosignature line for the checkpoint of ``size``.
@@ -416,27 +404,26 @@ class LogStore(ABC):
         if not line.endswith("\n") or "\n" in line[:-1]:
             raise TranslogError("a cosignature must be exactly one line ending in a newline")
         with self._writing() as cur:
-            cur.execute(self._sql("SELECT 1 FROM checkpoints WHERE size = ?"), (size,))
+            cur.execute("SELECT 1 FROM checkpoints WHERE size = ?", (size,))
             if cur.fetchone() is None:
                 raise LogStoreError(f"no checkpoint was published for size {size}")
             cur.execute(
-                self._sql("SELECT 1 FROM cosignatures WHERE size = ? AND witness = ?"),
+                "SELECT 1 FROM cosignatures WHERE size = ? AND witness = ?",
                 (size, witness),
             )
             if cur.fetchone() is not None:
                 return False
             cur.execute(
-                self._sql("INSERT INTO cosignatures (size, witness, line) VALUES (?, ?, ?)"),
+                "INSERT INTO cosignatures (size, witness, line) VALUES (?, ?, ?)",
                 (size, witness, line),
             )
         return True
 
     def close(self) -> None:
-        with self._write_lock, self._read_lock:
-            for conn in (self._writer, self._reader):
-                if conn is not None:
-                    conn.close()
-            self._writer = self._reader = None
+        for conn in (self._writer, self._reader):
+            if conn is not None:
+                conn.close()
+        self._writer = self._reader = None
 
     def __enter__(self) -> LogStore:
         return self
@@ -446,96 +433,26 @@ class LogStore(ABC):
 
 
 class SQLiteLogStore(LogStore):
-    """The default store: one SQLite file in WAL mode with ``synchronous=FULL``."""
+    """The default store: one SQLite file (WAL, ``synchronous=FULL``)."""
 
     def __init__(self, path: str | Path) -> None:
-        super().__init__()
         self.path = Path(path)
-        try:
-            self._writer = self._connect()
-            cur = self._writer.cursor()
-            for statement in _SCHEMA:
-                cur.execute(statement.format(blob="BLOB", without_rowid=" WITHOUT ROWID"))
-            cur.close()
-            self._reader = self._connect()
-        except sqlite3.Error as exc:
-            self.close()
-            raise LogStoreError(f"cannot open log database {self.path}: {exc}") from None
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            raise LogStoreError(f"{self.path}: SQLite refused WAL mode (got {mode})")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
-
-    def _begin_write(self, cur: Any) -> None:
-        cur.execute("BEGIN IMMEDIATE")
-
-    def _commit(self, conn: Any) -> None:
-        conn.execute("COMMIT")
-
-    def _rollback(self, conn: Any) -> None:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-
-    def _is_integrity_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, sqlite3.IntegrityError)
-
-    def _is_db_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, sqlite3.Error)
+        super().__init__(DatabaseLocation.sqlite(self.path))
 
 
 class PostgresLogStore(LogStore):
     """The same store on PostgreSQL (psycopg 3); ``dsn`` is a ``postgresql://`` URL."""
 
-    _placeholder = "%s"
-
     def __init__(self, dsn: str) -> None:
-        super().__init__()
-        import psycopg
-
-        self._psycopg = psycopg
-        try:
-            self._writer = psycopg.connect(dsn, autocommit=True)
-            with self._writer.cursor() as cur:
-                # Two servers starting at once may race on CREATE TABLE IF NOT EXISTS.
-                cur.execute("SELECT pg_advisory_lock(7243017)")
-                try:
-                    for statement in _SCHEMA:
-                        cur.execute(statement.format(blob="BYTEA", without_rowid=""))
-                finally:
-                    cur.execute("SELECT pg_advisory_unlock(7243017)")
-            self._reader = psycopg.connect(dsn, autocommit=True)
-        except psycopg.Error as exc:
-            self.close()
-            raise LogStoreError(f"cannot open PostgreSQL log database: {exc}") from None
-
-    def _begin_write(self, cur: Any) -> None:
-        cur.execute("BEGIN")
-        # One writer per log, across every process sharing the database; after the lock,
-        # READ COMMITTED statements see everything earlier writers committed.
-        cur.execute("LOCK TABLE checkpoints IN EXCLUSIVE MODE")
-
-    def _commit(self, conn: Any) -> None:
-        conn.execute("COMMIT")
-
-    def _rollback(self, conn: Any) -> None:
-        if conn.info.transaction_status != self._psycopg.pq.TransactionStatus.IDLE:
-            conn.execute("ROLLBACK")
-
-    def _is_integrity_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._psycopg.IntegrityError)
-
-    def _is_db_error(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._psycopg.Error)
+        location = parse_location(dsn)
+        if location.backend != "postgresql":
+            raise StoreLocationError(f"expected a postgresql:// URL, got {location}")
+        super().__init__(location)
 
 
 def open_store(location: str | Path) -> LogStore:
-    """A PostgreSQL store for ``postgresql://`` / ``postgres://`` URLs, else SQLite at a path."""
-    text = str(location)
-    if text.startswith(("postgresql://", "postgres://")):
-        return PostgresLogStore(text)
-    return SQLiteLogStore(Path(text))
+    """A PostgreSQL store for ``postgresql://`` / ``postgres://`` URLs, else SQLite."""
+    parsed = parse_location(location)
+    if parsed.backend == "postgresql":
+        return PostgresLogStore(parsed.target)
+    return SQLiteLogStore(parsed.path)
