@@ -163,8 +163,13 @@ def test_any_bytes_parse_or_raise_the_callers_error(data: bytes) -> None:
 ANY_CHARACTER = st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
 
 
+def any_text(max_size: int) -> st.SearchStrategy[str]:
+    """Strings of :data:`ANY_CHARACTER` (``st.text`` would drop the surrogates again)."""
+    return st.lists(ANY_CHARACTER, max_size=max_size).map("".join)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text(ANY_CHARACTER, max_size=12))
+@given(any_text(12))
 def test_json_and_cbor_apply_the_same_text_rule(text: str) -> None:
     """A string is accepted by the JSON loader (as an escape) and by the CBOR decoder (as
     its UTF-8 bytes) exactly when it is Unicode text."""
@@ -183,3 +188,45 @@ def test_json_and_cbor_apply_the_same_text_rule(text: str) -> None:
         except HermeticError:
             outcomes.append(False)
     assert outcomes == [valid, valid]
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | any_text(4),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(any_text(3), inner, max_size=3),
+    max_leaves=40,
+)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict | list):
+        children = value.values() if isinstance(value, dict) else value
+        return 1 + max((_depth(c) for c in children), default=0)
+    return 0
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [*value, *(t for v in value.values() for t in _texts(v))]
+    if isinstance(value, list):
+        return [t for v in value for t in _texts(v)]
+    return []
+
+
+@settings(max_examples=300, deadline=None)
+@given(_VALUES, st.integers(1, 6), st.booleans())
+def test_refuses_exactly_the_documents_with_a_surrogate_or_too_deep(
+    value: Any, max_depth: int, ascii_only: bool
+) -> None:
+    """Whatever shortcut the loader takes, it refuses a document exactly when one of its
+    strings is not Unicode text or it nests deeper than the bound."""
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    bad = _depth(value) > max_depth or not all(map(is_unicode_text, _texts(value)))
+    try:
+        parsed = _loads(text, max_depth=max_depth)
+    except ReleaseFormatError:
+        assert bad
+    else:
+        assert not bad
+        assert parsed == value

@@ -48,6 +48,9 @@ MAX_DEPTH = 32
 ErrorFactory = Callable[[str], HermeticError]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: A ``\uD800``..``\uDFFF`` escape (or text that merely looks like one): only where this
+#: matches can a parsed string hold a lone surrogate, if the text itself held none.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def is_unicode_text(value: str) -> bool:
@@ -112,6 +115,8 @@ def loads(
     if isinstance(data, bytes | bytearray | memoryview):
         text = decode_utf8(data, what=what, error=error)
     elif isinstance(data, str):
+        if not is_unicode_text(data):
+            raise error(f"{what}: lone UTF-16 surrogate in a string (not Unicode text)")
         text = data
     else:
         raise error(f"{what}: expected JSON text, got {type(data).__name__}")
@@ -133,9 +138,14 @@ def loads(
         raise error(f"{what}: nesting depth above {max_depth}") from None
     except ValueError:  # int() refusing a number of more than 4300 digits
         raise error(f"{what}: integer with too many digits") from None
-    problem = _problem(value, max_depth)
-    if problem is not None:
-        raise error(f"{what}: {problem}")
+    # The walk is only needed where the text allows a problem: more brackets than the
+    # depth bound, or something that looks like a surrogate escape (most documents have
+    # neither, and then skip it).
+    deep = text.count("[") + text.count("{") > max_depth
+    if deep or _SURROGATE_ESCAPE.search(text) is not None:
+        problem = _problem(value, max_depth)
+        if problem is not None:
+            raise error(f"{what}: {problem}")
     return value
 
 
