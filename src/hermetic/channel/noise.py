@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from noise.backends.default.keypairs import KeyPair25519
 from noise.connection import Keypair, NoiseConnection
 
@@ -300,12 +302,21 @@ class NoiseTransport:
     Rekey rule (docs/protocol.md): after every ``rekey_interval`` messages in one direction,
     both ends apply the spec's REKEY to that direction's key; the nonce keeps counting.
     Because both ends count the same messages, they stay in lockstep without signalling.
+
+    The library runs the handshake; the transport phase is spec §5.1's CipherState over
+    ``cryptography``'s AEAD directly (:class:`_CipherState`), because every application
+    byte goes through it and the library's four Python layers per message (checks, AD
+    handling, nonce formatting, dispatch) cost as much as encrypting a small message. The
+    keys and nonces are the library's own at Split; the published vectors' transport
+    messages and an independent implementation (tests) pin the result byte for byte.
     """
 
     def __init__(self, conn: NoiseConnection, *, rekey_interval: int | None) -> None:
         if rekey_interval is not None and rekey_interval < 1:
             raise SessionStateError(f"rekey_interval: expected >= 1, got {rekey_interval}")
-        self._conn = conn
+        protocol = conn.noise_protocol
+        self._send = _CipherState.after_split(protocol.cipher_state_encrypt)
+        self._receive = _CipherState.after_split(protocol.cipher_state_decrypt)
         self._rekey_interval = rekey_interval
         self._sent = 0
         self._received = 0
@@ -325,13 +336,10 @@ class NoiseTransport:
             )
         if self._sent >= MAX_NONCE - 1:
             raise NonceExhaustedError(f"send nonce: {self._sent} of {MAX_NONCE - 1} used")
-        try:
-            message: bytes = self._conn.encrypt(bytes(plaintext))
-        except Exception as exc:  # untyped library errors
-            raise SessionStateError(f"encrypt failed ({type(exc).__name__})") from exc
+        message = self._send.encrypt(plaintext)
         self._sent += 1
         if self._rekey_interval is not None and self._sent % self._rekey_interval == 0:
-            self._conn.rekey_outbound_cipher()
+            self._send.rekey()
         return message
 
     def decrypt(self, message: bytes) -> bytes:
@@ -347,13 +355,57 @@ class NoiseTransport:
         if self._received >= MAX_NONCE - 1:
             raise NonceExhaustedError(f"receive nonce: {self._received} of {MAX_NONCE - 1} used")
         try:
-            plaintext: bytes = self._conn.decrypt(bytes(message))
-        except Exception as exc:  # NoiseInvalidMessage wraps InvalidTag; nothing else expected
+            plaintext = self._receive.decrypt(message)
+        except InvalidTag as exc:
             raise DecryptError(
                 f"transport message {self._received}: authentication failed "
                 "(truncated, reordered, replayed or altered)"
             ) from exc
         self._received += 1
         if self._rekey_interval is not None and self._received % self._rekey_interval == 0:
-            self._conn.rekey_inbound_cipher()
+            self._receive.rekey()
         return plaintext
+
+
+_NONCE_BYTE_ORDER: dict[type[AESGCM | ChaCha20Poly1305], Literal["big", "little"]] = {
+    AESGCM: "big",  # spec §12.4: 32 zero bits, then the 64-bit nonce big-endian
+    ChaCha20Poly1305: "little",  # spec §12.3: 32 zero bits, then the nonce little-endian
+}
+
+
+class _CipherState:
+    """Noise spec §5.1 CipherState with a key: ENCRYPT/DECRYPT with empty AD, n++, REKEY."""
+
+    __slots__ = ("_aead", "_kind", "_order", "n")
+
+    def __init__(self, kind: type[AESGCM | ChaCha20Poly1305], key: bytes, n: int) -> None:
+        self._kind = kind
+        self._aead = kind(key)
+        self._order = _NONCE_BYTE_ORDER[kind]
+        self.n = n
+
+    @classmethod
+    def after_split(cls, state: Any) -> _CipherState:
+        """The same key and nonce as one of the library's CipherStates returned by Split."""
+        kind = state.cipher.klass
+        if kind not in _NONCE_BYTE_ORDER or not isinstance(state.k, bytes | bytearray):
+            raise SessionStateError(f"split: unexpected cipher state ({type(state).__name__})")
+        return cls(kind, bytes(state.k), int(state.n))
+
+    def _nonce(self, n: int) -> bytes:
+        return b"\x00\x00\x00\x00" + n.to_bytes(8, self._order)
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        ciphertext = self._aead.encrypt(self._nonce(self.n), plaintext, None)
+        self.n += 1
+        return ciphertext
+
+    def decrypt(self, ciphertext: bytes) -> bytes:
+        plaintext = self._aead.decrypt(self._nonce(self.n), ciphertext, None)
+        self.n += 1  # only once authenticated: a failed decrypt raised above
+        return plaintext
+
+    def rekey(self) -> None:
+        """REKEY(k): the first 32 bytes of ENCRYPT(k, 2^64-1, empty AD, 32 zero bytes)."""
+        key = self._aead.encrypt(self._nonce(MAX_NONCE), bytes(32), b"")[:32]
+        self._aead = self._kind(key)
