@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "log": ("hermetic.cli.log", "log", "Run and use the transparency log."),
     "release": ("hermetic.cli.release", "release", "Publish and verify signed releases."),
     "kms": ("hermetic.cli.kms", "kms", "Local KMS server and key-policy helper."),
+    "store": ("hermetic.cli.store", "store", "The parent's record store (opaque sealed records)."),
     "proxy": ("hermetic.cli.launcher", "proxy", "Run the parent-side service proxy."),
     "demo": ("hermetic.cli.demo", "demo", "Walk through the trust core end to end."),
     "config": ("hermetic.cli.config", "config", "Sign and inspect runtime config bundles."),
