@@ -273,6 +273,19 @@ def test_driver_errors_come_out_typed(location: str) -> None:
             assert cur.execute("SELECT body FROM notes").fetchall() == [(b"1",)]
 
 
+def test_a_read_transaction_sees_one_snapshot(location: str) -> None:
+    with open_database(location, ONE) as reader, connect(location) as writer:
+        with writer.transaction() as cur:
+            cur.execute("INSERT INTO notes (name, body) VALUES (?, ?)", ("before", b"1"))
+        with reader.transaction(write=False) as snapshot:
+            first = snapshot.execute("SELECT COUNT(*) FROM notes").fetchone()
+            with writer.transaction() as cur:
+                cur.execute("INSERT INTO notes (name, body) VALUES (?, ?)", ("during", b"2"))
+            assert snapshot.execute("SELECT COUNT(*) FROM notes").fetchone() == first == (1,)
+        with reader.cursor() as cur:
+            assert cur.execute("SELECT COUNT(*) FROM notes").fetchone() == (2,)
+
+
 def test_percent_signs_in_sql_are_not_placeholders(location: str) -> None:
     with open_database(location, ONE) as conn, conn.transaction() as cur:
         cur.execute("INSERT INTO notes (name, body) VALUES (?, ?)", ("100%", b"x"))

@@ -415,7 +415,8 @@ class Connection:
     def transaction(self, *, write: bool = True, exclusive: str | None = None) -> Iterator[Cursor]:
         """One transaction: committed when the block ends, rolled back if it raises.
 
-        ``write=False`` gives a read-only snapshot. ``exclusive`` names a lock that only
+        ``write=False`` gives one snapshot for every statement (PostgreSQL also refuses
+        writes in it). ``exclusive`` names a lock that only
         one transaction holds at a time across every process using the database (any
         SQLite write transaction already holds the whole database's write lock).
         """
