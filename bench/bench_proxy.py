@@ -16,6 +16,15 @@ throughput alternates short bursts of each path over many rounds. The table repo
 round trips and the median of the per-round throughput figures; the throughput ratio is
 the median of the per-round ratios.
 
+Where the machine has two or more CPUs, each process is pinned to one (the same for both
+paths, as the client and the service are the same processes for both): the service on
+the first, this client on the second, the proxy on a third if there is one and otherwise
+beside the service, as a parent instance hosts the proxy next to its enclave. Left to
+itself the scheduler sometimes puts client and service on one CPU, where a round trip
+costs no cross-CPU wake-up, and sometimes not, so the direct figure flips between two
+values (here ~30 and ~110 us) from run to run; a client and an enclave never share a CPU
+in production, and pinned, each run sees the same layout.
+
 Goal: proxied throughput >= 0.5x direct, proxied p50 <= 2x direct.
 """
 
@@ -29,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bench.report import Goal, print_goals, print_table
@@ -126,6 +136,28 @@ async def _measure(
     return rounds, latency
 
 
+@contextmanager
+def _pinned(service: int, proxy: int) -> Iterator[str]:
+    """Pin service, this client and proxy to CPUs as the module docstring says (Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield "not pinned (no sched_setaffinity here)"
+        return
+    own = os.sched_getaffinity(0)
+    cpus = sorted(own)
+    if len(cpus) < 2:
+        yield "not pinned (one CPU)"
+        return
+    where = {"service": cpus[0], "client": cpus[1], "proxy": cpus[2] if len(cpus) > 2 else cpus[0]}
+    for pid, cpu in ((service, where["service"]), (proxy, where["proxy"])):
+        for thread in os.listdir(f"/proc/{pid}/task"):  # every thread the process has
+            os.sched_setaffinity(int(thread), {cpu})
+    os.sched_setaffinity(0, {where["client"]})
+    try:
+        yield ", ".join(f"{name} on {cpu}" for name, cpu in where.items())
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 def main() -> list[Goal]:
     with tempfile.TemporaryDirectory(prefix="hbp") as tmp:
         env = {**os.environ, "HERMETIC_STATE_DIR": tmp, "HERMETIC_VSOCK": "emulated"}
@@ -152,12 +184,13 @@ def main() -> list[Goal]:
                 except ValueError:
                     continue
             host, port = address.rsplit(":", 1)
-            rounds, latency = asyncio.run(
-                _measure(
-                    lambda: asyncio.open_unix_connection(direct_path),
-                    lambda: asyncio.open_connection(host, int(port)),
+            with _pinned(service.pid, proxy.pid) as layout:
+                rounds, latency = asyncio.run(
+                    _measure(
+                        lambda: asyncio.open_unix_connection(direct_path),
+                        lambda: asyncio.open_connection(host, int(port)),
+                    )
                 )
-            )
         finally:
             for process in (proxy, service):
                 if process is not None:
@@ -168,6 +201,7 @@ def main() -> list[Goal]:
     proxied = (med(p for _, p in rounds), med(latency[1]) * 1e6)
     throughput_ratio = med(p / d for d, p in rounds)
     latency_ratio = proxied[1] / direct[1]
+    print(f"CPUs: {layout}")
     print_table(
         ["path", "64 KiB echo MiB/s", "p50 round trip us"],
         [
