@@ -273,7 +273,10 @@ def _seal(vault: VaultImage, url: str, plaintext: str) -> dict[str, str]:
 async def _session(image: VaultImage, url: str, *, debug: bool = False) -> AttestedSession:
     trust_path = image.directory / "trust.json"
     DevLog(image.directory / "dev-log").write_trust(trust_path)
-    policy = ServicePolicy(services=frozenset({"vault"}), allow_debug=debug)
+    # A debug peer carries no release, so no service name: accept it as debug only.
+    policy = (
+        ServicePolicy(allow_debug=True) if debug else ServicePolicy(services=frozenset({"vault"}))
+    )
     return await connect(url, trust=ClientTrust.load(trust_path), policy=policy, timeout=60)
 
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from apps.probe.harness import Release, hermetic, release, run_json, vsock_url
 from hermetic.client import ServicePolicy, connect
-from hermetic.errors import PeerRefusedError, ReleasePCRMismatchError
+from hermetic.errors import ReleasePCRMismatchError
 from hermetic.image import build_image
 from hermetic.image.build import BuildResult
 from hermetic.launcher import records, sandbox
@@ -132,14 +132,10 @@ def test_hostile_enclave_is_refused_everything_a_nitro_enclave_cannot_do(
     assert status["Uid"].split()[0] != "0"
     assert report["usr_nosuid"] is True
     # Its parent-side endpoints are read-only; a symlink it plants leads the parent nowhere.
-    _refused(report, "write_host_dir", "EROFS")
-    assert report["plant_symlink"].startswith("SUCCEEDED"), report["plant_symlink"]
-
-    async def follow_planted() -> None:
-        await vsock.connect(attacker["EnclaveCID"], 5001, timeout=5)
-
-    with pytest.raises(PeerRefusedError, match="is not a socket"):
-        asyncio.run(follow_planted())
+    _refused(report, "write_host_dir", "EROFS", "EACCES")
+    # Landlock: the endpoint directory takes sockets only (the parent would not follow a
+    # symlink anyway: tests/test_transport_vsock.py and test_runtime_hostile_limits.py).
+    _refused(report, "plant_symlink", "EACCES")
 
     # ps --json reports the sandbox as measured from the host.
     described = {d["EnclaveID"]: d for d in run_json("ps", "--json")}[attacker["EnclaveID"]]
@@ -257,17 +253,18 @@ def test_enclave_inherits_only_its_four_variables_and_no_launcher_file(hostile: 
     assert report["sys"].startswith("refused: ENOENT"), report["sys"]
 
 
-def test_tmp_holds_at_most_the_enclave_memory(hostile: Release) -> None:
+def test_tmp_holds_at_most_half_the_enclave_memory(hostile: Release) -> None:
     started = hostile.run()
     report = _call(hostile, started, "tmp_quota")
-    assert report["tmp"] == f"refused: ENOSPC after {report['limit_mib']} MiB", report
+    assert report["tmp"] == f"refused: ENOSPC after {report['limit_mib'] // 2} MiB", report
 
 
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="RLIMIT_NPROC is set when the enclave has its own uid"
 )
 def test_fork_bomb_stops_at_the_process_limit(hostile: Release) -> None:
-    started = hostile.run()
+    # Memory enough for the children's own pages: the process limit must be what stops it.
+    started = hostile.run("--memory", "4096")
     report = _call(hostile, started, "fork_limit", sandbox.MAX_PROCESSES + 50)
     forked, _, refusal = report.partition(" forked, then ")
     assert refusal == "EAGAIN", report

@@ -135,8 +135,8 @@ def test_clients_of_a_dead_enclave_get_a_clean_error_and_a_rerun_serves_again(
         async with await probe.connect(tcp) as session:
             assert await session.call("echo", 1) == 1
             record = records.load(started["EnclaveID"])
-            assert record.pid is not None
-            os.kill(record.pid, signal.SIGKILL)
+            assert record.app_pid is not None
+            os.kill(record.app_pid, signal.SIGKILL)  # the app itself dies at once
             with pytest.raises(SessionClosedError):
                 await asyncio.wait_for(session.call("echo", 2), 60)
         assert wait_state(started["EnclaveID"], "TERMINATED").state == "TERMINATED"

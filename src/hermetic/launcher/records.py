@@ -45,7 +45,10 @@ class EnclaveRecord:
     state: str
     cpu_ids: tuple[int, ...] = ()
     pid: int | None = None
+    """The sandbox's outermost process (bubblewrap); stopping it stops the enclave."""
     pid_start: str | None = None
+    app_pid: int | None = None
+    """The enclave app's own process (host pid), the one that signalled ready."""
     supervisor_pid: int | None = None
     supervisor_start: str | None = None
     measurements: dict[str, str] = field(default_factory=dict)

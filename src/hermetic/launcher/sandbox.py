@@ -47,8 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from hermetic.errors import SandboxUnavailableError
+from hermetic.launcher.cgroups import EnclaveCgroup, memory_limit_of
 
 INSIDE_IMAGE = PurePosixPath("/enclave")
+EMPTY_FILE = "empty"
+"""An empty file in the endpoint directory's ``host/`` half, bound over host facts."""
 INSIDE_VSOCK = PurePosixPath("/run/hermetic/vsock")
 SANDBOX_UID_BASE = 0x6E000000
 """Host uids of sandboxed enclaves when the launcher is root: base + CID, one per enclave,
@@ -67,9 +70,23 @@ DENIED_SYSCALLS = (
     "open_by_handle_at", "name_to_handle_at",
     "swapon", "swapoff", "reboot", "acct", "quotactl", "syslog", "vhangup",
     "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "modify_ldt", "mbind", "move_pages", "migrate_pages", "set_mempolicy", "get_mempolicy",
+    "set_mempolicy_home_node", "sysfs", "ustat", "uselib", "lookup_dcookie", "nfsservctl",
+    "_sysctl", "iopl", "ioperm", "fanotify_init",
+    "sched_setaffinity",
 )  # fmt: skip
 """Refused with EPERM by the seccomp filter (most already fail for want of capabilities;
-the filter makes the refusal independent of how the namespaces were set up)."""
+the filter makes the refusal independent of how the namespaces were set up). Besides these:
+io_uring and NUMA calls are kernel attack surface an enclave never needs, and
+``sched_setaffinity`` would let it take CPUs it was not given."""
+AF_VSOCK = 40
+"""Refused for ``socket``/``socketpair`` (EAFNOSUPPORT): a network namespace does not
+isolate vsock, and an emulated enclave reaches its parent through its endpoint directory
+only; the machine's real vsock (a hypervisor, or real enclaves on a Nitro parent) is not
+its to touch."""
+MAX_OPEN_FILES = 4096
+"""RLIMIT_NOFILE per process: with :data:`MAX_PROCESSES` it bounds the host file table."""
 
 _NAMESPACE_FLAGS = (
     0x00020000,  # CLONE_NEWNS
@@ -82,14 +99,56 @@ _NAMESPACE_FLAGS = (
 )
 
 BOOT_STAGE = r"""
-import importlib, os, sys
-runtime, app, module = sys.argv[1:4]
+import ctypes, importlib, os, struct, sys
+runtime, app, module, sockets = sys.argv[1:5]
+# Landlock before any image code runs (see landlock_abi() for why by hand): files may be
+# written under /tmp only, and the endpoint directory takes sockets (bind) and their
+# removal, nothing else: no files on the host's disk, no symlinks for the parent to follow.
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+abi = libc.syscall(444, None, 0, 1)
+if abi > 0:
+    write = (1 << 1) | sum(1 << b for b in range(4, 13))
+    write |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)
+    scoped = 3 if abi >= 6 else 0
+    attr = struct.pack("=QQQ", write, 0, scoped)[: 24 if abi >= 6 else 16 if abi >= 4 else 8]
+    ruleset = libc.syscall(444, attr, len(attr), 0)
+    if ruleset < 0:
+        sys.exit("hermetic sandbox: landlock_create_ruleset failed")
+    for path, allowed in (("/tmp", write), (sockets, (1 << 9) | (1 << 5)), ("/dev", 1 << 1)):
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY)
+        rule = struct.pack("=Qi", allowed, fd)
+        if libc.syscall(445, ruleset, 1, rule, 0) != 0:
+            sys.exit("hermetic sandbox: landlock_add_rule failed for " + path)
+        os.close(fd)
+    if libc.syscall(446, ruleset, 0) != 0:
+        sys.exit("hermetic sandbox: landlock_restrict_self failed")
+    os.close(ruleset)
 keep = [p for p in sys.path if p and not os.path.isdir(os.path.join(p, "hermetic"))]
 sys.path[:] = [runtime, app] + keep
+del ctypes, libc, struct
 sys.exit(importlib.import_module(module).main(app))
 """
-"""Puts the image's runtime and app first on ``sys.path`` and drops any other ``hermetic``
-source (a developer's checkout must not shadow the measured runtime), then boots."""
+"""The enclave's first code, launcher code not image code: confines file writes with
+Landlock, puts the image's runtime and app first on ``sys.path`` and drops any other
+``hermetic`` source (a developer's checkout must not shadow the measured runtime), then
+boots. Landlock is applied by the stage itself because it must precede every import of
+image code; a kernel without Landlock (before 5.13) leaves the file-system confinement to
+the read-only mounts and :func:`inspect` says so."""
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0 when it has none).
+
+    Written by hand with ctypes (three system calls): no well-kept Python binding exists,
+    and the boot stage must use it from the standard library before anything is imported.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    version = int(libc.syscall(444, None, 0, 1))
+    return max(version, 0)
 
 
 @dataclass(frozen=True)
@@ -191,6 +250,10 @@ def seccomp_program() -> bytes:
     for flag in _NAMESPACE_FLAGS:
         rules.add_rule(refused, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
     rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    for call in ("socket", "socketpair"):
+        rules.add_rule(
+            seccomp.ERRNO(errno.EAFNOSUPPORT), call, seccomp.Arg(0, seccomp.EQ, AF_VSOCK)
+        )
     # Faking terminal input (TIOCSTI) into a shared terminal; bwrap's --new-session too.
     rules.add_rule(refused, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, 0x5412))
     memfd = os.memfd_create("hermetic-seccomp", 0)
@@ -238,13 +301,19 @@ def command(spec: SandboxSpec, tools: SandboxTools, seccomp_fd: int, info_fd: in
     for parent in reversed(PurePosixPath(inside_vsock).parents):
         if parent != PurePosixPath("/"):
             filesystem += ["--perms", "0755", "--dir", str(parent)]
+    # The endpoint directory is read-only but for enclave/, a mount point of its own (so
+    # it cannot be renamed or replaced), where Landlock lets the enclave make sockets only.
     filesystem += [
         "--ro-bind", str(spec.image_dir), str(INSIDE_IMAGE),
-        "--bind", str(spec.endpoint_dir), str(inside_vsock),
-        "--ro-bind", str(spec.endpoint_dir / "host"), str(inside_vsock / "host"),
+        "--ro-bind", str(spec.endpoint_dir), str(inside_vsock),
+        "--bind", str(spec.endpoint_dir / "enclave"), str(inside_vsock / "enclave"),
         "--proc", "/proc",
+        # The host's boot command line, hidden behind an empty file (a device node cannot
+        # be bound there: bind mounts are nodev).
+        "--ro-bind", str(spec.endpoint_dir / "host" / EMPTY_FILE), "/proc/cmdline",
         "--dev", "/dev",
-        "--size", str(spec.memory_mib * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp",  # noqa: S108
+        "--size", str(spec.memory_mib * 1024 * 1024 // 2), "--perms", "1777", "--tmpfs", "/tmp",  # noqa: S108
+        "--remount-ro", "/",
         "--chdir", str(INSIDE_IMAGE),
     ]  # fmt: skip
     environment: list[str] = ["--clearenv"]
@@ -257,6 +326,7 @@ def command(spec: SandboxSpec, tools: SandboxTools, seccomp_fd: int, info_fd: in
     app = [
         "/usr/bin/env", "-u", "PWD", "--", sys.executable, "-I", "-c", BOOT_STAGE,
         str(INSIDE_IMAGE / "runtime"), str(INSIDE_IMAGE / "app"), spec.boot_module,
+        str(inside_vsock / "enclave"),
     ]  # fmt: skip
     confine = ["--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
     confine += ["--seccomp", str(seccomp_fd)]
@@ -279,10 +349,14 @@ def command(spec: SandboxSpec, tools: SandboxTools, seccomp_fd: int, info_fd: in
     ]  # fmt: skip
 
 
-def limit_resources(spec: SandboxSpec) -> None:
-    """Run in the child between fork and exec: memory, processes, CPUs (inherited by all)."""
+def limit_resources(spec: SandboxSpec, cgroup: EnclaveCgroup | None = None) -> None:
+    """Run in the child between fork and exec: memory, processes, files, CPUs and the
+    enclave's cgroup (all inherited by everything it starts)."""
+    if cgroup is not None:
+        cgroup.attach(os.getpid())
     limit = spec.memory_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (MAX_OPEN_FILES, MAX_OPEN_FILES))
     if spec.uid is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (MAX_PROCESSES, MAX_PROCESSES))
     os.sched_setaffinity(0, spec.cpu_ids)
@@ -293,6 +367,7 @@ def unsandboxed_command(spec: SandboxSpec) -> list[str]:
     return [
         sys.executable, "-I", "-c", BOOT_STAGE,
         str(spec.image_dir / "runtime"), str(spec.image_dir / "app"), spec.boot_module,
+        str(spec.endpoint_dir / "enclave"),
     ]  # fmt: skip
 
 
@@ -320,8 +395,9 @@ _NAMESPACES = ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup")
 def inspect(pid: int, *, state: Path, sandboxed: bool) -> dict[str, str]:
     """What the sandbox of enclave process ``pid`` really is, read from the host's /proc.
 
-    Verdicts a reviewer should worry about are upper case (``SHARED WITH HOST``, ...) and
-    the supervisor logs them loudly.
+    A verdict a reviewer should worry about starts with an upper-case word (``SHARED WITH
+    HOST``, ``ADDRESS SPACE ONLY``, ...): :func:`weakened` picks those out and the
+    supervisor logs them loudly.
     """
     result: dict[str, str] = {"mode": "bubblewrap" if sandboxed else "NONE (--no-sandbox)"}
     for kind in _NAMESPACES:
@@ -335,7 +411,7 @@ def inspect(pid: int, *, state: Path, sandboxed: bool) -> dict[str, str]:
     uid = status.get("Uid", "").split()
     if uid:
         real = int(uid[0])
-        result["uid"] = f"{real}" + (" (ROOT)" if real == 0 else " (unprivileged)")
+        result["uid"] = "ROOT (uid 0)" if real == 0 else f"{real} (unprivileged)"
     caps = [status.get(k, "") for k in ("CapEff", "CapPrm", "CapBnd")]
     result["capabilities"] = (
         "none" if caps and all(c and int(c, 16) == 0 for c in caps) else "PRESENT"
@@ -343,6 +419,14 @@ def inspect(pid: int, *, state: Path, sandboxed: bool) -> dict[str, str]:
     result["no_new_privs"] = "yes" if status.get("NoNewPrivs") == "1" else "NO"
     result["seccomp"] = "filter" if status.get("Seccomp") == "2" else "NONE"
     result["network"] = _interfaces(pid)
+    if sandboxed:
+        result["network"] += "; vsock sockets refused"
+        abi = landlock_abi()
+        result["file_writes"] = (
+            f"/tmp and sockets in its endpoint directory only (Landlock ABI {abi})"  # noqa: S108
+            if abi
+            else "READ-ONLY MOUNTS ONLY (no Landlock in this kernel)"
+        )
     result["proc"] = _proc_view(pid)
     result["root_filesystem"] = _mounts(pid)
     try:
@@ -351,11 +435,24 @@ def inspect(pid: int, *, state: Path, sandboxed: bool) -> dict[str, str]:
     except (OSError, ValueError):
         result["launcher_state"] = "UNKNOWN"
     result["memory"] = _memory_limit(pid)
+    cgroup_limit = memory_limit_of(pid)
+    if cgroup_limit is not None and cgroup_limit < 1 << 60:
+        result["memory"] = (
+            f"{cgroup_limit >> 20} MiB (memory cgroup), address space " + (result["memory"])
+        )
+    else:
+        result["memory"] = "ADDRESS SPACE ONLY: " + result["memory"]
     try:
         result["cpus"] = ",".join(map(str, sorted(os.sched_getaffinity(pid))))
     except OSError:
         result["cpus"] = "UNKNOWN"
     return result
+
+
+def weakened(verdict: str) -> bool:
+    """Whether an :func:`inspect` verdict reports a weaker sandbox than intended."""
+    first = verdict.split(maxsplit=1)[0].rstrip(":") if verdict.strip() else ""
+    return len(first) >= 2 and first.isupper()
 
 
 def find_enclave_process(first: int) -> int:

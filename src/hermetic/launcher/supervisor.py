@@ -35,7 +35,7 @@ from typing import IO, TYPE_CHECKING
 from hermetic.enclave import boot
 from hermetic.errors import FrameFormatError, HermeticError
 from hermetic.image.imagefile import extract, open_image
-from hermetic.launcher import records, sandbox
+from hermetic.launcher import cgroups, records, sandbox
 from hermetic.launcher.records import EnclaveRecord
 from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.server import start_server
@@ -79,6 +79,7 @@ class Supervisor:
         self.boot_status: boot.BootStatus | None = None
         self.process: asyncio.subprocess.Process | None = None
         self._ready_pid: int | None = None
+        self._cgroup: cgroups.EnclaveCgroup | None = None
         self._config_served = False
 
     def _update(self, **changes: object) -> None:
@@ -112,6 +113,11 @@ class Supervisor:
                 measurements.pcrs(), debug=self.record.debug, module_id=self.record.id
             )
             uid = sandbox.sandbox_uid(cid) if tools is not None and os.geteuid() == 0 else None
+            self._cgroup = cgroups.create(
+                f"hermetic-{self.record.id}",
+                self.record.memory_mib * 1024 * 1024,
+                sandbox.MAX_PROCESSES,
+            )
             _prepare_endpoints(endpoints, uid)
             nsm_server = await start_server(
                 nsm, endpoints / vsock.HOST_DIR / "nsm.sock", mode=0o666, admit=self._admit_nsm
@@ -141,6 +147,8 @@ class Supervisor:
                     item.close()
                     await item.wait_closed()
             vsock.withdraw_identity(self.root, cid)
+            if self._cgroup is not None:
+                self._cgroup.remove()
             _remove_tree(endpoints)
             _remove_tree(workdir)
 
@@ -165,7 +173,7 @@ class Supervisor:
                 stderr=console,
                 env=sandbox.enclave_environment(nsm_socket, self.root, spec.cid),
                 cwd=spec.image_dir,
-                preexec_fn=partial(sandbox.limit_resources, spec),
+                preexec_fn=partial(sandbox.limit_resources, spec, self._cgroup),
             )
             vsock.publish_identity(self.root, spec.cid, ProcessIdentity.of_process(process.pid))
             return process
@@ -182,7 +190,7 @@ class Supervisor:
                 stderr=console,
                 env={},
                 pass_fds=(seccomp_fd, info_write),
-                preexec_fn=partial(sandbox.limit_resources, spec),
+                preexec_fn=partial(sandbox.limit_resources, spec, self._cgroup),
             )
         finally:
             os.close(seccomp_fd)
@@ -235,12 +243,18 @@ class Supervisor:
         app_pid = self._ready_pid or sandbox.find_enclave_process(pid)
         checks = sandbox.inspect(app_pid, state=state_dir(), sandboxed=tools is not None)
         for what, verdict in checks.items():
-            if any(word.isupper() and len(word) > 2 for word in verdict.split()):
+            if sandbox.weakened(verdict):
                 log.warning("SANDBOX WEAKENED for %s: %s %s", self.record.id, what, verdict)
         digest = (
             self.boot_status.digest.hex() if self.boot_status and self.boot_status.digest else None
         )
-        self._update(state=records.RUNNING, sandbox=checks, config_digest=digest, reason=None)
+        self._update(
+            state=records.RUNNING,
+            sandbox=checks,
+            config_digest=digest,
+            reason=None,
+            app_pid=app_pid,
+        )
         log.info("enclave %s running on CID %d", self.record.id, self.record.cid)
         await asyncio.wait({exited, stop}, return_when="FIRST_COMPLETED")
         stop.cancel()
@@ -314,6 +328,9 @@ def _prepare_endpoints(endpoints: Path, uid: int | None) -> None:
     endpoints.chmod(0o755)  # the sandbox user must traverse it, whatever the umask
     (endpoints / vsock.HOST_DIR).mkdir(mode=0o755)
     (endpoints / vsock.HOST_DIR).chmod(0o755)
+    empty = endpoints / vsock.HOST_DIR / sandbox.EMPTY_FILE
+    empty.touch(mode=0o444)
+    empty.chmod(0o444)
     own = endpoints / vsock.ENCLAVE_DIR
     own.mkdir(mode=0o700)
     if uid is not None:

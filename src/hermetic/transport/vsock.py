@@ -274,22 +274,23 @@ async def connect_socket(
     root = root or emulation_root()
     me = local_cid() if source_cid is None else source_cid
     path = socket_path(root, address, me)
-    # An enclave owns its listener directory: refuse anything there that is not a socket
-    # (a symlink would lead the parent to a host socket), then check who listens.
-    try:
-        mode = path.lstat().st_mode
-    except (FileNotFoundError, NotADirectoryError):
-        raise PeerUnavailableError(f"{address}: nobody listening (no such endpoint)") from None
-    if not stat.S_ISSOCK(mode):
-        raise PeerRefusedError(f"{address}: endpoint {path.name} is not a socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
+    held: int | None = None
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, str(path)), timeout)
         if address.cid != PARENT_CID and me == PARENT_CID:
+            # An enclave owns its listener directory and can swap what is there at any
+            # moment: hold the socket inode itself (no symlink followed at any step) and
+            # connect to that, then check that the enclave's own process listens on it.
+            held = _open_endpoint(root, path)
+            target = f"/proc/self/fd/{held}"
+        else:
+            target = str(path)
+        await asyncio.wait_for(loop.sock_connect(sock, target), timeout)
+        if held is not None:
             check_enclave_peer(sock, root, address.cid, f"{address} listener")
         await loop.sock_sendall(sock, _CID_HEADER.pack(me))
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
+    except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError) as exc:
         sock.close()
         raise PeerUnavailableError(f"{address}: nobody listening ({exc.strerror})") from None
     except PeerRefusedError as exc:
@@ -299,7 +300,38 @@ async def connect_socket(
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise PeerUnavailableError(f"{address}: connect failed: {exc}") from None
+    finally:
+        if held is not None:
+            os.close(held)
     return sock
+
+
+def _open_endpoint(root: Path, path: Path) -> int:
+    """An ``O_PATH`` descriptor of the socket at ``path`` below ``root``, opened one
+    component at a time with ``O_NOFOLLOW``: a symlink anywhere below ``root`` is refused
+    (:class:`PeerRefusedError`), and so is anything that is not a socket."""
+    parts = path.relative_to(root).parts
+    current = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            flags = os.O_PATH | os.O_NOFOLLOW | (0 if last else os.O_DIRECTORY)
+            try:
+                opened = os.open(part, flags, dir_fd=current)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise PeerRefusedError(
+                        f"endpoint {path}: {part} is not a plain directory"
+                    ) from None
+                raise
+            os.close(current)
+            current = opened
+        if not stat.S_ISSOCK(os.fstat(current).st_mode):
+            raise PeerRefusedError(f"endpoint {path.name} is not a socket")
+    except BaseException:
+        os.close(current)
+        raise
+    return current
 
 
 class VsockListener:

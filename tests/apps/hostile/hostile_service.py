@@ -353,7 +353,7 @@ def address_space_limit() -> int:
 
 @app.method("tmp_quota")
 async def tmp_quota(_: object = None) -> dict[str, object]:
-    """``/tmp`` is a tmpfs of at most the enclave's memory: twice that must not fit."""
+    """``/tmp`` is a tmpfs of at most half the enclave's memory: twice that must not fit."""
     limit = address_space_limit()
     return {"limit_mib": limit >> 20, "tmp": write_until("/tmp/hostile-fill", 2 * limit)}
 

@@ -144,7 +144,12 @@ class Release:
         self, url: str, *, debug: bool = False, service: str = "probe"
     ) -> AttestedSession:
         """A verified session to ``url`` (tcp://, ws://, vsock://) of this release."""
-        policy = ServicePolicy(services=frozenset({service}), allow_debug=debug)
+        # A debug peer carries no release, so no service name: accept it as debug only.
+        policy = (
+            ServicePolicy(allow_debug=True)
+            if debug
+            else ServicePolicy(services=frozenset({service}))
+        )
         session = await connect(url, trust=self.trust(), policy=policy, timeout=60)
         if not debug:
             assert session.verified.pcrs[0] == self.image.measurements.pcr0
