@@ -31,7 +31,6 @@ cores; the helper runs at most a few chunks behind, so memory stays bounded).
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import zlib
@@ -44,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Protocol
 
+from hermetic import jsontext
 from hermetic.errors import (
     EIFChecksumError,
     EIFFormatError,
@@ -367,10 +367,9 @@ def _read_exact(stream: BinaryIO, size: int, what: str) -> bytes:
 def _metadata(raw: bytes | None) -> dict[str, Any] | None:
     if raw is None:
         return None
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise EIFFormatError("EIF: metadata section is not JSON") from None
+    value = jsontext.loads(
+        raw, what="EIF: metadata section", error=EIFFormatError, allow_floats=True
+    )
     if not isinstance(value, dict):
         raise EIFFormatError("EIF: metadata section must be a JSON object")
     return value

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hermetic import jsontext
 from hermetic.enclave.manifest import MANIFEST_NAME, Manifest, parse_manifest
 from hermetic.errors import (
     ImageChecksumError,
@@ -285,10 +286,7 @@ def _boot_descriptor(entries: list[LayerEntry]) -> BootDescriptor:
     raw = next((e.data for e in entries if e.path == BOOT_DESCRIPTOR), None)
     if raw is None:
         raise LayerFormatError(f"runtime layer: no {BOOT_DESCRIPTOR}")
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise LayerFormatError(f"runtime layer: {BOOT_DESCRIPTOR} is not JSON") from None
+    value = jsontext.loads(raw, what=f"runtime layer: {BOOT_DESCRIPTOR}", error=LayerFormatError)
     if (
         not isinstance(value, dict)
         or set(value) != {"format", "python", "boot"}
@@ -331,10 +329,7 @@ def _manifest_from_layer(entries: list[LayerEntry]) -> Manifest:
 def _metadata(raw: bytes) -> dict[str, Any]:
     if len(raw) > MAX_METADATA:
         raise ImageFormatError(f"image metadata: {len(raw)} bytes, at most {MAX_METADATA}")
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ImageFormatError("image metadata: not JSON") from None
+    value = jsontext.loads(raw, what="image metadata", error=ImageFormatError, allow_floats=True)
     if not isinstance(value, dict):
         raise ImageFormatError("image metadata: must be a JSON object")
     return value

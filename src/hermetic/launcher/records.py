@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from hermetic import jsontext
 from hermetic.errors import EnclaveNotFoundError, LauncherError
 from hermetic.paths import state_dir
 from hermetic.transport.vsock import FIRST_ENCLAVE_CID
@@ -126,11 +127,12 @@ def save(record: EnclaveRecord) -> None:
 def load(enclave_id: str) -> EnclaveRecord:
     path = record_path(enclave_id)
     try:
-        value = json.loads(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise EnclaveNotFoundError(f"enclave {enclave_id}: no such enclave") from None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise LauncherError(f"enclave {enclave_id}: unreadable record ({exc})") from None
+    value = jsontext.loads(raw, what=f"enclave {enclave_id}: record", error=LauncherError)
     return refresh(EnclaveRecord.from_json(value))
 
 

@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import json
 import logging
 import os
 import socket
@@ -50,6 +49,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hermetic import jsontext
 from hermetic.errors import PeerRefusedError, PeerUnavailableError, TransportError
 from hermetic.paths import state_dir
 from hermetic.peercred import ProcessIdentity, peer_credentials
@@ -198,10 +198,7 @@ def load_identity(root: Path, cid: int) -> ProcessIdentity | None:
         return None
     except OSError as exc:
         raise PeerRefusedError(f"enclave {cid}: identity unreadable ({exc.strerror})") from None
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        raise PeerRefusedError(f"enclave {cid}: identity file is not JSON") from None
+    value = jsontext.loads(raw, what=f"enclave {cid}: identity file", error=PeerRefusedError)
     return ProcessIdentity.from_json(value)
 
 
