@@ -59,7 +59,7 @@ def test_enclave_package_still_exports_the_app_framework() -> None:
         _ = enclave.Nope  # type: ignore[attr-defined]
 
 
-_BASE = ("hermetic", "hermetic.errors", "hermetic.paths")
+_BASE = ("hermetic", "hermetic.errors", "hermetic.paths", "hermetic.jsontext")
 
 
 def test_store_layer_loads_nothing_above_the_base_layer() -> None:

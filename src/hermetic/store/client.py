@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
+from hermetic import jsontext
 from hermetic.errors import (
     HermeticError,
     RecordIdError,
@@ -100,11 +101,11 @@ class RecordStoreClient:
 
     def _error(self, response: httpx.Response) -> HermeticError:
         try:
-            body = response.json()
+            body = jsontext.loads(response.content, what="error", error=RecordResponseFormatError)
             kind, message = body["error"], body["message"]
             if not isinstance(kind, str) or not isinstance(message, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (RecordResponseFormatError, KeyError, TypeError):
             return RecordServiceError(
                 f"record store {self.base_url}: HTTP {response.status_code} without a JSON error"
             )
@@ -227,10 +228,11 @@ def _version(response: httpx.Response) -> int:
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        raise RecordResponseFormatError(f"{response.request.method} answer: not JSON") from None
+    body = jsontext.loads(
+        response.content,
+        what=f"{response.request.method} answer",
+        error=RecordResponseFormatError,
+    )
     if not isinstance(body, dict):
         raise RecordResponseFormatError(f"{response.request.method} answer: not a JSON object")
     return body
