@@ -62,19 +62,39 @@ def test_enclave_package_still_exports_the_app_framework() -> None:
 _BASE = ("hermetic", "hermetic.errors", "hermetic.paths", "hermetic.jsontext")
 
 
-def test_store_layer_loads_nothing_above_the_base_layer() -> None:
-    """The log, the KMS and the record store sit on ``hermetic.store``: it must not load
-    any of them (or anything else above the base layer), with every submodule imported."""
+def _loaded_with_every_submodule(package: str) -> list[str]:
+    """The hermetic modules loaded once ``package`` and each of its submodules is imported."""
     code = (
-        "import importlib, json, pkgutil, sys, hermetic.store\n"
-        "for m in pkgutil.iter_modules(hermetic.store.__path__):\n"
-        "    importlib.import_module('hermetic.store.' + m.name)\n"
+        f"import importlib, json, pkgutil, sys, {package}\n"
+        f"for m in pkgutil.iter_modules({package}.__path__):\n"
+        f"    importlib.import_module('{package}.' + m.name)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('hermetic'))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
     )
     loaded: list[str] = json.loads(out.stdout)
+    return loaded
+
+
+def test_store_layer_loads_nothing_above_the_base_layer() -> None:
+    """The log, the KMS and the record store sit on ``hermetic.store``: it must not load
+    any of them (or anything else above the base layer), with every submodule imported."""
+    loaded = _loaded_with_every_submodule("hermetic.store")
     assert "hermetic.store.migrations" in loaded
     above = [m for m in loaded if m not in _BASE and not m.startswith("hermetic.store")]
+    assert above == []
+
+
+def test_persistence_core_loads_only_the_base_layer() -> None:
+    """The persistence core is sans-IO: errors, CBOR and the store's checks, nothing of the
+    trust layer, the channel, the runtime or the proxy (the enclave service wires those)."""
+    loaded = _loaded_with_every_submodule("hermetic.persistence")
+    assert "hermetic.persistence.keyring" in loaded
+    allowed = (*_BASE, "hermetic.cbor")
+    above = [
+        m
+        for m in loaded
+        if m not in allowed and not m.startswith(("hermetic.store", "hermetic.persistence"))
+    ]
     assert above == []

@@ -663,5 +663,72 @@ class RecordResponseFormatError(RecordStoreError, MalformedInputError):
     """The record store server's answer is not in the documented form."""
 
 
+# --- persistence: the key hierarchy and sealed records (issue 10) ------------------------
+
+
+class PersistenceError(HermeticError):
+    """The persistence service's core: key hierarchy, keyrings and sealed records.
+
+    No message of this family carries key material or a record's plaintext.
+    """
+
+
+class PersistenceUsageError(PersistenceError, UsageError):
+    """A caller passed a bad value: a store id, tenant or key name outside the naming rules,
+    a root key or key material of the wrong size, a counter out of range, a plaintext too
+    large to seal."""
+
+
+class SealedRecordError(PersistenceError, VerificationError):
+    """A sealed record does not open; nothing of it is returned."""
+
+
+class SealedRecordFormatError(SealedRecordError, MalformedInputError):
+    """A sealed record is too short, has an unknown format byte, or a header field out of range."""
+
+
+class RecordAuthenticationError(SealedRecordError):
+    """A sealed record fails AES-GCM authentication under the identity it was opened with.
+
+    A flipped byte, another record's bytes under this id (swapped) and a record sealed for
+    another store, tenant, key name or under another key all end here: the tag cannot tell
+    them apart, and no bit of the record is trusted once it failed.
+    """
+
+
+class RecordReplayError(SealedRecordError):
+    """An authentic record whose counter is lower than expected: an older version replayed."""
+
+
+class RecordCounterError(SealedRecordError):
+    """An authentic record whose counter is higher than expected: the caller's expected state
+    is older than the record (the caller's own state is stale or was rolled back)."""
+
+
+class KeyringError(PersistenceError):
+    """A tenant's keyring: its named keys, their versions and its own sealed state."""
+
+
+class KeyringFormatError(KeyringError, MalformedInputError):
+    """An opened keyring state is not the canonical CBOR form docs/persistence.md specifies."""
+
+
+class KeyNotFoundError(KeyringError):
+    """The tenant's keyring holds no key of this name."""
+
+
+class UnknownKeyVersionError(KeyNotFoundError):
+    """The key exists but this version never did (or the version is not a data key's)."""
+
+
+class KeyRetiredError(KeyringError):
+    """The key version was retired: its material is gone and its records cannot be opened."""
+
+
+class KeyringStateError(KeyringError, UsageError):
+    """The keyring's state does not allow the operation (the name exists already, the version
+    is the current one, a limit is reached)."""
+
+
 class ConfigError(UsageError):
     """A configuration file or manifest is missing a field or has a bad value."""
