@@ -14,13 +14,14 @@ import sys
 import traceback
 from pathlib import Path
 
-from bench.report import THIN_MARGIN, Goal
+from bench.report import THIN_MARGIN, Goal, settle_allocator
 
 
 def main(argv: list[str]) -> int:
     here = Path(__file__).parent
     names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
     wanted = [n if n.startswith("bench_") else f"bench_{n}" for n in argv] or names
+    settle_allocator()
     results: list[tuple[str, Goal]] = []
     broken: list[str] = []
     for name in wanted:

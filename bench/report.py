@@ -68,6 +68,20 @@ def _figure(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}" if abs(value) >= 100 else f"{value:.3g} {unit}"
 
 
+def settle_allocator() -> None:
+    """Put this process's malloc in the state a long-running process reaches anyway.
+
+    glibc serves requests of 128 KiB or more with a fresh mmap until it has freed one such
+    block, and asyncio reads 256 KiB per ``recv``: until then every read of a stock asyncio
+    stream maps, faults in and unmaps a buffer. Which benchmark first frees a big block
+    then decides which peers pay that (seen: the plain TCP peer of bench_channel at
+    1,118-1,372 MB/s alone, 1,550-1,669 MB/s after one such block was freed), so the runner
+    frees one 16 MiB block first and every benchmark sees the same allocator, alone or not.
+    """
+    block = bytearray(16 << 20)
+    del block
+
+
 def print_goals(goals: Sequence[Goal]) -> None:
     """The goals of one benchmark with their margins (a thin margin is flagged)."""
     rows = []

