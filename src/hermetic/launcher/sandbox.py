@@ -291,7 +291,11 @@ def command(spec: SandboxSpec, tools: SandboxTools, seccomp_fd: int, info_fd: in
             filesystem += ["--symlink", os.readlink(host), str(host)]
         elif host.is_dir():
             filesystem += ["--ro-bind", str(host), str(host)]
-    made: set[PurePosixPath] = set()
+    # /tmp first: a runtime that lives below /tmp (a checkout's venv there) is bound on top.
+    tmp = PurePosixPath("/tmp")  # noqa: S108
+    filesystem += ["--size", str(spec.memory_mib * 1024 * 1024 // 2), "--perms", "1777"]
+    filesystem += ["--tmpfs", str(tmp)]
+    made: set[PurePosixPath] = {tmp}
     for runtime in python_runtime():
         for parent in reversed(PurePosixPath(runtime).parents):
             if parent != PurePosixPath("/") and parent not in made and parent.parts[1] != "usr":
@@ -312,7 +316,6 @@ def command(spec: SandboxSpec, tools: SandboxTools, seccomp_fd: int, info_fd: in
         # be bound there: bind mounts are nodev).
         "--ro-bind", str(spec.endpoint_dir / "host" / EMPTY_FILE), "/proc/cmdline",
         "--dev", "/dev",
-        "--size", str(spec.memory_mib * 1024 * 1024 // 2), "--perms", "1777", "--tmpfs", "/tmp",  # noqa: S108
         "--remount-ro", "/",
         "--chdir", str(INSIDE_IMAGE),
     ]  # fmt: skip
