@@ -119,3 +119,89 @@ def test_method_registered_twice_is_refused() -> None:
 def test_context_before_boot_is_an_error() -> None:
     with pytest.raises(LauncherError, match="expected a booted enclave runtime"):
         _ = _echo_app().context
+
+
+# --- the on_ready hook: work that needs the egress, which comes up after ready ------------
+
+
+async def test_on_ready_result_reaches_methods_once_started() -> None:
+    app = App()
+    release = asyncio.Event()
+
+    @app.on_ready
+    async def boot() -> str:
+        await release.wait()
+        return "root key"
+
+    assert app.start_state == "starting"
+    with pytest.raises(ServiceError, match="not started") as info:
+        await app.started(0.01)
+    app.start()
+    with pytest.raises(ServiceError, match=r"still starting after 0\.01 s") as info:
+        await app.started(0.01)
+    assert info.value.code == "Unavailable"
+    release.set()
+    assert await app.started(10) == "root key"
+    assert app.start_state == "ready"
+
+
+async def test_on_ready_failure_refuses_every_caller_naming_the_error() -> None:
+    app = App()
+
+    @app.on_ready
+    async def boot() -> None:
+        raise ServiceError("root key: KMS Decrypt failed: AccessDeniedException", "Denied")
+
+    app.start()
+    for _ in range(2):
+        with pytest.raises(ServiceError) as info:
+            await app.started(10)
+        assert info.value.code == "Unavailable"
+        assert str(info.value) == (
+            "service: did not start: ServiceError: root key: KMS Decrypt failed:"
+            " AccessDeniedException"
+        )
+    assert app.start_state == "failed"
+
+
+async def test_on_ready_bug_is_reported_by_type_only() -> None:
+    app = App()
+
+    @app.on_ready
+    async def boot() -> None:
+        raise ValueError("secret-material-0123")
+
+    app.start()
+    with pytest.raises(ServiceError) as info:
+        await app.started(10)
+    assert str(info.value) == "service: did not start: ValueError"
+
+
+async def test_stop_cancels_a_running_on_ready_hook() -> None:
+    app = App()
+    cancelled = asyncio.Event()
+
+    @app.on_ready
+    async def boot() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    app.start()
+    await asyncio.sleep(0)
+    await app.stop()
+    assert cancelled.is_set()
+    assert app.start_state == "failed"
+
+
+def test_on_ready_registered_twice_is_refused() -> None:
+    app = App()
+    app.on_ready(_never)
+    with pytest.raises(UsageError, match="on_ready: registered twice"):
+        app.on_ready(_never)
+    assert App().start_state == "none"
+
+
+async def _never() -> None:
+    await asyncio.Event().wait()

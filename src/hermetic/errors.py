@@ -730,5 +730,30 @@ class KeyringStateError(KeyringError, UsageError):
     is the current one, a limit is reached)."""
 
 
+class TenantNotFoundError(KeyringError):
+    """The record store holds no keyring for this tenant (never created, or deleted by the
+    host: the store is untrusted, so a missing keyring is reported, never recreated)."""
+
+
+class TenantExistsError(KeyringStateError):
+    """``create_tenant`` of a tenant whose keyring is already in the store."""
+
+
+class PersistenceConflictError(PersistenceError):
+    """A keyring or record changed under every compare-and-set attempt: too many writers
+    at once, or a store that keeps moving; nothing was written."""
+
+
+class RootKeyError(PersistenceError):
+    """The persistence service could not obtain its root key at boot: KMS refused
+    (``AccessDeniedException``: this image's PCRs are not the ones the key policy pins),
+    the kept ``CiphertextBlob`` is not one KMS decrypts, or KMS answered with a key of the
+    wrong size. The service then serves nothing that needs a key."""
+
+
+class PersistenceConfigError(PersistenceError, UsageError):
+    """The ``persistence`` section of the runtime config is missing or malformed."""
+
+
 class ConfigError(UsageError):
     """A configuration file or manifest is missing a field or has a bad value."""

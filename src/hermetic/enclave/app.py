@@ -16,17 +16,21 @@ An App holds no I/O of its own, so tests can call :meth:`App.call` directly.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hermetic.errors import LauncherError, ServiceError, UsageError
+from hermetic.errors import HermeticError, LauncherError, ServiceError, UsageError
 
 if TYPE_CHECKING:
     from hermetic.kms.client import EnclaveKMSClient
     from hermetic.nsm.client import NSMClient, PCRState
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Awaitable[Any]])
+log = logging.getLogger("hermetic.enclave")
+StartT = TypeVar("StartT", bound=Callable[[], Awaitable[object]])
 
 
 class BoundNSM:
@@ -87,12 +91,25 @@ class EnclaveContext:
     kms: EnclaveKMSClient | None = None
 
 
+def _log_start_failure(task: asyncio.Task[object]) -> None:
+    """Say on the console why the on_ready hook failed (and mark the exception retrieved)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, HermeticError):
+        log.error("app did not start: %s: %s", type(exc).__name__, exc)
+    elif exc is not None:
+        log.error("app did not start: %s", type(exc).__name__)
+
+
 class App:
     """A set of named async methods plus, once booted, the enclave context."""
 
     def __init__(self) -> None:
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {}
         self._context: EnclaveContext | None = None
+        self._on_ready: Callable[[], Awaitable[object]] | None = None
+        self._started: asyncio.Task[object] | None = None
 
     def method(self, name: str) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated ``async def`` as the handler of ``name``."""
@@ -123,6 +140,67 @@ class App:
         if self._context is not None:
             raise LauncherError("app context: already bound")
         self._context = context
+
+    def on_ready(self, hook: StartT) -> StartT:
+        """Register the decorated ``async def`` to run once the service is ready.
+
+        The runtime starts it as a task after it told the parent the enclave is ready,
+        because only then can the parent start the proxy, and with it the egress: a hook
+        that reaches KMS or the record store (``services/persistence`` obtains its root key
+        this way) must wait for the egress to come up. Methods get its result, or its
+        failure, with :meth:`started`.
+        """
+        if self._on_ready is not None:
+            raise UsageError("on_ready: registered twice")
+        self._on_ready = hook
+        return hook
+
+    def start(self) -> None:
+        """Called once by the runtime when the service is ready: start the on_ready hook."""
+        if self._on_ready is not None and self._started is None:
+            self._started = asyncio.ensure_future(self._on_ready())
+            self._started.add_done_callback(_log_start_failure)
+
+    @property
+    def start_state(self) -> str:
+        """``none`` (no hook), ``starting``, ``ready`` or ``failed``."""
+        if self._on_ready is None:
+            return "none"
+        task = self._started
+        if task is None or not task.done():
+            return "starting"
+        return "failed" if task.cancelled() or task.exception() is not None else "ready"
+
+    async def started(self, timeout: float) -> object:
+        """The on_ready hook's result, waiting at most ``timeout`` seconds for it.
+
+        ServiceError (code ``Unavailable``) while it still runs after ``timeout`` or when
+        it failed; the failure's type and message say why (hermetic errors carry no secret).
+        """
+        task = self._started
+        if task is None:
+            raise ServiceError("service: not started (no on_ready hook running)", "Unavailable")
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            raise ServiceError(
+                f"service: still starting after {timeout:g} s", "Unavailable"
+            ) from None
+        except HermeticError as exc:
+            raise ServiceError(
+                f"service: did not start: {type(exc).__name__}: {exc}", "Unavailable"
+            ) from None
+        except Exception as exc:  # a bug in the hook: its type only, the text may hold data
+            raise ServiceError(
+                f"service: did not start: {type(exc).__name__}", "Unavailable"
+            ) from None
+
+    async def stop(self) -> None:
+        """Cancel the on_ready hook if it still runs (the runtime calls this at shutdown)."""
+        task = self._started
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def call(self, method: str, args: tuple[Any, ...]) -> Any:
         """Run ``method`` with positional ``args``; unknown methods raise ServiceError."""

@@ -12,6 +12,10 @@ credentials the parent forwarded at boot and gives the app a ready KMS client
 (``app.context.kms``) whose traffic leaves through the proxy's egress
 (:mod:`hermetic.enclave.kmsaccess`); without credentials such an enclave refuses to start.
 
+An app's ``on_ready`` hook (:meth:`App.on_ready <hermetic.enclave.app.App.on_ready>`)
+starts once the parent was told the enclave is ready, since the proxy, and with it the
+egress to KMS or a record store, can only start after that; it is cancelled at shutdown.
+
 If anything a relying party depends on is wrong (unsigned or tampered config, an
 endorsement that cannot be sent, a manifest that does not load, an entry point that is not
 an :class:`App`) it refuses to start and says why, on the config channel and on its
@@ -193,12 +197,14 @@ async def run(app_dir: Path) -> int:
     log.info(
         "%s %s ready on vsock %s ports %s", manifest.name, manifest.version, cid, manifest.ports
     )
+    app.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await app.stop()
     for listener in listeners:
         await listener.aclose()
     if kms is not None:

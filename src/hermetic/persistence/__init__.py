@@ -11,8 +11,11 @@ touches no socket, no KMS and no database, so it can be tested with bytes alone:
 * :mod:`hermetic.persistence.keyring`: a tenant's keyring (create, rotate, retire), itself
   kept as a sealed record.
 
-The enclave service (boot with KMS, the API over the attested channel) and the rollback
-anchoring in the transparency log build on it. This is a platform package that imports
+:mod:`hermetic.persistence.service` builds the service's operations on it (the root key
+from KMS at boot, tenant keyrings kept in the record store with compare-and-set) behind two
+small protocols for KMS and the store; the enclave app in ``services/persistence`` wires
+them to the attested KMS client and the proxy's egress. The rollback anchoring in the
+transparency log is not built yet. This is a platform package that imports
 only the base layer (:mod:`hermetic.errors`, :mod:`hermetic.cbor`, :mod:`hermetic.store`)
 and ``cryptography`` (``tests/test_layering.py`` checks it). See ``docs/persistence.md``.
 """
