@@ -509,3 +509,45 @@ def test_no_plaintext_key_bytes_reach_the_record_store_database(stack: Stack) ->
         f"{STORE_ID}/tenants/secretive/keyring",
         f"{STORE_ID}/tenants/secretive/records/r",
     ]
+
+
+def test_rejects_a_keyring_the_host_swapped_in_from_another_tenant(stack: Stack) -> None:
+    material = secrets.token_bytes(32)
+    served = stack.served[0]
+    _call(
+        stack.image, served,
+        ("create_tenant", {"tenant": "victim"}),
+        ("create_tenant", {"tenant": "attacker"}),
+        ("put_key", {"tenant": "attacker", "name": "a", "material": material}),
+    )  # fmt: skip
+    with stack.store_client() as client:
+        theirs = client.get(f"{STORE_ID}/tenants/attacker/keyring")
+        victim = f"{STORE_ID}/tenants/victim/keyring"
+        client.put(victim, theirs.data, client.get(victim).version)
+    _, swapped = _call(stack.image, served, ("get_key", {"tenant": "victim", "name": "a"}))
+    assert isinstance(swapped, RPCError)
+    assert swapped.remote_message.startswith("RecordAuthenticationError: ")
+    assert material.hex() not in swapped.remote_message
+
+
+def test_refuses_to_serve_when_the_host_edited_the_kept_root_key_blob(stack: Stack) -> None:
+    record_id = f"{STORE_ID}/root-key"
+    with stack.store_client() as client:
+        kept = client.get(record_id)
+        edited = bytearray(kept.data)
+        edited[len(edited) // 2] ^= 1
+        version = client.put(record_id, bytes(edited), kept.version)
+    try:
+        served = stack.boot()
+        status, refused = _call(
+            stack.image, served, ("get_key", {"tenant": "acme", "name": "insights/app-usage"})
+        )
+    finally:
+        with stack.store_client() as client:
+            client.put(record_id, kept.data, version)
+    assert status["state"] == "failed"
+    assert "RootKeyError: root key: KMS Decrypt of the blob kept in" in status["reason"]
+    assert "InvalidCiphertextException" in status["reason"]
+    assert isinstance(refused, RPCError)
+    assert "did not start: RootKeyError" in refused.remote_message
+    stack.stop_enclave(served)
