@@ -551,3 +551,38 @@ def test_refuses_to_serve_when_the_host_edited_the_kept_root_key_blob(stack: Sta
     assert isinstance(refused, RPCError)
     assert "did not start: RootKeyError" in refused.remote_message
     stack.stop_enclave(served)
+
+
+def test_up_runs_the_service_with_the_root_key_the_run_enclave_keeps(stack: Stack) -> None:
+    material = secrets.token_bytes(32)
+    _call(
+        stack.image, stack.served[0],
+        ("create_tenant", {"tenant": "via-up"}),
+        ("put_key", {"tenant": "via-up", "name": "k", "material": material}),
+    )  # fmt: skip
+    assert stack.store is not None
+    trust = stack.directory / "up-trust.json"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "enclave", "AWS_SECRET_ACCESS_KEY": "x"}
+    process, addresses = start_cli(
+        stack.background, "up", str(stack.image.path), "--listen", "127.0.0.1:0",
+        "--config", str(stack.image.bundle(stack.config())), "--aws-credentials-env",
+        "--egress-allow", f"127.0.0.1:{stack.kms_port}",
+        "--egress-allow", stack.store.url.removeprefix("http://"),
+        "--trust-out", str(trust),
+        env=env,
+    )  # fmt: skip
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        policy = ServicePolicy(services=frozenset({"persistence"}))
+        url = f"tcp://{addresses['tcp']}"
+        async with await connect(url, trust=ClientTrust.load(trust), policy=policy) as session:
+            status = await _started(session)
+            return status, await session.call("get_key", {"tenant": "via-up", "name": "k"})
+
+    status, key = asyncio.run(scenario())
+    assert status["state"] == "ready"
+    assert status["root_key"] == "decrypted"
+    assert key["material"] == material
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 0
