@@ -81,10 +81,20 @@ class Supervisor:
         self._ready_pid: int | None = None
         self._cgroup: cgroups.EnclaveCgroup | None = None
         self._config_served = False
+        self._final: tuple[str, str] | None = None
 
     def _update(self, **changes: object) -> None:
         self.record = replace(self.record, **changes)  # type: ignore[arg-type]
         records.save(self.record)
+
+    def _finish(self, state: str, reason: str) -> None:
+        """Remember the final state; :meth:`run` records it once everything is released.
+
+        ``hermetic stop`` and ``run`` return when the record leaves the live states, so the
+        record must not say TERMINATED or FAILED while the enclave's directory, endpoints
+        or cgroup still exist.
+        """
+        self._final = (state, reason)
 
     async def run(self) -> int:
         """Supervise until the enclave exits or :attr:`stopping` is set."""
@@ -103,7 +113,7 @@ class Supervisor:
                 extract(image, image_dir)
                 _make_read_only(image_dir)
             except HermeticError as exc:
-                self._update(state=records.FAILED, reason=f"{type(exc).__name__}: {exc}")
+                self._finish(records.FAILED, f"{type(exc).__name__}: {exc}")
                 return 1
             measurements = image.measurements
             # The image's measurements, as nitro-cli reports them; in debug mode the NSM
@@ -151,6 +161,8 @@ class Supervisor:
                 self._cgroup.remove()
             _remove_tree(endpoints)
             _remove_tree(workdir)
+            if self._final is not None:
+                self._update(state=self._final[0], reason=self._final[1])
 
     async def _admit_nsm(self, sock: socket.socket) -> None:
         await vsock.admit_enclave_peer(sock, self.root, self.record.cid, "NSM")
@@ -222,7 +234,7 @@ class Supervisor:
             except (HermeticError, OSError, TimeoutError) as exc:
                 reason = f"sandbox: {exc}"
                 log.error("enclave %s did not start: %s", self.record.id, reason)
-                self._update(state=records.FAILED, reason=reason)
+                self._finish(records.FAILED, reason)
                 return 1
         pid = self.process.pid
         self._update(pid=pid, pid_start=records.process_start(pid))
@@ -238,7 +250,7 @@ class Supervisor:
             stop.cancel()
             reason = self._boot_failure_reason()
             log.error("enclave %s did not start: %s", self.record.id, reason)
-            self._update(state=records.FAILED, reason=reason)
+            self._finish(records.FAILED, reason)
             return 1
         app_pid = self._ready_pid or sandbox.find_enclave_process(pid)
         checks = sandbox.inspect(app_pid, state=state_dir(), sandboxed=tools is not None)
@@ -264,7 +276,7 @@ class Supervisor:
             exited.cancel()
             reason = "stopped by the operator"
         await self._terminate_child()
-        self._update(state=records.TERMINATED, reason=reason)
+        self._finish(records.TERMINATED, reason)
         log.info("enclave %s terminated: %s", self.record.id, reason)
         return 0
 
