@@ -40,6 +40,23 @@ async def test_listener_lives_at_cid_and_port_and_reports_peer_cid(tmp_path: Pat
     assert not (tmp_path / "16" / "enclave" / "5000.sock").exists()
 
 
+async def test_parent_reaches_an_enclave_listener_below_an_overlong_state_dir(
+    tmp_path: Path,
+) -> None:
+    # The enclave binds inside its sandbox at a short path; the parent sees the same
+    # directory under its (possibly deep) state dir and connects through a held
+    # descriptor, so the sun_path limit does not apply to it.
+    act_as_enclave(16, tmp_path)
+    deep = tmp_path / ("d" * 110)
+    deep.symlink_to(tmp_path, target_is_directory=True)
+    assert len(str(vsock.socket_path(deep, vsock.VsockAddress(16, 5000), bound=False))) > 108
+    async with await vsock.listen(16, 5000, _echo, root=tmp_path):
+        stream = await vsock.connect(16, 5000, root=deep, source_cid=3)
+        stream.writer.write(b"deep")
+        assert await stream.reader.read(100) == b"3:deep"
+        await stream.aclose()
+
+
 async def test_connect_to_nobody_is_a_clean_peer_unavailable_error(tmp_path: Path) -> None:
     with pytest.raises(PeerUnavailableError, match="vsock:17:5000"):
         await vsock.connect(17, 5000, root=tmp_path)

@@ -149,10 +149,15 @@ def endpoint_dir(root: Path, cid: int) -> Path:
     return root / str(VsockAddress(cid, 0).cid)
 
 
-def socket_path(root: Path, address: VsockAddress, peer_cid: int | None = None) -> Path:
+def socket_path(
+    root: Path, address: VsockAddress, peer_cid: int | None = None, *, bound: bool = True
+) -> Path:
     """The Unix socket file that emulates a listener on ``address``.
 
-    A parent-side address (CID 3) exists only per enclave: ``peer_cid`` names it.
+    A parent-side address (CID 3) exists only per enclave: ``peer_cid`` names it. With
+    ``bound`` (the path is handed to bind or connect) it must fit ``sun_path``; the
+    parent reaches an enclave listener through a held descriptor, whose
+    ``/proc/self/fd/N`` name is short however deep the state directory is.
     """
     if address.cid == PARENT_CID:
         if peer_cid is None:
@@ -163,7 +168,7 @@ def socket_path(root: Path, address: VsockAddress, peer_cid: int | None = None) 
         path = endpoint_dir(root, peer_cid) / HOST_DIR / f"{address.port}.sock"
     else:
         path = endpoint_dir(root, address.cid) / ENCLAVE_DIR / f"{address.port}.sock"
-    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+    if bound and len(os.fsencode(path)) > _UNIX_PATH_MAX:
         raise TransportError(
             f"emulated vsock path: expected at most {_UNIX_PATH_MAX} bytes, got "
             f"{len(os.fsencode(path))} ({path}); use a shorter HERMETIC_STATE_DIR"
@@ -270,12 +275,13 @@ async def connect_socket(
         return sock
     root = root or emulation_root()
     me = local_cid() if source_cid is None else source_cid
-    path = socket_path(root, address, me)
+    held_route = address.cid != PARENT_CID and me == PARENT_CID
+    path = socket_path(root, address, me, bound=not held_route)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     held: int | None = None
     try:
-        if address.cid != PARENT_CID and me == PARENT_CID:
+        if held_route:
             # An enclave owns its listener directory and can swap what is there at any
             # moment: hold the socket inode itself (no symlink followed at any step) and
             # connect to that, then check that the enclave's own process listens on it.
