@@ -16,6 +16,35 @@ if TYPE_CHECKING:
     from test_translog_service_support import PostgresServer
 
 
+ENCLAVE_MODULES = frozenset(
+    {
+        "test_cli_options",
+        "test_config_cli",
+        "test_demo",
+        "test_interop_running_service",
+        "test_kms_enclave",
+        "test_persistence_enclave",
+        "test_release",
+        "test_runtime_boot_config",
+        "test_runtime_hostile",
+        "test_runtime_hostile_limits",
+        "test_runtime_launcher",
+        "test_runtime_proxy",
+    }
+)
+"""Modules whose tests start sandboxed enclaves. ``make test`` runs the suite on two
+xdist workers with ``--dist loadgroup``, and these all go to one group, so one worker
+runs them one after another while the other takes everything else: enclaves from two
+state directories may get the same CID, hence the same sandbox uid, whose process limit
+the fork-bomb test exhausts on purpose."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in ENCLAVE_MODULES:
+            item.add_marker(pytest.mark.xdist_group("enclaves"))
+
+
 @pytest.fixture(scope="session")
 def vectors() -> Path:
     """``tests/vectors``: the published vectors every format is tested against.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,11 +50,12 @@ async def _append_until_killed(
     count = 0
     reached = asyncio.Event()
     killed = asyncio.Event()
+    tls = ssl.create_default_context()  # unused over http://; httpx would load one per client
 
     async def writer(w: int) -> None:
         nonlocal count
         n = 0
-        async with httpx.AsyncClient(timeout=DEADLINE) as client:
+        async with httpx.AsyncClient(timeout=DEADLINE, verify=tls) as client:
             while not killed.is_set():
                 item = f"round {round_no} writer {w} entry {n}".encode()
                 n += 1

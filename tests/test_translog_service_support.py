@@ -143,16 +143,18 @@ class LogServerProcess:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"log server exited with {self.proc.returncode}: {err}")
-            try:
-                if httpx.get(f"{self.url}/checkpoint", timeout=10).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        # One client for the whole wait: each new httpx client loads the CA bundle anew.
+        with httpx.Client(timeout=10) as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError(f"log server exited with {self.proc.returncode}: {err}")
+                try:
+                    if http.get(f"{self.url}/checkpoint").status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.05)
         self.kill()
         raise RuntimeError("log server did not come up")
 
