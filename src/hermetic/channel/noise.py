@@ -14,6 +14,8 @@ allow-list keeps the interop surface (and the analysis of what each message prov
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,8 +24,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from noise.backends.default import DefaultNoiseBackend
 from noise.backends.default.keypairs import KeyPair25519
 from noise.connection import Keypair, NoiseConnection
+from noise.functions.hash import Hash
 
 from hermetic.errors import (
     DecryptError,
@@ -61,6 +65,52 @@ _PATTERN_TOKENS: dict[str, tuple[tuple[str, ...], ...]] = {
     "NX": (("e",), ("e", "ee", "s", "es")),
     "XX": (("e",), ("e", "ee", "s", "es"), ("s", "se")),
 }
+
+
+class _HashlibHash(Hash):  # type: ignore[misc]
+    """HASH() of the Noise spec through ``hashlib``, one C call per hash.
+
+    The library's default goes through ``cryptography``'s incremental Hash and HMAC
+    objects: the same functions, but about five object calls each, and a handshake makes
+    ~30 of them per side (mix_hash, HKDF). ``fn`` is the name ``hmac.digest`` takes.
+    """
+
+    def __init__(self, name: str, hashlen: int, blocklen: int) -> None:
+        self._name, self._hashlen, self._blocklen = name, hashlen, blocklen
+
+    @property
+    def fn(self) -> str:
+        return self._name
+
+    @property
+    def hashlen(self) -> int:
+        return self._hashlen
+
+    @property
+    def blocklen(self) -> int:
+        return self._blocklen
+
+    def hash(self, data: bytes) -> bytes:
+        return hashlib.new(self._name, data).digest()
+
+
+def _hmac_hash(key: bytes, data: bytes, algorithm: str) -> bytes:
+    return hmac.digest(bytes(key), bytes(data), algorithm)
+
+
+class _Backend(DefaultNoiseBackend):  # type: ignore[misc]
+    """The library's backend with SHA256 and BLAKE2s (the hashes we allow) on hashlib."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hashes = {
+            "SHA256": lambda: _HashlibHash("sha256", 32, 64),
+            "BLAKE2s": lambda: _HashlibHash("blake2s", 32, 64),
+        }
+        self.hmac = _hmac_hash
+
+
+_BACKEND = _Backend()
 
 
 @dataclass(frozen=True)
@@ -163,7 +213,7 @@ class NoiseHandshake:
         self._bounds = _message_bounds(self.protocol.pattern)
         self._index = 0
         self._transport: NoiseTransport | None = None
-        conn = NoiseConnection.from_name(self.protocol.name.encode("ascii"))
+        conn = NoiseConnection.from_name(self.protocol.name.encode("ascii"), backend=_BACKEND)
         if initiator:
             conn.set_as_initiator()
         else:
