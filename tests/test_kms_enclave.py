@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,15 +30,18 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import hermetic, run_json, start_cli, stop_all
+from apps.probe.harness import (
+    OperatorImage,
+    build_operator_image,
+    hermetic,
+    start_cli,
+    stop_all,
+)
 from helpers import free_port, state_files
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
-from hermetic.enclave.config import sign_config
 from hermetic.errors import RPCError
-from hermetic.image import open_image
 from hermetic.launcher import records
 from hermetic.launcher.devrelease import DevLog
 from hermetic.nsm import DevPKI
@@ -72,22 +74,6 @@ class KMSServer:
 
 
 @dataclass(frozen=True)
-class VaultImage:
-    """A vault image built from a temporary copy with a generated operator key."""
-
-    path: Path
-    pcr0: str
-    directory: Path
-    operator: ed25519.Ed25519PrivateKey
-    endorsement: Path
-
-    def bundle(self, config: dict[str, Any], name: str = "config.bundle") -> Path:
-        path = self.directory / name
-        path.write_bytes(sign_config(json.dumps(config).encode(), self.operator))
-        return path
-
-
-@dataclass(frozen=True)
 class Credentials:
     access_key_id: str
     secret_access_key: str
@@ -115,28 +101,14 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 90)
     raise AssertionError(f"kms serve not listening on {port}")
 
 
+VaultImage = OperatorImage
+
+
 def _build_vault(
     directory: Path, operator: ed25519.Ed25519PrivateKey, change: str = ""
 ) -> VaultImage:
     """``hermetic build`` a copy of examples/vault; PCR0 from ``hermetic image measure``."""
-    app = directory / "vault"
-    shutil.copytree(VAULT, app)
-    (app / "operator.pub.pem").write_bytes(
-        operator.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    if change:
-        source = app / "vault_service.py"
-        source.write_text(source.read_text() + change)
-    image = directory / "vault.img"
-    built = hermetic("build", str(app), "-o", str(image))
-    assert built.returncode == 0, built.stderr
-    pcr0 = str(run_json("image", "measure", str(image), "--json")["PCR0"])
-    endorsement = directory / "vault.endorsement.json"
-    dev_log = DevLog(directory / "dev-log")
-    endorsement.write_bytes(dev_log.publish(open_image(image).measurements).dumps())
-    return VaultImage(image, pcr0, directory, operator, endorsement)
+    return build_operator_image(VAULT, directory, operator, "vault_service.py", change)
 
 
 @pytest.fixture(scope="module")

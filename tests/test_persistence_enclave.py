@@ -16,7 +16,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,15 +29,18 @@ from typing import Any
 
 import boto3
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import hermetic, run_json, start_cli, stop_all
+from apps.probe.harness import (
+    OperatorImage,
+    build_operator_image,
+    hermetic,
+    start_cli,
+    stop_all,
+)
 from helpers import free_port
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
-from hermetic.enclave.config import sign_config
 from hermetic.errors import RPCError
-from hermetic.image import open_image
 from hermetic.launcher import emulated, records
 from hermetic.launcher.devrelease import DevLog
 from hermetic.nsm import DevPKI
@@ -53,41 +55,11 @@ ADMIN = ("admin", "dummy-admin-secret")
 STORE_ID = "store-eu1"
 
 
-@dataclass(frozen=True)
-class Image:
-    """An image built from a copy of services/persistence with a generated operator key."""
-
-    path: Path
-    pcr0: str
-    directory: Path
-    operator: ed25519.Ed25519PrivateKey
-    endorsement: Path
-
-    def bundle(self, config: dict[str, Any]) -> Path:
-        path = self.directory / f"config-{secrets.token_hex(4)}.bundle"
-        path.write_bytes(sign_config(json.dumps(config).encode(), self.operator))
-        return path
+Image = OperatorImage
 
 
 def _build(directory: Path, operator: ed25519.Ed25519PrivateKey, change: str = "") -> Image:
-    app = directory / "persistence"
-    shutil.copytree(SERVICE, app)
-    (app / "operator.pub.pem").write_bytes(
-        operator.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    if change:
-        source = app / "persistence_service.py"
-        source.write_text(source.read_text() + change)
-    image = directory / "persistence.img"
-    built = hermetic("build", str(app), "-o", str(image))
-    assert built.returncode == 0, built.stderr
-    pcr0 = str(run_json("image", "measure", str(image), "--json")["PCR0"])
-    endorsement = directory / "endorsement.json"
-    dev_log = DevLog(directory / "dev-log")
-    endorsement.write_bytes(dev_log.publish(open_image(image).measurements).dumps())
-    return Image(image, pcr0, directory, operator, endorsement)
+    return build_operator_image(SERVICE, directory, operator, "persistence_service.py", change)
 
 
 def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:

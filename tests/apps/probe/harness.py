@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,58 @@ def build_probe(
         f'egress = [{egress_toml}]\noperator_key = "operator.pub.pem"\n'
     )
     return build_image(app, workdir / "probe.img")
+
+
+@dataclass(frozen=True)
+class OperatorImage:
+    """An app built from a temporary copy whose ``operator.pub.pem`` is a generated key,
+    with its PCR0 (from ``hermetic image measure``) and a dev-log endorsement."""
+
+    path: Path
+    pcr0: str
+    directory: Path
+    operator: ed25519.Ed25519PrivateKey
+    endorsement: Path
+
+    def bundle(self, config: dict[str, Any], name: str | None = None) -> Path:
+        """``config`` signed by the operator key, as a runtime config bundle file (a fresh
+        name unless ``name`` is given, so a running enclave's bundle is never rewritten)."""
+        from hermetic.enclave.config import sign_config
+
+        path = self.directory / (name or f"config-{secrets.token_hex(4)}.bundle")
+        path.write_bytes(sign_config(json.dumps(config).encode(), self.operator))
+        return path
+
+
+def build_operator_image(
+    source: Path,
+    directory: Path,
+    operator: ed25519.Ed25519PrivateKey,
+    module: str,
+    change: str = "",
+) -> OperatorImage:
+    """``hermetic build`` a copy of the app in ``source`` trusting ``operator``; ``change``
+    is appended to its ``module`` file (one modified line makes another release)."""
+    from hermetic.image import open_image
+
+    app = directory / source.name
+    shutil.copytree(source, app)
+    (app / "operator.pub.pem").write_bytes(
+        operator.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    if change:
+        target = app / module
+        target.write_text(target.read_text() + change)
+    image = directory / f"{source.name}.img"
+    built = hermetic("build", str(app), "-o", str(image))
+    assert built.returncode == 0, built.stderr
+    pcr0 = str(run_json("image", "measure", str(image), "--json")["PCR0"])
+    endorsement = directory / f"{source.name}.endorsement.json"
+    dev_log = DevLog(directory / "dev-log")
+    endorsement.write_bytes(dev_log.publish(open_image(image).measurements).dumps())
+    return OperatorImage(image, pcr0, directory, operator, endorsement)
 
 
 def run_json(*args: str) -> Any:
