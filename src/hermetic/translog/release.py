@@ -458,8 +458,16 @@ class SignedStatement:
         }
 
     def entry(self) -> bytes:
-        """The log entry: the envelope's canonical JSON."""
-        return canonical_json(self.to_json())
+        """The log entry: the envelope's canonical JSON.
+
+        Computed once per object (it is immutable): an enclave encodes, and a client
+        checks, the same endorsement on every handshake.
+        """
+        cached: bytes | None = self.__dict__.get("_entry")
+        if cached is None:
+            cached = canonical_json(self.to_json())
+            object.__setattr__(self, "_entry", cached)
+        return cached
 
     @classmethod
     def from_json(cls, value: Any) -> SignedStatement:
