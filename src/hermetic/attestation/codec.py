@@ -19,6 +19,7 @@ encode minimally (the timestamp is always ``1b`` + 8 bytes on hardware).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -304,17 +305,30 @@ def _optional(value: bytes | None) -> bytes:
     return b"\xf6" if value is None else _bstr(value)
 
 
+@functools.lru_cache(maxsize=64)
+def _encode_pcrs(pcrs: tuple[tuple[int, bytes], ...]) -> bytes:
+    return _head(5, len(pcrs)) + b"".join(_head(0, index) + _bstr(pcr) for index, pcr in pcrs)
+
+
+@functools.lru_cache(maxsize=64)
+def _encode_cabundle(cabundle: tuple[bytes, ...]) -> bytes:
+    return _head(4, len(cabundle)) + b"".join(_bstr(c) for c in cabundle)
+
+
 def encode_payload(doc: AttestationDocument) -> bytes:
-    """Encode ``doc`` exactly as a real NSM does (see the module docstring)."""
+    """Encode ``doc`` exactly as a real NSM does (see the module docstring).
+
+    The PCR map and the cabundle are the same in every document a module signs until a
+    PCR is extended, so their encodings are memoised (pure functions of their values).
+    """
     values: dict[str, bytes] = {
         "module_id": _tstr(doc.module_id),
         "digest": _tstr(doc.digest),
         # Hardware always writes the timestamp as a full 8-byte uint.
         "timestamp": b"\x1b" + struct.pack(">Q", doc.timestamp),
-        "pcrs": _head(5, len(doc.pcrs))
-        + b"".join(_head(0, index) + _bstr(pcr) for index, pcr in sorted(doc.pcrs.items())),
+        "pcrs": _encode_pcrs(tuple(sorted((i, bytes(p)) for i, p in doc.pcrs.items()))),
         "certificate": _bstr(doc.certificate),
-        "cabundle": _head(4, len(doc.cabundle)) + b"".join(_bstr(c) for c in doc.cabundle),
+        "cabundle": _encode_cabundle(tuple(bytes(c) for c in doc.cabundle)),
         "public_key": _optional(doc.public_key),
         "user_data": _optional(doc.user_data),
         "nonce": _optional(doc.nonce),
