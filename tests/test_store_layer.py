@@ -217,7 +217,7 @@ def test_concurrent_openers_migrate_once(location: str) -> None:
     """Servers starting together on one database: every one opens it, migrations run once."""
     errors: list[BaseException] = []
     opened: list[Connection] = []
-    start = threading.Barrier(4)
+    start = threading.Barrier(8)
 
     def open_it() -> None:
         try:
@@ -226,7 +226,7 @@ def test_concurrent_openers_migrate_once(location: str) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:

@@ -34,6 +34,7 @@ import hashlib
 import re
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -204,6 +205,25 @@ class _Driver(ABC):
         return False
 
 
+def _enable_wal(raw: sqlite3.Connection) -> Any:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock.
+
+    Switching a new database to WAL takes an exclusive lock, and SQLite answers "database
+    is locked" at once, without its busy handler, when another opener is doing the same:
+    servers starting together on one fresh file would fail. Retried up to the busy timeout.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_SECONDS
+    delay = 0.001
+    while True:
+        try:
+            return raw.execute("PRAGMA journal_mode=WAL").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class _SQLiteDriver(_Driver):
     dialect = SQLITE
 
@@ -219,7 +239,7 @@ class _SQLiteDriver(_Driver):
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"cannot open SQLite database {path}: {exc}") from None
         try:
-            mode = raw.execute("PRAGMA journal_mode=WAL").fetchone()
+            mode = _enable_wal(raw)
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreUnavailableError(f"{path}: SQLite refused WAL mode (got {mode})")
             raw.execute("PRAGMA synchronous=FULL")
