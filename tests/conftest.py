@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from helpers import VECTORS
+from helpers import VECTORS, stop_process
 
 if TYPE_CHECKING:
     from apps.probe.harness import Release
@@ -97,13 +96,7 @@ def background() -> Iterator[list[subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
     yield started
     for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
     from apps.probe.harness import stop_all
 
     stop_all()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 """The published test vectors, kept in the repository (see each folder's README)."""
@@ -62,6 +64,17 @@ def state_files(root: Path) -> Iterator[tuple[Path, bytes]]:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             yield path, data
+
+
+def stop_process(process: subprocess.Popen[Any], grace: float = 15) -> None:
+    """SIGTERM ``process`` if it still runs; SIGKILL it after ``grace`` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def free_port() -> int:

@@ -38,7 +38,7 @@ from apps.probe.harness import (
     start_cli,
     stop_all,
 )
-from helpers import free_port
+from helpers import free_port, stop_process
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.errors import RPCError
 from hermetic.launcher import emulated, records
@@ -73,16 +73,6 @@ def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
         except OSError:
             time.sleep(0.1)
     raise AssertionError(f"kms serve not listening on {port}")
-
-
-def _stop(process: subprocess.Popen[Any]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass(frozen=True)
@@ -145,7 +135,7 @@ class Stack:
         if self.store is not None:
             self.store.stop()
         if self.kms_process is not None:
-            _stop(self.kms_process)
+            stop_process(self.kms_process)
 
     # --- enclaves ------------------------------------------------------------------------
 
@@ -188,7 +178,7 @@ class Stack:
         return served
 
     def stop_enclave(self, served: Served) -> None:
-        _stop(served.proxy)
+        stop_process(served.proxy)
         record = records.load(served.enclave_id)
         if record.state in records.LIVE_STATES:
             emulated.terminate(served.enclave_id)
