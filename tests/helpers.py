@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,22 @@ def stop_process(process: subprocess.Popen[Any], grace: float = 15) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def wait_port(
+    port: int, process: subprocess.Popen[Any], what: str = "kms serve", timeout: float = 90
+) -> None:
+    """Wait until ``process`` listens on 127.0.0.1:``port``; fail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{what} not listening on {port}")
 
 
 def free_port() -> int:

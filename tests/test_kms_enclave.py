@@ -17,10 +17,8 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +37,7 @@ from apps.probe.harness import (
     start_cli,
     stop_all,
 )
-from helpers import free_port, state_files
+from helpers import free_port, state_files, wait_port
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.errors import RPCError
 from hermetic.launcher import records
@@ -88,19 +86,6 @@ class Credentials:
         }
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"kms serve exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"kms serve not listening on {port}")
-
-
 VaultImage = OperatorImage
 
 
@@ -147,7 +132,7 @@ def kms(work: Path, module_state: Path) -> Iterator[KMSServer]:
             stdout=out, stderr=out, env=os.environ.copy(),
         )  # fmt: skip
     try:
-        _wait_port(port, process)
+        wait_port(port, process)
         yield KMSServer(process, port, log)
     finally:
         process.send_signal(signal.SIGTERM)

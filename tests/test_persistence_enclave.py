@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from apps.probe.harness import (
     start_cli,
     stop_all,
 )
-from helpers import free_port, stop_process
+from helpers import free_port, stop_process, wait_port
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.errors import RPCError
 from hermetic.launcher import emulated, records
@@ -60,19 +59,6 @@ Image = OperatorImage
 
 def _build(directory: Path, operator: ed25519.Ed25519PrivateKey, change: str = "") -> Image:
     return build_operator_image(SERVICE, directory, operator, "persistence_service.py", change)
-
-
-def _wait_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"kms serve exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"kms serve not listening on {port}")
 
 
 @dataclass(frozen=True)
@@ -109,7 +95,7 @@ class Stack:
                  "--db", str(self.directory / "kms.sqlite3")],
                 stdout=out, stderr=out, env=os.environ.copy(),
             )  # fmt: skip
-        _wait_port(self.kms_port, self.kms_process)
+        wait_port(self.kms_port, self.kms_process)
         if not self.key_id:
             done = hermetic("kms", "policy", "--pcr0", self.image.pcr0, "--principal", ENCLAVE_ROLE)
             assert done.returncode == 0, done.stderr
