@@ -705,6 +705,59 @@ class RecordCounterError(SealedRecordError):
     is older than the record (the caller's own state is stale or was rolled back)."""
 
 
+# --- persistence: the store state anchored in the transparency log (issue 10 item 5) ------
+
+
+class AnchorError(PersistenceError, VerificationError):
+    """The record store's state and the state the service anchored in the transparency log
+    disagree, or the log could not show a recent enough anchored state. Every message names
+    the state that was expected (sequence number, Merkle root, log index) and what was
+    found; nothing of the store is served after one."""
+
+
+class StaleCheckpointError(AnchorError):
+    """No witnessed checkpoint of the log carries enough cosignatures recent by the trusted
+    clock: the log may be withholding its newest entries (and with them the newest state
+    statements), or its witnesses stopped cosigning."""
+
+
+class StoreRollbackError(AnchorError):
+    """The store is at an older state than the newest one anchored in the log (a database
+    restored from an older copy, the state record deleted or replaced by an older one), or
+    the log holds no state for a store that has one."""
+
+
+class StoreStateMismatchError(AnchorError):
+    """The store's records are not those of the state its state record names: a record's
+    bytes edited, two records swapped, an older version of a record replayed, a record
+    deleted or added by the host."""
+
+
+class StateKeyMismatchError(AnchorError):
+    """The store id is anchored in the log under a signing key the service's root key does
+    not derive, or its state record is not signed by that key: the root-key record was
+    replaced, or the store id belongs to another deployment."""
+
+
+class StateForkError(AnchorError):
+    """Two different state statements with the same sequence number for one store, both
+    signed by the service's key: two writers on one store, or a forked history."""
+
+
+class StateRecordError(AnchorError, MalformedInputError):
+    """The store's state record, or a state statement, is not in the documented form."""
+
+
+class StateConflictError(AnchorError):
+    """The state record changed under this writer: another instance writes the same store
+    (the anchored store admits one writer per store id); nothing was acknowledged."""
+
+
+class AnchorTimeoutError(AnchorError):
+    """A write's state statement was not in a checkpoint cosigned by the witness quorum
+    before the deadline: the write is in the store but was not acknowledged as anchored."""
+
+
 class KeyringError(PersistenceError):
     """A tenant's keyring: its named keys, their versions and its own sealed state."""
 
@@ -753,6 +806,34 @@ class RootKeyError(PersistenceError):
 
 class PersistenceConfigError(PersistenceError, UsageError):
     """The ``persistence`` section of the runtime config is missing or malformed."""
+
+
+class AccessDeniedError(PersistenceError):
+    """The access policy does not admit this caller for this key: not an attested XX
+    session, a release the policy names for no key class of this name, or a tenant whose
+    admin has not enabled the feature that admits it. The refusal is in the tenant's audit
+    trail."""
+
+
+class AdminSignatureError(PersistenceError, VerificationError):
+    """An admin request's Ed25519 signature does not verify under the tenant admin's key
+    registered at ``create_tenant`` (forged, made for another store, tenant, operation,
+    name, material or counter, or by another key)."""
+
+
+class AdminReplayError(AdminSignatureError):
+    """An admin request with a valid signature whose counter is not above the last one the
+    service accepted for this tenant: a replayed (or reordered) request."""
+
+
+class AccessPolicyError(PersistenceError, MalformedInputError):
+    """The access policy document (or its logged endorsement) is malformed, or its digest is
+    not the one the logged policy statement names."""
+
+
+class AuditTrailError(PersistenceError, VerificationError):
+    """A tenant's audit trail does not verify: an entry is missing, reordered, edited or
+    does not chain from the previous one, or the trail ends before the head it must reach."""
 
 
 class ConfigError(UsageError):

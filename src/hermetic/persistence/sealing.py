@@ -88,6 +88,9 @@ MAX_PLAINTEXT_SIZE = MAX_RECORD_SIZE - OVERHEAD
 _AUTHENTICATED_HEADER = 13  # format, key version, counter: the nonce is bound by GCM itself
 _KIND_RECORD = b"record"
 _KIND_KEYRING = b"keyring-state"
+TENANT_RECORD_KINDS = ("tenant-admin", "audit-entry", "audit-head")
+"""The other records sealed under a tenant's state key (key version 0), each its own kind
+so that one can never be opened as another (``hermetic.persistence.service``)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,11 @@ class _Sealer:
     def describe(self) -> str:
         if self.kind == _KIND_KEYRING:
             return f"the keyring state of tenant {self.tenant!r} in store {self.store_id!r}"
+        if self.kind != _KIND_RECORD:
+            return (
+                f"the {self.kind.decode()} state of tenant {self.tenant!r} in store"
+                f" {self.store_id!r}"
+            )
         return (
             f"key {self.name!r} version {self.key_version} of tenant {self.tenant!r}"
             f" in store {self.store_id!r}"
@@ -245,14 +253,20 @@ def _record_sealer(key: DataKey) -> _Sealer:
     return _Sealer(_KIND_RECORD, key.store_id, key.tenant, key.name, key.version, key.material)
 
 
-def _keyring_sealer(tenant_key: TenantKey) -> _Sealer:
+def _keyring_sealer(tenant_key: TenantKey, kind: bytes = _KIND_KEYRING) -> _Sealer:
     if not isinstance(tenant_key, TenantKey):
         raise PersistenceUsageError(
             f"tenant key: expected a TenantKey, got {type(tenant_key).__name__}"
         )
-    return _Sealer(
-        _KIND_KEYRING, tenant_key.store_id, tenant_key.tenant, "", 0, tenant_key.state_key
-    )
+    return _Sealer(kind, tenant_key.store_id, tenant_key.tenant, "", 0, tenant_key.state_key)
+
+
+def _tenant_sealer(tenant_key: TenantKey, kind: str) -> _Sealer:
+    if kind not in TENANT_RECORD_KINDS:
+        raise PersistenceUsageError(
+            f"tenant record kind: expected one of {', '.join(TENANT_RECORD_KINDS)}, got {kind!r}"
+        )
+    return _keyring_sealer(tenant_key, kind.encode())
 
 
 def seal_record(key: DataKey, record_id: str, counter: int, plaintext: bytes) -> bytes:
@@ -277,3 +291,18 @@ def open_keyring_state(
 ) -> bytes:
     """The encoded state :func:`seal_keyring_state` sealed; same checks as :func:`open_record`."""
     return _open(_keyring_sealer(tenant_key), record_id, expected_counter, data)
+
+
+def seal_tenant_record(
+    tenant_key: TenantKey, kind: str, record_id: str, counter: int, plaintext: bytes
+) -> bytes:
+    """``plaintext`` sealed under the tenant's state key as a record of ``kind`` (one of
+    :data:`TENANT_RECORD_KINDS`): the admin state, an audit entry, the audit head."""
+    return _seal(_tenant_sealer(tenant_key, kind), record_id, counter, plaintext)
+
+
+def open_tenant_record(
+    tenant_key: TenantKey, kind: str, record_id: str, expected_counter: int, data: bytes
+) -> bytes:
+    """The plaintext :func:`seal_tenant_record` sealed; same checks as :func:`open_record`."""
+    return _open(_tenant_sealer(tenant_key, kind), record_id, expected_counter, data)

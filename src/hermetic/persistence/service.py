@@ -23,38 +23,75 @@ to that state and writes it back with compare-and-set at the version read; a wri
 lost the race starts again from the new state, so two concurrent rotations make two
 versions, never one lost update.
 
-**Not yet** (issue 10): which caller may read or change which tenant's keys (the access
-policy, item 6) and the tenant admin's signature on ``put_key`` (item 7) are not checked
-here: every caller of the attested channel is trusted. The expected counters come from the
-untrusted store's own versions until the store state is anchored in the log (item 5).
+**Who may do what.** The operations above are the unguarded core. The guarded layer
+(:class:`GuardedPersistence`, what the enclave app serves) wraps them: each change is an
+:class:`~hermetic.persistence.admin.AdminRequest` signed by the tenant admin's Ed25519 key
+(registered by ``create_tenant``, kept with the last accepted counter and the enabled
+features in the sealed ``<store id>/tenants/<tenant>/admin`` record), and ``get_key`` is
+allowed only to a :class:`Caller` that came over an attested XX session and whose release
+the :class:`~hermetic.persistence.policy.AccessPolicy` admits for a feature the tenant
+enabled. Every fetch, refusal and change is appended to the tenant's hash-chained audit
+trail (:mod:`hermetic.persistence.audit`) before the call returns; a fetch whose audit
+entry cannot be written is refused, so no key leaves unrecorded.
+
+**Not yet** (issue 10): the expected counters come from the untrusted store's own versions
+until the store state is anchored in the log (item 5), so a host restoring an older admin
+record (older counter) or audit trail is not detected here yet.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from hermetic.cbor import canonical_dumps, strict_loads
 from hermetic.errors import (
+    AccessDeniedError,
+    AdminReplayError,
+    AdminSignatureError,
+    AuditTrailError,
     HermeticError,
+    KeyNotFoundError,
+    KeyringFormatError,
     PersistenceConfigError,
     PersistenceConflictError,
+    PersistenceUsageError,
     RecordNotFoundError,
     RootKeyError,
     TenantExistsError,
     TenantNotFoundError,
     VersionConflictError,
 )
-from hermetic.persistence.keyring import Keyring
-from hermetic.persistence.keys import KEY_SIZE, DataKey, RootKey, check_store_id, check_tenant
+from hermetic.persistence.admin import AdminRequest, check_admin_key, check_feature
+from hermetic.persistence.audit import AuditEntry, AuditHead, genesis_hash, verify_audit_trail
+from hermetic.persistence.keyring import Keyring, KeyringState
+from hermetic.persistence.keys import (
+    KEY_SIZE,
+    DataKey,
+    RootKey,
+    TenantKey,
+    check_store_id,
+    check_tenant,
+)
+from hermetic.persistence.policy import AccessPolicy
+from hermetic.persistence.sealing import open_tenant_record, seal_tenant_record
 from hermetic.store.records import Record
 
 __all__ = [
     "CAS_ATTEMPTS",
+    "AuditTrail",
+    "Caller",
+    "GuardedPersistence",
     "KeyRelease",
     "PersistenceService",
     "PersistenceSettings",
     "RecordStore",
+    "TenantAdmin",
     "obtain_root_key",
 ]
 
@@ -280,6 +317,17 @@ class PersistenceService:
         """Erase ``version`` of ``name``: its records no longer open."""
         self._change(tenant, lambda ring: ring.retire(name, version))
 
+    def delete(self, tenant: str, name: str) -> None:
+        """Remove ``name`` and every version of it: its records no longer open."""
+
+        def drop(ring: Keyring) -> Keyring:
+            if name not in ring.names:
+                raise KeyNotFoundError(f"tenant {tenant!r}: no key named {name!r}")
+            kept = tuple(k for k in ring.state.keys if k.name != name)
+            return Keyring(ring.tenant_key, KeyringState(kept))
+
+        self._change(tenant, drop)
+
     def get_key(self, tenant: str, name: str, version: int | None = None) -> DataKey:
         """Version ``version`` (default: current) of ``name``, unwrapped."""
         ring, _ = self._load(tenant)
@@ -334,3 +382,414 @@ class PersistenceService:
             "root_key": self.origin.source,
             "kms_calls": self.origin.kms_calls,
         }
+
+
+# --- the guarded layer: admin signatures, the access policy, the audit trail ---------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called, as the channel proved it: ``xx`` is True only for an attested XX session,
+    whose peer evidence named this release (``service``, ``version``, ``pcr0`` hex)."""
+
+    xx: bool
+    service: str | None = None
+    version: str | None = None
+    pcr0: str | None = None
+
+    def describe(self) -> str:
+        if not self.xx or self.service is None:
+            return "client without attested release (NX session)"
+        return f"service {self.service} {self.version} pcr0 {(self.pcr0 or '')[:16]}"
+
+
+@dataclass(frozen=True)
+class TenantAdmin:
+    """The sealed ``admin`` record: the admin's key, the last accepted counter, the features
+    the admin enabled. Canonical CBOR ``{"admin_key", "counter", "features"}``."""
+
+    admin_key: bytes
+    counter: int
+    features: frozenset[str] = field(default_factory=frozenset)
+
+    def encode(self) -> bytes:
+        value = {
+            "admin_key": self.admin_key,
+            "counter": self.counter,
+            "features": sorted(self.features),
+        }
+        return canonical_dumps(value, what="tenant admin state", error=PersistenceUsageError)
+
+    @classmethod
+    def decode(cls, data: bytes) -> TenantAdmin:
+        value = strict_loads(data, what="tenant admin state", error=KeyringFormatError)
+        if (
+            not isinstance(value, dict)
+            or set(value) != {"admin_key", "counter", "features"}
+            or not isinstance(value["counter"], int)
+            or not isinstance(value["features"], list)
+            or not all(isinstance(f, str) for f in value["features"])
+        ):
+            raise KeyringFormatError("tenant admin state: not the documented form")
+        return cls(
+            check_admin_key(value["admin_key"]), value["counter"], frozenset(value["features"])
+        )
+
+
+@dataclass(frozen=True)
+class AuditTrail:
+    """What ``audit`` returns: the entries' exact bytes (the admin re-hashes them) and the
+    head the service keeps; :func:`~hermetic.persistence.audit.verify_audit_trail` checks."""
+
+    entries: tuple[bytes, ...]
+    head: AuditHead
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class GuardedPersistence:
+    """The booted service behind the access policy, admin signatures and the audit trail.
+
+    This is what the enclave app serves; see the module docstring. Every method is
+    blocking, like :class:`PersistenceService`'s.
+    """
+
+    service: PersistenceService
+    policy: AccessPolicy
+
+    def __repr__(self) -> str:
+        return f"GuardedPersistence({self.service!r})"
+
+    @property
+    def store(self) -> RecordStore:
+        return self.service.store
+
+    @property
+    def store_id(self) -> str:
+        return self.service.settings.store_id
+
+    def _tenant_record(self, tenant: str, leaf: str) -> str:
+        return f"{self.store_id}/tenants/{check_tenant(tenant)}/{leaf}"
+
+    def _tenant_key(self, tenant: str) -> TenantKey:
+        return self.service.root.tenant_key(self.store_id, tenant)
+
+    # --- the admin record ----------------------------------------------------------------
+
+    def _load_admin(self, tenant: str) -> tuple[TenantAdmin, int]:
+        record_id = self._tenant_record(tenant, "admin")
+        try:
+            record = self.store.get(record_id)
+        except RecordNotFoundError:
+            raise TenantNotFoundError(
+                f"tenant {tenant!r}: no admin record in the store (create_tenant first)"
+            ) from None
+        data = open_tenant_record(
+            self._tenant_key(tenant), "tenant-admin", record_id, record.version, record.data
+        )
+        return TenantAdmin.decode(data), record.version
+
+    def _put_admin(self, tenant: str, admin: TenantAdmin, expected: int | None) -> None:
+        record_id = self._tenant_record(tenant, "admin")
+        counter = 1 if expected is None else expected + 1
+        sealed = seal_tenant_record(
+            self._tenant_key(tenant), "tenant-admin", record_id, counter, admin.encode()
+        )
+        self.store.put(record_id, sealed, expected)
+
+    def _authorize(self, request: AdminRequest, signature: object) -> TenantAdmin:
+        """Check the signature and the counter, and consume the counter (compare-and-set)
+        before anything is done, so a request works at most once. Refusals are audited."""
+        tenant = request.tenant
+        for _ in range(CAS_ATTEMPTS):
+            admin, version = self._load_admin(tenant)
+            try:
+                request.verify(admin.admin_key, signature)
+                if request.counter <= admin.counter:
+                    raise AdminReplayError(
+                        f"admin request {request.operation} of tenant {tenant!r}: counter"
+                        f" {request.counter} is not above the last accepted {admin.counter}"
+                        " (a replayed or reordered request)"
+                    )
+            except AdminSignatureError as exc:
+                self._audit_refusal(tenant, request.operation, "admin request", request.name, exc)
+                raise
+            features = admin.features
+            if request.operation == "enable":
+                features = features | {check_feature(request.feature)}
+            elif request.operation == "disable":
+                features = features - {request.feature}
+            updated = TenantAdmin(admin.admin_key, request.counter, features)
+            try:
+                self._put_admin(tenant, updated, version)
+            except VersionConflictError:
+                continue
+            return updated
+        raise PersistenceConflictError(
+            f"tenant {tenant!r}: admin record changed under each of {CAS_ATTEMPTS}"
+            " compare-and-set attempts; nothing was done"
+        )
+
+    def _admin_request(
+        self, operation: str, tenant: str, counter: object, **fields: Any
+    ) -> AdminRequest:
+        if isinstance(counter, bool) or not isinstance(counter, int):
+            raise PersistenceUsageError(
+                f"counter: expected an integer, got {type(counter).__name__}"
+            )
+        return AdminRequest(operation, self.store_id, tenant, counter, **fields)
+
+    # --- admin operations ----------------------------------------------------------------
+
+    def create_tenant(
+        self, tenant: str, admin_key: bytes, counter: object, signature: object
+    ) -> None:
+        """Register the tenant and its admin's key; the request is signed by that key.
+
+        The keyring is written first and the admin record second (the commit point): a
+        crash in between leaves a keyring without an admin, which the next
+        ``create_tenant`` of that name completes; two creators racing end with one admin
+        (the other is :class:`TenantExistsError`).
+        """
+        request = self._admin_request(
+            "create_tenant", tenant, counter, admin_key=check_admin_key(admin_key)
+        )
+        request.verify(admin_key, signature)
+        try:
+            self._load_admin(tenant)
+        except TenantNotFoundError:
+            pass
+        else:
+            raise TenantExistsError(f"tenant {tenant!r}: already has an admin")
+        # TenantExistsError: an earlier create_tenant stopped before its admin record, or a race
+        with contextlib.suppress(TenantExistsError):
+            self.service.create_tenant(tenant)
+        try:
+            self._put_admin(tenant, TenantAdmin(admin_key, request.counter), None)
+        except VersionConflictError:
+            raise TenantExistsError(f"tenant {tenant!r}: already has an admin") from None
+        self._audit(tenant, "change", "create_tenant", f"admin counter {request.counter}")
+
+    def put_key(
+        self, tenant: str, name: str, material: bytes, counter: object, signature: object
+    ) -> int:
+        if not isinstance(material, bytes) or len(material) != KEY_SIZE:
+            raise PersistenceUsageError(f"material: expected {KEY_SIZE} bytes")
+        request = self._admin_request(
+            "put_key",
+            tenant,
+            counter,
+            name=name,
+            material_digest=AdminRequest.material_digest_of(material),
+        )
+        self._authorize(request, signature)
+        version = self.service.put_key(tenant, name, material)
+        self._audit_change(request, version)
+        return version
+
+    def rotate(self, tenant: str, name: str, counter: object, signature: object) -> int:
+        request = self._admin_request("rotate", tenant, counter, name=name)
+        self._authorize(request, signature)
+        version = self.service.rotate(tenant, name)
+        self._audit_change(request, version)
+        return version
+
+    def retire(
+        self, tenant: str, name: str, version: int, counter: object, signature: object
+    ) -> None:
+        request = self._admin_request("retire", tenant, counter, name=name, version=version)
+        self._authorize(request, signature)
+        self.service.retire(tenant, name, version)
+        self._audit_change(request, version)
+
+    def delete(self, tenant: str, name: str, counter: object, signature: object) -> None:
+        request = self._admin_request("delete", tenant, counter, name=name)
+        self._authorize(request, signature)
+        self.service.delete(tenant, name)
+        self._audit_change(request, 0)
+
+    def set_feature(
+        self, tenant: str, feature: str, enabled: bool, counter: object, signature: object
+    ) -> frozenset[str]:
+        """``enable``/``disable`` a feature of the access policy for this tenant."""
+        operation = "enable" if enabled else "disable"
+        if enabled and feature not in self.policy.features:
+            raise PersistenceUsageError(
+                f"feature: expected one the access policy defines"
+                f" ({', '.join(sorted(self.policy.features)) or 'none'}), got {feature!r}"
+            )
+        request = self._admin_request(operation, tenant, counter, feature=feature)
+        admin = self._authorize(request, signature)
+        self._audit(tenant, "change", operation, f"admin counter {request.counter}", detail=feature)
+        return admin.features
+
+    def audit(self, tenant: str, counter: object, signature: object) -> AuditTrail:
+        """The whole trail, checked here against the sealed head before it is returned
+        (the admin checks it again with the same function)."""
+        request = self._admin_request("audit", tenant, counter)
+        self._authorize(request, signature)
+        self._audit(tenant, "read", "audit", f"admin counter {request.counter}")
+        head, _ = self._load_head(tenant)
+        entries = []
+        tenant_key = self._tenant_key(tenant)
+        for seq in range(1, head.seq + 1):
+            record_id = self._entry_record(tenant, seq)
+            try:
+                record = self.store.get(record_id)
+            except RecordNotFoundError:
+                raise AuditTrailError(
+                    f"audit trail of tenant {tenant!r}: entry {seq} of {head.seq} is missing"
+                    " from the store"
+                ) from None
+            entries.append(open_tenant_record(tenant_key, "audit-entry", record_id, 1, record.data))
+        verify_audit_trail(entries, self.store_id, tenant, head=head)
+        return AuditTrail(tuple(entries), head)
+
+    # --- key fetches -----------------------------------------------------------------------
+
+    def get_key(
+        self, caller: Caller, tenant: str, name: str, version: int | None = None
+    ) -> DataKey:
+        """The key, if ``caller`` is admitted (module docstring); audited either way."""
+        actor = caller.describe()
+        try:
+            admin, _ = self._load_admin(tenant)
+        except TenantNotFoundError:
+            raise AccessDeniedError(
+                f"get_key of {name!r} from tenant {tenant!r} by {actor}: no such tenant"
+            ) from None
+        rule = None
+        if caller.xx and caller.service is not None and caller.version is not None:
+            rule = self.policy.admitting_rule(caller.service, caller.version, name, admin.features)
+        if rule is None:
+            if not caller.xx:
+                why = "keys are released only over an attested XX session"
+            else:
+                enabled = ", ".join(sorted(admin.features)) or "none"
+                why = (
+                    f"the access policy admits this release for no key class of {name!r} among"
+                    f" the features tenant {tenant!r} enabled ({enabled})"
+                )
+            denied = AccessDeniedError(
+                f"get_key of {name!r} from tenant {tenant!r} by {actor}: {why}"
+            )
+            self._audit_refusal(tenant, "get_key", actor, name, denied)
+            raise denied
+        key = self.service.get_key(tenant, name, version)
+        self._audit(
+            tenant,
+            "get",
+            "get_key",
+            actor,
+            name=name,
+            key_version=key.version,
+            detail=f"feature {rule.feature}",
+        )
+        return key
+
+    # --- the audit trail -------------------------------------------------------------------
+
+    def _entry_record(self, tenant: str, seq: int) -> str:
+        return self._tenant_record(tenant, f"audit/{seq:020d}")
+
+    def _load_head(self, tenant: str) -> tuple[AuditHead, int | None]:
+        record_id = self._tenant_record(tenant, "audit-head")
+        try:
+            record = self.store.get(record_id)
+        except RecordNotFoundError:
+            return AuditHead(0, genesis_hash(self.store_id, tenant)), None
+        data = open_tenant_record(
+            self._tenant_key(tenant), "audit-head", record_id, record.version, record.data
+        )
+        return AuditHead.decode(data), record.version
+
+    def _put_head(self, tenant: str, head: AuditHead, expected: int | None) -> None:
+        record_id = self._tenant_record(tenant, "audit-head")
+        counter = 1 if expected is None else expected + 1
+        sealed = seal_tenant_record(
+            self._tenant_key(tenant), "audit-head", record_id, counter, head.encode()
+        )
+        self.store.put(record_id, sealed, expected)
+
+    def _audit_change(self, request: AdminRequest, key_version: int) -> None:
+        self._audit(
+            request.tenant,
+            "change",
+            request.operation,
+            f"admin counter {request.counter}",
+            name=request.name,
+            key_version=key_version,
+        )
+
+    def _audit_refusal(
+        self, tenant: str, operation: str, actor: str, name: str, exc: HermeticError
+    ) -> None:
+        detail = f"{type(exc).__name__}: {exc}"[:1024]
+        with contextlib.suppress(TenantNotFoundError):  # no such tenant: no trail to write
+            self._audit(tenant, "refused", operation, actor, name=name, detail=detail)
+
+    def _audit(
+        self,
+        tenant: str,
+        event: str,
+        operation: str,
+        actor: str,
+        *,
+        name: str = "",
+        key_version: int = 0,
+        detail: str = "",
+    ) -> AuditHead:
+        """Append one entry: write entry n+1 (must not exist), then move the head to it.
+
+        The entry record is the commit point. A writer that finds entry n+1 already there
+        (another writer's, whose head update has not landed, or never will after a crash)
+        moves the head to it if it chains from the head, and starts again.
+        """
+        tenant_key = self._tenant_key(tenant)
+        for _ in range(CAS_ATTEMPTS * 4):
+            head, head_version = self._load_head(tenant)
+            seq = head.seq + 1
+            record_id = self._entry_record(tenant, seq)
+            entry = AuditEntry(
+                seq,
+                head.hash,
+                int(time.time()),
+                event,
+                operation,
+                actor[:1024],
+                name,
+                key_version,
+                detail[:1024],
+            )
+            data = entry.encode()
+            try:
+                self.store.put(
+                    record_id,
+                    seal_tenant_record(tenant_key, "audit-entry", record_id, 1, data),
+                    None,
+                )
+            except VersionConflictError:
+                existing = self.store.get(record_id)
+                other = open_tenant_record(tenant_key, "audit-entry", record_id, 1, existing.data)
+                if AuditEntry.decode(other).prev != head.hash:
+                    raise AuditTrailError(
+                        f"audit trail of tenant {tenant!r}: entry {seq} does not chain from"
+                        f" the head (entry {head.seq})"
+                    ) from None
+                helped = AuditHead(seq, AuditEntry.hash_of(other))
+                with contextlib.suppress(VersionConflictError):
+                    self._put_head(tenant, helped, head_version)
+                continue
+            new_head = AuditHead(seq, AuditEntry.hash_of(data))
+            # A conflict means another writer moved the head onto our entry already.
+            with contextlib.suppress(VersionConflictError):
+                self._put_head(tenant, new_head, head_version)
+            return new_head
+        raise PersistenceConflictError(
+            f"tenant {tenant!r}: audit trail changed under every append attempt; the call is"
+            " refused"
+        )
+
+
+def admin_signature(private: ed25519.Ed25519PrivateKey, request: AdminRequest) -> bytes:
+    """The admin client's signature over ``request`` (see :mod:`hermetic.persistence.admin`)."""
+    return request.sign(private)

@@ -3,8 +3,10 @@
 A *release* is a publisher's signed statement that it shipped a measured enclave image
 (``hermetic.release/v1``: service, version, PCR0/1/2/8, config policy, source revision,
 build time). The same log also carries gateway admission policies
-(``hermetic.gateway-policy/v1``) and KMS key-policy digests
-(``hermetic.kms-key-policy/v1``), so one monitor sees every change a relying party cares
+(``hermetic.gateway-policy/v1``), KMS key-policy digests (``hermetic.kms-key-policy/v1``)
+and the persistence service's access policies (``hermetic.persistence-policy/v1``, subject
+``persistence/<store id>``, digest of the canonical policy document of
+``hermetic.persistence.policy``), so one monitor sees every change a relying party cares
 about.
 
 Every byte that is signed or hashed is **canonical JSON** (sorted keys, no whitespace,
@@ -61,12 +63,16 @@ from hermetic.translog.merkle import leaf_hash, verify_inclusion
 RELEASE_V1 = "hermetic.release/v1"
 GATEWAY_POLICY_V1 = "hermetic.gateway-policy/v1"
 KMS_KEY_POLICY_V1 = "hermetic.kms-key-policy/v1"
+PERSISTENCE_POLICY_V1 = "hermetic.persistence-policy/v1"
+POLICY_TYPES = (GATEWAY_POLICY_V1, KMS_KEY_POLICY_V1, PERSISTENCE_POLICY_V1)
 ENVELOPE_V1 = "hermetic.signed-statement/v1"
 ENDORSEMENT_V1 = "hermetic.endorsement/v1"
+PERSISTENCE_STATE_V1 = "hermetic.persistence-state/v1"
 
 PCR_BYTES = 48  # SHA-384 PCRs, as Nitro reports them
 _HEX = re.compile(r"^(?:[0-9a-f]{2})+$")
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+_STORE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 # --- canonical JSON -----------------------------------------------------------------------
@@ -251,7 +257,8 @@ class ReleaseStatement:
 
 @dataclass(frozen=True)
 class PolicyStatement:
-    """``hermetic.gateway-policy/v1`` or ``hermetic.kms-key-policy/v1``.
+    """``hermetic.gateway-policy/v1``, ``hermetic.kms-key-policy/v1`` or
+    ``hermetic.persistence-policy/v1``.
 
     ``subject`` names what the policy governs (a gateway, a KMS key ARN), ``digest`` is the
     SHA-256 (or SHA-384) of the policy document, ``version`` the publisher's label for it.
@@ -264,7 +271,7 @@ class PolicyStatement:
     issued_at: str
 
     def __post_init__(self) -> None:
-        if self.type not in (GATEWAY_POLICY_V1, KMS_KEY_POLICY_V1):
+        if self.type not in POLICY_TYPES:
             raise ReleaseFormatError(f"unknown policy statement type {self.type!r}")
         _text(self.subject, "statement.subject", max_len=2048)
         _hex(self.digest, "statement.digest", sizes=(32, 48))
@@ -291,7 +298,93 @@ class PolicyStatement:
         return cls(**{k: obj[k] for k in fields})
 
 
-Statement = ReleaseStatement | PolicyStatement
+MAX_STATE_SEQUENCE = 2**53
+"""State sequence numbers and record counts stay within canonical JSON's integer range."""
+
+
+def _count(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ReleaseFormatError(f"{what} must be an integer, got {type(value).__name__}")
+    if not 0 <= value <= MAX_STATE_SEQUENCE:
+        raise ReleaseFormatError(f"{what} must be in 0..{MAX_STATE_SEQUENCE}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class StateStatement:
+    """``hermetic.persistence-state/v1``: the persistence service's record store was in
+    this state (issue 10 item 5; docs/persistence.md, "Rollback detection").
+
+    ``root`` is the RFC 9162 Merkle root over the store's records (id, version, SHA-256
+    of the bytes) and ``records`` their number; ``sequence`` counts the service's writes
+    (0 is the first state, the genesis); ``previous`` is the SHA-256 of the log entry of
+    the statement of ``sequence - 1`` and ``prior_root`` that statement's root, both
+    ``None`` exactly for the genesis. The envelope's key is the service's state key,
+    derived from its root key; the first genesis in the log for a store id binds the store
+    id to that key.
+    """
+
+    store_id: str
+    sequence: int
+    root: str
+    records: int
+    previous: str | None
+    prior_root: str | None
+    type: str = PERSISTENCE_STATE_V1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store_id, str) or _STORE_ID.fullmatch(self.store_id) is None:
+            shown = repr(self.store_id)[:80]
+            raise ReleaseFormatError(
+                "statement.store_id must be 1 to 64 characters of a-z 0-9 . _ -, starting"
+                f" with a letter or digit, got {shown}"
+            )
+        _count(self.sequence, "statement.sequence")
+        _hex(self.root, "statement.root", sizes=(32,))
+        _count(self.records, "statement.records")
+        _optional(self.previous, _hex, "statement.previous", sizes=(32,))
+        _optional(self.prior_root, _hex, "statement.prior_root", sizes=(32,))
+        genesis = self.sequence == 0
+        if genesis != (self.previous is None) or genesis != (self.prior_root is None):
+            raise ReleaseFormatError(
+                "statement.previous and statement.prior_root must be null exactly for"
+                f" sequence 0, got sequence {self.sequence} with previous"
+                f" {'null' if self.previous is None else 'set'} and prior_root"
+                f" {'null' if self.prior_root is None else 'set'}"
+            )
+        if self.type != PERSISTENCE_STATE_V1:
+            raise ReleaseFormatError(
+                f"statement.type must be {PERSISTENCE_STATE_V1!r}, got {self.type!r}"
+            )
+
+    @property
+    def subject(self) -> str:
+        return self.store_id
+
+    @property
+    def version(self) -> str:
+        """The sequence number, where other statements have a version label."""
+        return str(self.sequence)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "store_id": self.store_id,
+            "sequence": self.sequence,
+            "root": self.root,
+            "records": self.records,
+            "previous": self.previous,
+            "prior_root": self.prior_root,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any) -> StateStatement:
+        fields = ("type", "store_id", "sequence", "root", "records", "previous", "prior_root")
+        obj = _object(value, "state statement", fields)
+        return cls(**{k: obj[k] for k in fields})
+
+
+Statement = ReleaseStatement | PolicyStatement | StateStatement
 
 
 def parse_statement(value: Any) -> Statement:
@@ -301,8 +394,10 @@ def parse_statement(value: Any) -> Statement:
     kind = value.get("type")
     if kind == RELEASE_V1:
         return ReleaseStatement.from_json(value)
-    if kind in (GATEWAY_POLICY_V1, KMS_KEY_POLICY_V1):
+    if kind in POLICY_TYPES:
         return PolicyStatement.from_json(value)
+    if kind == PERSISTENCE_STATE_V1:
+        return StateStatement.from_json(value)
     raise ReleaseFormatError(f"statement.type {kind!r} is not a known statement type")
 
 
