@@ -53,7 +53,7 @@ from hermetic.translog.checkpoint import (
     sign_checkpoint,
 )
 from hermetic.translog.merkle import consistency_proof, inclusion_proof
-from hermetic.translog.note import NoteSigner, NoteVerifier, split_note
+from hermetic.translog.note import NoteSigner, NoteVerifier, parse_signature_line, split_note
 from hermetic.translog.store import (
     MAX_ENTRY_SIZE,
     IntegratedBatch,
@@ -280,6 +280,14 @@ class LogService:
                 ) from None
             if self.store.add_cosignature(checkpoint.size, sig.name, line):
                 added.append(sig.name)
+            elif _timestamp(line) > max(
+                (_timestamp(kept) for kept in stored.cosignatures if _signer(kept) == sig.name),
+                default=-1,
+            ):
+                # A newer cosignature of the same tree head: keep the freshest, so a
+                # witnessed checkpoint of a log that stopped growing stays recent.
+                self.store.replace_cosignature(checkpoint.size, sig.name, line)
+                added.append(sig.name)
         return added
 
     # -- reading -------------------------------------------------------------------------
@@ -440,6 +448,16 @@ class LogService:
         except (UsageError, TranslogError) as exc:
             return _error(400, type(exc).__name__, str(exc))
         return JSONResponse({"old": old, "new": new, "consistency_proof": [_b64(h) for h in proof]})
+
+
+def _signer(line: str) -> str:
+    """The key name of a stored signature line (``— <name> <base64>``)."""
+    return parse_signature_line(line.rstrip("\n")).name
+
+
+def _timestamp(line: str) -> int:
+    """The cosignature/v1 timestamp of a stored, verified cosignature line."""
+    return int.from_bytes(parse_signature_line(line.rstrip("\n")).signature[:8], "big")
 
 
 def _check_size(size: int, current: int) -> None:

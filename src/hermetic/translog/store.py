@@ -419,6 +419,22 @@ class LogStore:
             )
         return True
 
+    def replace_cosignature(self, size: int, witness: str, line: str) -> None:
+        """Replace the stored cosignature of ``witness`` for ``size`` with ``line``.
+
+        The service calls it only with a verified line whose timestamp is newer than the
+        stored one: a witness that re-cosigns a log that did not grow vouches that the log
+        still had this size at that later time, and a relying party that checks freshness
+        against its own clock (the persistence service's rollback check) needs that time.
+        """
+        if not line.endswith("\n") or "\n" in line[:-1]:
+            raise TranslogError("a cosignature must be exactly one line ending in a newline")
+        with self._writing() as cur:
+            cur.execute(
+                "UPDATE cosignatures SET line = ? WHERE size = ? AND witness = ?",
+                (line, size, witness),
+            )
+
     def close(self) -> None:
         for conn in (self._writer, self._reader):
             if conn is not None:
