@@ -14,10 +14,12 @@ touches no socket, no KMS and no database, so it can be tested with bytes alone:
 :mod:`hermetic.persistence.service` builds the service's operations on it (the root key
 from KMS at boot, tenant keyrings kept in the record store with compare-and-set) behind two
 small protocols for KMS and the store; the enclave app in ``services/persistence`` wires
-them to the attested KMS client and the proxy's egress. The rollback anchoring in the
-transparency log is not built yet. This is a platform package that imports
-only the base layer (:mod:`hermetic.errors`, :mod:`hermetic.cbor`, :mod:`hermetic.store`)
-and ``cryptography`` (``tests/test_layering.py`` checks it). See ``docs/persistence.md``.
+them to the attested KMS client and the proxy's egress. :mod:`hermetic.persistence.anchor`
+anchors the whole store state in the witnessed transparency log and checks the store
+against it (rollback detection, item 5). This is a platform package that imports only the
+base layer (:mod:`hermetic.errors`, :mod:`hermetic.cbor`, :mod:`hermetic.store`), the
+log's sans-IO formats (:mod:`hermetic.translog` hashing, checkpoints, statements) and
+``cryptography`` (``tests/test_layering.py`` checks it). See ``docs/persistence.md``.
 """
 
 from hermetic.persistence.keyring import (
