@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -491,7 +492,8 @@ def test_static_keypair_built_once_is_the_same_key_the_library_would_build() -> 
 
     static = StaticKeypair.generate()
     rebuilt = KeyPair25519.from_private_bytes(static.private)
-    assert static.noise_keypair.public_bytes == rebuilt.public_bytes == static.public
+    ours = static.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert ours == rebuilt.public_bytes == static.public
     # two handshakes with the one static key pair: each gets its own transport keys
     hashes = set()
     for _ in range(2):
@@ -503,3 +505,9 @@ def test_static_keypair_built_once_is_the_same_key_the_library_would_build() -> 
         hashes.add(client.handshake_hash)
         assert server_events
     assert len(hashes) == 2
+
+
+def test_static_keypair_with_a_public_key_of_another_private_key_is_refused() -> None:
+    one, other = StaticKeypair.generate(), StaticKeypair.generate()
+    with pytest.raises(HandshakeError, match="does not match"):
+        StaticKeypair(private=one.private, public=other.public)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,69 @@ def test_all_fundamental_25519_vectors_pass_in_noiseprotocol_directly(vectors: P
             checked += 1
     # 15 fundamental patterns x 2 ciphers x 4 hashes x 25519 in each of the three files.
     assert checked == 3 * 120
+
+
+def _library(
+    name: str, initiator: bool, prologue: bytes, static: bytes | None, ephemeral: bytes
+) -> Any:
+    conn = NoiseConnection.from_name(name.encode())
+    if initiator:
+        conn.set_as_initiator()
+    else:
+        conn.set_as_responder()
+    conn.set_prologue(prologue)
+    if static is not None:
+        conn.set_keypair_from_private_bytes(Keypair.STATIC, static)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the library warns about injected ephemerals
+        conn.set_keypair_from_private_bytes(Keypair.EPHEMERAL, ephemeral)
+        conn.start_handshake()
+    return conn
+
+
+@pytest.mark.parametrize("name", sorted(ALLOWED_PROTOCOLS))
+def test_handshake_is_byte_identical_to_noiseprotocol_for_random_keys(name: str) -> None:
+    """A differential check beyond the vectors: random keys, prologues and payloads, every
+    message compared with the library's, and the transport keys compared by their output."""
+    rng = random.Random(name)
+    for _ in range(10):
+        prologue = rng.randbytes(rng.randrange(0, 40))
+        keys = {k: rng.randbytes(32) for k in ("is", "rs", "ie", "re")}
+        xx = "_XX_" in name
+        ours = [
+            NoiseHandshake(
+                name,
+                initiator=True,
+                prologue=prologue,
+                static=StaticKeypair.from_private(keys["is"]) if xx else None,
+                ephemeral_private=keys["ie"],
+            ),
+            NoiseHandshake(
+                name,
+                initiator=False,
+                prologue=prologue,
+                static=StaticKeypair.from_private(keys["rs"]),
+                ephemeral_private=keys["re"],
+            ),
+        ]
+        theirs = [
+            _library(name, True, prologue, keys["is"] if xx else None, keys["ie"]),
+            _library(name, False, prologue, keys["rs"], keys["re"]),
+        ]
+        n = 0
+        while not (ours[0].complete and ours[1].complete):
+            sender, receiver = n % 2, (n + 1) % 2
+            payload = rng.randbytes(rng.randrange(0, 100))
+            message = ours[sender].write_message(payload)
+            assert message == bytes(theirs[sender].write_message(payload)), f"message {n}"
+            assert ours[receiver].read_message(message) == payload
+            assert bytes(theirs[receiver].read_message(message)) == payload
+            n += 1
+        assert ours[0].handshake_hash == bytes(theirs[0].get_handshake_hash())
+        transports = [ours[0].split(), ours[1].split()]
+        for m in range(4):
+            payload = rng.randbytes(rng.randrange(0, 100))
+            sender = m % 2
+            mine = transports[sender].encrypt(payload)
+            assert mine == bytes(theirs[sender].encrypt(payload)), f"transport {m}"
+            assert transports[1 - sender].decrypt(mine) == payload
