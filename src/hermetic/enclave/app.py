@@ -17,14 +17,17 @@ An App holds no I/O of its own, so tests can call :meth:`App.call` directly.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hermetic.errors import HermeticError, LauncherError, ServiceError, UsageError
 
 if TYPE_CHECKING:
+    from hermetic.channel.session import MakeEvidence, VerifyEvidence
     from hermetic.kms.client import EnclaveKMSClient
     from hermetic.nsm.client import NSMClient, PCRState
 
@@ -82,6 +85,11 @@ class EnclaveContext:
     ``kms`` is a ready :class:`~hermetic.kms.client.EnclaveKMSClient` when the config has
     a ``kms`` section (``hermetic.enclave.kmsaccess``), else None. It blocks: call it with
     ``await asyncio.to_thread(...)`` so the service keeps answering meanwhile.
+
+    ``evidence`` is the runtime's own evidence provider (a fresh NSM document per
+    handshake, this boot's endorsement and config digest): pass it as ``make_evidence`` to
+    :func:`hermetic.client.connect` with ``protocol_name=XX`` to call another enclave
+    service as an attested peer (``examples/keyreader`` does, with no client connected).
     """
 
     nsm: BoundNSM
@@ -89,6 +97,7 @@ class EnclaveContext:
     cid: int
     ports: tuple[int, ...]
     kms: EnclaveKMSClient | None = None
+    evidence: MakeEvidence | None = None
 
 
 def _log_start_failure(task: asyncio.Task[object]) -> None:
@@ -110,6 +119,12 @@ class App:
         self._context: EnclaveContext | None = None
         self._on_ready: Callable[[], Awaitable[object]] | None = None
         self._started: asyncio.Task[object] | None = None
+        self._xx_ports: dict[int, Callable[[EnclaveContext], VerifyEvidence]] = {}
+        # The verified peer of the session a call came on (None on an NX port); one
+        # variable per App, set by the runtime for the tasks of one session.
+        self._peer: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+            f"hermetic-peer-{id(self)}", default=None
+        )
 
     def method(self, name: str) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated ``async def`` as the handler of ``name``."""
@@ -127,6 +142,53 @@ class App:
     @property
     def methods(self) -> tuple[str, ...]:
         return tuple(sorted(self._methods))
+
+    def xx_port(
+        self, port: int
+    ) -> Callable[
+        [Callable[[EnclaveContext], VerifyEvidence]], Callable[[EnclaveContext], VerifyEvidence]
+    ]:
+        """Serve ``port`` (one of the manifest's) with Noise XX: the caller must attest
+        itself too, and the decorated function, given the booted context, returns the
+        verifier of the caller's evidence bundle (e.g. :func:`hermetic.client.verify_evidence`
+        against a trust file in the config). Calls on that port see the verified peer as
+        :attr:`peer`. The runtime refuses to start if the port is not in the manifest or
+        the function raises.
+
+        Why per port and not per method: the Noise pattern is fixed by the responder before
+        the first message, so a port is either anonymous-client NX or mutually attested XX.
+        """
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise UsageError(f"xx_port: expected a port number, got {port!r}")
+
+        def register(
+            make: Callable[[EnclaveContext], VerifyEvidence],
+        ) -> Callable[[EnclaveContext], VerifyEvidence]:
+            if port in self._xx_ports:
+                raise UsageError(f"xx_port {port}: registered twice")
+            self._xx_ports[port] = make
+            return make
+
+        return register
+
+    @property
+    def xx_ports(self) -> dict[int, Callable[[EnclaveContext], VerifyEvidence]]:
+        return dict(self._xx_ports)
+
+    @property
+    def peer(self) -> object | None:
+        """The verified peer of the current call's session (what the port's verifier
+        returned), or None for a call over an NX port (an anonymous client)."""
+        return self._peer.get()
+
+    @contextmanager
+    def serving_peer(self, peer: object) -> Iterator[None]:
+        """Used by the runtime around one XX session's RPC loop: its calls see ``peer``."""
+        token = self._peer.set(peer)
+        try:
+            yield
+        finally:
+            self._peer.reset(token)
 
     @property
     def context(self) -> EnclaveContext:

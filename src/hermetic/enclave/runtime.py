@@ -5,7 +5,9 @@ the (measured) image, opens the NSM, fetches and verifies the runtime config (an
 the release endorsement) from the parent, imports the app, listens on the manifest's vsock
 ports and tells the parent it is ready. Every service port speaks only the attested channel
 (``hermetic.client.serve_attested``: Noise handshake, evidence bundle, then RPC): there is
-no plaintext service port, so the parent and its proxy only ever relay ciphertext.
+no plaintext service port, so the parent and its proxy only ever relay ciphertext. A port
+the app declares with :meth:`App.xx_port <hermetic.enclave.app.App.xx_port>` speaks Noise
+XX instead: the caller attests itself too, and the app's calls see the verified peer.
 
 When the verified config has a ``kms`` section, the runtime also takes the AWS
 credentials the parent forwarded at boot and gives the app a ready KMS client
@@ -34,10 +36,13 @@ import importlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from hermetic.channel.noise import StaticKeypair
+from hermetic.channel import aio
+from hermetic.channel.noise import XX, StaticKeypair
+from hermetic.channel.session import MakeEvidence, VerifyEvidence
 from hermetic.client.server import dispatch_handlers, serve_attested
 from hermetic.enclave import boot
 from hermetic.enclave.app import App, BoundNSM, EnclaveContext, RuntimeConfig
@@ -144,6 +149,48 @@ def load_app(manifest: Manifest) -> App:
     return target
 
 
+def peer_verifiers(
+    app: App, context: EnclaveContext, manifest: Manifest
+) -> dict[int, VerifyEvidence]:
+    """The verifier of each port the app serves with XX (:meth:`App.xx_port`)."""
+    verifiers = {}
+    for port, make in app.xx_ports.items():
+        if port not in manifest.ports:
+            raise EnclaveBootError(
+                f"app xx_port {port}: expected one of the manifest's ports {list(manifest.ports)}"
+            )
+        verifiers[port] = make(context)
+    return verifiers
+
+
+async def serve_xx(
+    app: App,
+    stream: vsock.VsockStream,
+    provider: MakeEvidence,
+    handlers: Mapping[str, aio.Handler],
+    static: StaticKeypair,
+    verify: VerifyEvidence,
+) -> None:
+    """One XX session: both sides attest; the app's calls on it see the verified peer.
+
+    The same steps as :func:`hermetic.client.serve_attested` (handshake, our evidence, the
+    peer's evidence checked by ``verify``, RPC until the peer leaves), with the RPC loop run
+    under :meth:`App.serving_peer` so each call knows who is asking.
+    """
+    pipe = aio.StreamPipe(stream.reader, stream.writer)
+    try:
+        channel = await aio.accept(pipe, static, provider, protocol_name=XX, verify_evidence=verify)
+        with app.serving_peer(channel.peer_info):
+            await aio.serve_rpc(channel, handlers)
+        await channel.close()
+    except HermeticError as exc:
+        log.info("attested XX session ended: %s: %s", type(exc).__name__, exc)
+        with contextlib.suppress(HermeticError):
+            await pipe.aclose()
+    finally:
+        stream.writer.close()
+
+
 async def run(app_dir: Path) -> int:
     """Boot and serve until SIGTERM; return the process exit status."""
     try:
@@ -175,21 +222,42 @@ async def run(app_dir: Path) -> int:
         except HermeticError as exc:
             log.error("refusing to start: %s", exc)
             return boot.EXIT_REFUSED
-    context = EnclaveContext(
-        BoundNSM(nsm, digest), config, cid, manifest.ports, kms.client if kms else None
-    )
-    app.bind(context)
     # One Noise static key per boot; every handshake gets a fresh NSM document binding it
     # (public_key) to that session (nonce = handshake hash). The provider needs the raw NSM
     # client: evidence documents carry hermetic's user_data layout, not the app's.
     static = StaticKeypair.generate()
     provider = make_evidence_provider(nsm, delivered.endorsement, digest)
+    context = EnclaveContext(
+        BoundNSM(nsm, digest),
+        config,
+        cid,
+        manifest.ports,
+        kms.client if kms else None,
+        evidence=provider,
+    )
+    app.bind(context)
     handlers = dispatch_handlers(app.call, app.methods)
+    try:
+        verifiers = peer_verifiers(app, context, manifest)
+    except HermeticError as exc:
+        log.error("refusing to start: %s", exc)
+        return boot.EXIT_REFUSED
 
     async def on_stream(stream: vsock.VsockStream) -> None:
         await serve_attested(stream.reader, stream.writer, provider, handlers, static=static)
 
-    listeners = [await vsock.listen(cid, port, on_stream) for port in manifest.ports]
+    def on_xx_stream(verify: VerifyEvidence) -> Callable[[vsock.VsockStream], Awaitable[None]]:
+        async def serve(stream: vsock.VsockStream) -> None:
+            await serve_xx(app, stream, provider, handlers, static, verify)
+
+        return serve
+
+    listeners = [
+        await vsock.listen(
+            cid, port, on_xx_stream(verifiers[port]) if port in verifiers else on_stream
+        )
+        for port in manifest.ports
+    ]
     ready = await vsock.connect(vsock.PARENT_CID, boot.READY_PORT)
     ready.writer.write(boot.READY_BYTE)
     await ready.writer.drain()

@@ -34,6 +34,7 @@ from hermetic.translog.release import (
     Endorsement,
     PublisherPrivateKey,
     ReleaseStatement,
+    Statement,
     generate_publisher_key,
     load_publisher_key,
     sign_statement,
@@ -131,6 +132,11 @@ class DevLog:
             source_revision=source_revision,
             build_time=utc_timestamp(),
         )
+        return self.publish_statement(statement)
+
+    def publish_statement(self, statement: Statement) -> Endorsement:
+        """Sign any statement (a release, or a policy such as the persistence service's
+        access policy) with the dev publisher, log it, cosign, endorse it."""
         signed = sign_statement(statement, self.publisher)
         entry = signed.entry()
         store = SQLiteLogStore(self.directory / "log.db")
