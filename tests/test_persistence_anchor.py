@@ -28,9 +28,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from helpers import hermetic, stop_process
 from hermetic.errors import (
     AnchorError,
+    AnchorTimeoutError,
     PersistenceUsageError,
     RecordNotFoundError,
     StaleCheckpointError,
+    StateConflictError,
     StateKeyMismatchError,
     StoreRollbackError,
     StoreStateMismatchError,
@@ -628,3 +630,49 @@ def test_every_refusal_is_an_anchor_error_without_key_material(deployment: Deplo
     for secret in (d.root.material, key.public_raw):
         assert secret.hex() not in message
     assert anchored.key_fingerprint in repr(key)
+
+
+def test_a_second_writer_on_the_store_is_refused_and_acknowledges_nothing(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    first = d.open()
+    first.put(d.rid("a"), b"a1", None)
+    second = d.open()
+    second.put(d.rid("b"), b"b1", None)
+    with pytest.raises(StateConflictError, match="another instance writes store"):
+        first.put(d.rid("c"), b"c1", None)
+    with d.store() as raw, pytest.raises(RecordNotFoundError):
+        raw.get(d.rid("c"))
+    assert d.open().records() == [d.rid("a"), d.rid("b")]
+
+
+def test_an_anchored_write_the_witness_does_not_cosign_in_time_is_not_acknowledged(
+    deployment: Deployment, stack: Stack, tmp_path: Path
+) -> None:
+    d = deployment
+    keys = make_log_key(tmp_path, "unwitnessed.test/log")
+    with LogServerProcess(str(tmp_path / "log.db"), keys, "--witness", stack.witness_vkey) as log:
+        witness = subprocess.Popen(
+            [sys.executable, "-m", "hermetic", "log", "witness", "--log", log.url,
+             "--log-key", keys.vkey, "--key", str(stack.directory / "witness.skey"),
+             "--state", str(tmp_path / "witness.json"), "--interval", "0.2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = LogClient(
+            log.url, parse_vkey(keys.vkey), [parse_vkey(stack.witness_vkey)], threshold=1
+        )
+        d.clients.append(client)
+        client.add(b"first entry")
+        _wait_for(lambda: client.witnessed_checkpoint(1))
+        try:
+            anchored = AnchoredStore.open(
+                d.store(), d.root, d.store_id, client, time.time,
+                mode="anchored", witness_timeout=1.0,
+            )  # fmt: skip
+        finally:
+            stop_process(witness)  # from here on nobody cosigns this log
+        with pytest.raises(AnchorTimeoutError, match="not acknowledged as anchored"):
+            anchored.put(d.rid("a"), b"a1", None)
+        with d.store() as raw:
+            assert raw.get(d.rid("a")).data == b"a1"  # stored, just not acknowledged

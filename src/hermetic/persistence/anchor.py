@@ -560,8 +560,11 @@ class AnchoredStore:
                         f" {contents.hex()}: a record was edited, swapped, replayed at"
                         " an older version, deleted or added"
                     )
-            if self._current is not None and (
-                self._logged is None or self._logged.signed.entry() != self._current.entry()
+            if logged is None:
+                return self._bind()  # a genesis kept, not yet logged: log it, as a first boot
+            if (
+                self._logged is None
+                or self._logged.signed.entry() != self._require_current().entry()
             ):
                 self._anchor(wait=self.mode == "anchored")
             self._unsure = False
@@ -706,14 +709,18 @@ class AnchoredStore:
     def _genesis(self, tree: StateTree) -> AnchoredState:
         genesis = StateStatement(self.store_id, 0, tree.root().hex(), tree.size, None, None)
         self._write_state(self._key.sign(genesis))
+        return self._bind()
+
+    def _bind(self) -> AnchoredState:
+        """Log the genesis, wait for the witness, and check that it binds the store id."""
         checkpoint = self._anchor(wait=True)
         assert checkpoint is not None
         # Someone may have logged a genesis for this id between the read and the append.
         logged = self._newest_logged(checkpoint, None)
         if logged is None or logged.signed.entry() != self._require_current().entry():
-            raise StateKeyMismatchError(
-                f"store {self.store_id!r}: the genesis statement this service logged is not"
-                " the store's newest state in the log"
+            raise StateForkError(
+                f"store {self.store_id!r}: the state this service just logged is not the"
+                " store's newest state in the log"
             )
         self._unsure = False
         return self.state()
