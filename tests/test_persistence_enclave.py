@@ -6,12 +6,21 @@ Real parts only: ``hermetic kms serve`` (dev attestation root), ``hermetic store
 policy`` pinned to the image's PCR0, ``hermetic run`` with forwarded credentials and
 ``hermetic proxy`` whose egress allows exactly the KMS and the store. The enclave reaches
 both only through that egress; what KMS released, and to which PCR0, is read from its log.
+
+Callers are real too: tenant admins sign every change (Ed25519, ``Admin`` below) on the NX
+port 5000 (reached over vsock from the parent); services call ``get_key`` on the XX port
+5001 through the proxy, either the ``examples/keyreader`` enclave (which fetches at boot,
+with no client connected) or this process attesting a ``reporting`` release with an
+emulated NSM of the module's dev PKI. The access policy is logged in the dev log and
+carried, with its endorsement and the peers' trust file, in the signed runtime config.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -38,21 +47,39 @@ from apps.probe.harness import (
     stop_all,
 )
 from helpers import free_port, stop_process, wait_port
+from hermetic.channel.noise import XX, StaticKeypair
 from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.errors import RPCError
+from hermetic.evidence import make_evidence_provider
+from hermetic.image.pcrs import Measurements
 from hermetic.launcher import emulated, records
 from hermetic.launcher.devrelease import DevLog
-from hermetic.nsm import DevPKI
+from hermetic.nsm import DevPKI, EmulatedNSM, NSMClient
+from hermetic.persistence.admin import AdminRequest, admin_public_key
+from hermetic.persistence.audit import AuditEntry, AuditHead, verify_audit_trail
+from hermetic.persistence.policy import ACCESS_POLICY_V1, AccessPolicy
 from hermetic.store.client import RecordStoreClient
+from hermetic.translog.release import PERSISTENCE_POLICY_V1, PolicyStatement, utc_timestamp
 from test_store_support import StoreServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 SERVICE = Path(__file__).resolve().parents[1] / "services" / "persistence"
+KEYREADER = Path(__file__).resolve().parents[1] / "examples" / "keyreader"
 REGION = "us-east-1"
 ENCLAVE_ROLE = "arn:aws:iam::111122223333:role/enclave"
 ADMIN = ("admin", "dummy-admin-secret")
 STORE_ID = "store-eu1"
 
+
+ACCESS_POLICY = {
+    "type": ACCESS_POLICY_V1,
+    "store_id": STORE_ID,
+    "rules": [
+        {"feature": "insights", "services": ["keyreader", "reporting"], "keys": ["insights/*"]}
+    ],
+}
+REPORTING = {n: hashlib.sha384(f"reporting {n}".encode()).digest() for n in (0, 1, 2)}
+"""The PCRs of the ``reporting`` release this process attests (emulated NSM)."""
 
 Image = OperatorImage
 
@@ -63,9 +90,62 @@ def _build(directory: Path, operator: ed25519.Ed25519PrivateKey, change: str = "
 
 @dataclass(frozen=True)
 class Served:
+    """A persistence enclave: ``url`` its XX port 5001 through the proxy, ``admin_url``
+    its NX port 5000 over vsock from the parent."""
+
     enclave_id: str
     url: str
+    admin_url: str
     proxy: subprocess.Popen[str]
+    metrics: str
+
+
+@dataclass
+class Admin:
+    """A tenant admin client: its Ed25519 key and the counter of its last request."""
+
+    tenant: str
+    key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
+    counter: int = 0
+
+    def request(self, method: str, operation: str, **fields: Any) -> tuple[str, dict[str, Any]]:
+        """The RPC ``(method, argument)`` of one signed request."""
+        self.counter += 1
+        args: dict[str, Any] = {"tenant": self.tenant, **fields}
+        signed: dict[str, Any] = {k: v for k, v in fields.items() if k != "material"}
+        if "material" in fields:
+            signed["material_digest"] = AdminRequest.material_digest_of(fields["material"])
+        request = AdminRequest(operation, STORE_ID, self.tenant, self.counter, **signed)
+        return method, {**args, "counter": self.counter, "signature": request.sign(self.key)}
+
+    def create(self) -> tuple[str, dict[str, Any]]:
+        public = admin_public_key(self.key)
+        return self.request("create_tenant", "create_tenant", admin_key=public)
+
+    def put(self, name: str, material: bytes) -> tuple[str, dict[str, Any]]:
+        return self.request("put_key", "put_key", name=name, material=material)
+
+    def rotate(self, name: str) -> tuple[str, dict[str, Any]]:
+        return self.request("rotate", "rotate", name=name)
+
+    def retire(self, name: str, version: int) -> tuple[str, dict[str, Any]]:
+        return self.request("retire", "retire", name=name, version=version)
+
+    def enable(self, feature: str = "insights") -> tuple[str, dict[str, Any]]:
+        return self.request("enable", "enable", feature=feature)
+
+    def audit(self) -> tuple[str, dict[str, Any]]:
+        return self.request("audit", "audit")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The logged access policy, its endorsement and the peers' trust file, for configs."""
+
+    document: dict[str, Any]
+    endorsement: dict[str, Any]
+    trust: dict[str, Any]
+    caller: bytes  # the reporting release's endorsement (JSON bytes)
 
 
 @dataclass
@@ -75,6 +155,7 @@ class Stack:
     directory: Path
     store_db: str
     image: Image
+    policy: Policy
     kms_process: subprocess.Popen[bytes] | None = None
     kms_port: int = 0
     kms_logs: list[Path] = field(default_factory=list)
@@ -133,6 +214,9 @@ class Stack:
                 "store": self.store.url.removeprefix("http://"),
                 "store_id": STORE_ID,
                 "key_id": self.key_id,
+                "access_policy": self.policy.document,
+                "access_policy_endorsement": self.policy.endorsement,
+                "peers": self.policy.trust,
             },
         }
 
@@ -154,12 +238,18 @@ class Stack:
         assert done.returncode == 0, done.stderr
         enclave = json.loads(done.stdout)
         proxy, addresses = start_cli(
-            self.background, "proxy", "--enclave", enclave["EnclaveID"],
-            "--listen", "127.0.0.1:0",
+            self.background, "proxy", "--enclave", enclave["EnclaveID"], "--port", "5001",
+            "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
             "--egress-allow", f"127.0.0.1:{self.kms_port}",
             "--egress-allow", self.store.url.removeprefix("http://"),
         )  # fmt: skip
-        served = Served(enclave["EnclaveID"], f"tcp://{addresses['tcp']}", proxy)
+        served = Served(
+            enclave["EnclaveID"],
+            f"tcp://{addresses['tcp']}",
+            f"vsock://{enclave['EnclaveCID']}:5000",
+            proxy,
+            addresses["metrics"],
+        )
         self.served.append(served)
         return served
 
@@ -171,10 +261,27 @@ class Stack:
 
 
 async def _session(image: Image, served: Served) -> AttestedSession:
+    """An admin's (anonymous, NX) session to the persistence enclave's port 5000."""
     trust = image.directory / "trust.json"
     DevLog(image.directory / "dev-log").write_trust(trust)
     policy = ServicePolicy(services=frozenset({"persistence"}))
-    return await connect(served.url, trust=ClientTrust.load(trust), policy=policy, timeout=60)
+    return await connect(served.admin_url, trust=ClientTrust.load(trust), policy=policy, timeout=60)
+
+
+async def _service_session(stack: Stack, served: Served) -> AttestedSession:
+    """A ``reporting`` service's XX session to port 5001 through the proxy: this process
+    attests a release logged in the dev log, with an emulated NSM of the dev PKI."""
+    from hermetic.translog.release import Endorsement
+
+    trust = stack.image.directory / "trust.json"
+    DevLog(stack.image.directory / "dev-log").write_trust(trust)
+    nsm = NSMClient(EmulatedNSM(REPORTING, pki=DevPKI()))
+    evidence = make_evidence_provider(nsm, Endorsement.loads(stack.policy.caller), None)
+    return await connect(
+        served.url, trust=ClientTrust.load(trust),
+        policy=ServicePolicy(services=frozenset({"persistence"})), protocol_name=XX,
+        static=StaticKeypair.generate(), make_evidence=evidence, timeout=60,
+    )  # fmt: skip
 
 
 async def _started(session: AttestedSession) -> dict[str, Any]:
@@ -187,20 +294,42 @@ async def _started(session: AttestedSession) -> dict[str, Any]:
         await asyncio.sleep(0.1)
 
 
+async def _calls(session: AttestedSession, calls: tuple[tuple[str, Any], ...]) -> list[Any]:
+    results: list[Any] = []
+    for method, arg in calls:
+        try:
+            results.append(await session.call(method, arg))
+        except RPCError as exc:
+            results.append(exc)
+    return results
+
+
 def _call(image: Image, served: Served, *calls: tuple[str, Any]) -> list[Any]:
-    """The results of ``calls`` in one attested session, after boot; an RPCError as is."""
+    """The results of ``calls`` in one admin session, after boot; an RPCError as is."""
 
     async def run() -> list[Any]:
         async with await _session(image, served) as session:
-            results: list[Any] = [await _started(session)]
-            for method, arg in calls:
-                try:
-                    results.append(await session.call(method, arg))
-                except RPCError as exc:
-                    results.append(exc)
-            return results
+            return [await _started(session), *await _calls(session, calls)]
 
     return asyncio.run(run())
+
+
+def _service_call(stack: Stack, served: Served, *calls: tuple[str, Any]) -> list[Any]:
+    """The results of ``calls`` from the attested ``reporting`` service (XX)."""
+
+    async def run() -> list[Any]:
+        async with await _service_session(stack, served) as session:
+            return await _calls(session, calls)
+
+    return asyncio.run(run())
+
+
+def _trail(stack: Stack, served: Served, admin: Admin) -> list[AuditEntry]:
+    """The tenant's audit trail, read and verified as its admin does."""
+    _, trail = _call(stack.image, served, admin.audit())
+    head = AuditHead(trail["head"]["seq"], trail["head"]["hash"])
+    entries, _ = verify_audit_trail(trail["entries"], STORE_ID, admin.tenant, head=head)
+    return entries
 
 
 @pytest.fixture(scope="module")
@@ -230,19 +359,42 @@ def image(work: Path) -> Image:
     return _build(directory, ed25519.Ed25519PrivateKey.generate())
 
 
-def _new_stack(work: Path, image: Image, name: str, store_db: str | None = None) -> Stack:
+@pytest.fixture(scope="module")
+def policy(image: Image) -> Policy:
+    """The access policy logged in the image's dev log, and a ``reporting`` release."""
+    log = DevLog(image.directory / "dev-log")
+    trust = image.directory / "peers-trust.json"
+    log.write_trust(trust)
+    digest = AccessPolicy.from_json(ACCESS_POLICY).digest.hex()
+    statement = PolicyStatement(
+        PERSISTENCE_POLICY_V1, f"persistence/{STORE_ID}", digest, "1", utc_timestamp()
+    )
+    endorsement = log.publish_statement(statement)
+    caller = log.publish(
+        Measurements(
+            "hermetic", REPORTING[0], REPORTING[1], REPORTING[2], None, "reporting", "1.0.0"
+        )
+    )
+    return Policy(
+        ACCESS_POLICY, endorsement.to_json(), json.loads(trust.read_text()), caller.dumps()
+    )
+
+
+def _new_stack(
+    work: Path, image: Image, policy: Policy, name: str, store_db: str | None = None
+) -> Stack:
     directory = work / name
     directory.mkdir()
-    stack = Stack(directory, store_db or str(directory / "records.db"), image)
+    stack = Stack(directory, store_db or str(directory / "records.db"), image, policy)
     stack.start_kms()
     stack.start_store()
     return stack
 
 
 @pytest.fixture(scope="module")
-def stack(work: Path, image: Image) -> Iterator[Stack]:
+def stack(work: Path, image: Image, policy: Policy) -> Iterator[Stack]:
     """One KMS, one SQLite record store and one booted persistence enclave for the module."""
-    stack = _new_stack(work, image, "shared")
+    stack = _new_stack(work, image, policy, "shared")
     try:
         status = _call(image, stack.boot())[0]
         assert status["state"] == "ready", status
@@ -256,14 +408,14 @@ def _restart_keeps_keys(stack: Stack) -> None:
     there, and each boot called KMS once (GenerateDataKey, then Decrypt)."""
     image = stack.image
     material = secrets.token_bytes(32)
+    acme = Admin("acme")
     first = stack.boot()
-    status, created, put = _call(
-        image, first,
-        ("create_tenant", {"tenant": "acme"}),
-        ("put_key", {"tenant": "acme", "name": "insights/app-usage", "material": material}),
-    )  # fmt: skip
+    status, created, put, _ = _call(
+        image, first, acme.create(), acme.put("insights/app-usage", material), acme.enable()
+    )
     assert status == {
-        "state": "ready", "store_id": STORE_ID, "root_key": "generated", "kms_calls": 1
+        "state": "ready", "store_id": STORE_ID, "root_key": "generated", "kms_calls": 1,
+        "access_policy": AccessPolicy.from_json(ACCESS_POLICY).digest.hex(),
     }  # fmt: skip
     assert created == {"tenant": "acme"}
     assert put["version"] == 1
@@ -278,27 +430,30 @@ def _restart_keeps_keys(stack: Stack) -> None:
     stack.start_kms()
     stack.start_store()
     second = stack.boot()
+    assert _call(image, second)[0]["root_key"] == "decrypted"
     calls = [("get_key", {"tenant": "acme", "name": "insights/app-usage"})] * 20
-    status, *keys = _call(image, second, *calls, ("status", None))
-    assert status["root_key"] == "decrypted"
+    keys = _service_call(stack, second, *calls)
+    status = _call(image, second)[0]
     assert status["kms_calls"] == 1
-    assert all(key["material"] == material and key["version"] == 1 for key in keys[:-1])
+    assert all(key["material"] == material and key["version"] == 1 for key in keys)
     # One Decrypt at boot, nothing for twenty key fetches.
     assert [m.group(1) for m in map(re.compile(allowed).search, stack.kms_lines(allowed))] == [
         "Decrypt"
     ]
     assert stack.kms_lines(rf"kms:GenerateDataKey key={stack.key_id}") == []
     with stack.store_client() as client:
-        assert [r.id for r in client.scan(f"{STORE_ID}/")] == [
-            f"{STORE_ID}/root-key",
-            f"{STORE_ID}/tenants/acme/keyring",
-        ]
+        ids = [r.id for r in client.scan(f"{STORE_ID}/")]
+    tenant = f"{STORE_ID}/tenants/acme"
+    assert [i for i in ids if "/audit/" not in i] == [
+        f"{STORE_ID}/root-key", f"{tenant}/admin", f"{tenant}/audit-head", f"{tenant}/keyring"
+    ]  # fmt: skip
+    assert len([i for i in ids if "/audit/" in i]) == 3 + 20  # three changes, twenty gets
 
 
 def test_keys_survive_restarting_enclave_store_and_kms_with_one_kms_call_per_boot(
-    work: Path, image: Image
+    work: Path, image: Image, policy: Policy
 ) -> None:
-    stack = _new_stack(work, image, "restart-sqlite")
+    stack = _new_stack(work, image, policy, "restart-sqlite")
     try:
         _restart_keeps_keys(stack)
     finally:
@@ -306,10 +461,10 @@ def test_keys_survive_restarting_enclave_store_and_kms_with_one_kms_call_per_boo
 
 
 def test_keys_survive_restarting_enclave_store_and_kms_on_postgresql(
-    work: Path, image: Image, request: pytest.FixtureRequest
+    work: Path, image: Image, policy: Policy, request: pytest.FixtureRequest
 ) -> None:
     postgres = request.getfixturevalue("postgres")
-    stack = _new_stack(work, image, "restart-postgres", store_db=postgres.new_database())
+    stack = _new_stack(work, image, policy, "restart-postgres", store_db=postgres.new_database())
     try:
         _restart_keeps_keys(stack)
     finally:
@@ -328,11 +483,7 @@ def test_an_enclave_built_from_one_modified_line_is_denied_the_root_key(
     modified = _build(directory, genuine.operator, change="# one line changed\n")
     assert modified.pcr0 != genuine.pcr0
     served = stack.boot(modified)
-    status, *refused = _call(
-        modified, served,
-        ("get_key", {"tenant": "acme", "name": "insights/app-usage"}),
-        ("create_tenant", {"tenant": "mallory"}),
-    )  # fmt: skip
+    status, *refused = _call(modified, served, Admin("mallory").create())
     assert status["state"] == "failed"
     assert "RootKeyError: root key: KMS Decrypt of the blob kept in" in status["reason"]
     assert "AccessDeniedException" in status["reason"]
@@ -358,27 +509,34 @@ def test_rotate_writes_under_n_plus_1_and_retire_makes_records_unreadable(
     name = "insights/rotation"
     first_material = secrets.token_bytes(32)
     t = {"tenant": "rotating", "name": name}
-    results = _call(
-        stack.image, stack.served[0],
-        ("create_tenant", {"tenant": "rotating"}),
-        ("put_key", {**t, "material": first_material}),
+    admin = Admin("rotating")
+    served = stack.served[0]
+    _call(stack.image, served, admin.create(), admin.put(name, first_material), admin.enable())
+    first, old_first = _service_call(
+        stack, served,
         ("put_record", {**t, "id": "report/1", "data": b"sealed under one"}),
-        ("rotate", t),
+        ("get_record", {**t, "id": "report/1"}),
+    )  # fmt: skip
+    _, rotated = _call(stack.image, served, admin.rotate(name))
+    second, old, key1, current = _service_call(
+        stack, served,
         ("put_record", {**t, "id": "report/2", "data": b"sealed under two"}),
         ("get_record", {**t, "id": "report/1"}),
         ("get_key", {**t, "version": 1}),
         ("get_key", t),
-        ("retire", {**t, "version": 2}),
-        ("retire", {**t, "version": 1}),
+    )  # fmt: skip
+    _, retire_current, retired, described = _call(
+        stack.image, served, admin.retire(name, 2), admin.retire(name, 1),
+        ("describe", {"tenant": "rotating"}),
+    )  # fmt: skip
+    unreadable, gone, still = _service_call(
+        stack, served,
         ("get_record", {**t, "id": "report/1"}),
         ("get_key", {**t, "version": 1}),
         ("get_record", {**t, "id": "report/2"}),
-        ("describe", {"tenant": "rotating"}),
     )  # fmt: skip
-    _, _, put, first, rotated, second, old, key1, current = results[:9]
-    retire_current, retired, unreadable, gone, still, described = results[9:]
-    assert put["version"] == 1
     assert first["key_version"] == 1
+    assert old_first == b"sealed under one"
     assert rotated["version"] == 2
     assert second["key_version"] == 2
     assert old == b"sealed under one"
@@ -395,50 +553,214 @@ def test_rotate_writes_under_n_plus_1_and_retire_makes_records_unreadable(
         assert first_material.hex() not in error.remote_message
     assert still == b"sealed under two"
     assert described["keys"][name] == {"current": 2, "live": [2], "retired": [1]}
+    assert described["features"] == ["insights"]
 
 
 def test_rejects_bad_arguments_and_unknown_tenants_with_typed_errors(stack: Stack) -> None:
+    small = Admin("small")
+    signature = bytes(64)
     cases: list[tuple[str, Any, str]] = [
-        ("get_key", {"tenant": "nobody", "name": "a"}, "TenantNotFoundError: tenant 'nobody'"),
-        ("create_tenant", "acme", "arguments: expected a map with tenant, got str"),
-        ("put_key", {"tenant": "x", "name": "a"}, "got missing ['material']"),
-        ("get_key", {"tenant": "x", "name": "a", "extra": 1}, "unknown ['extra']"),
-        ("put_key", {"tenant": "x", "name": "a", "material": "text"}, "material: expected bytes"),
-        ("get_key", {"tenant": "x", "name": "a", "version": "1"}, "version: expected an integer"),
-        ("create_tenant", {"tenant": "Upper"}, "PersistenceUsageError: tenant"),
+        ("create_tenant", "acme", "arguments: expected a map with tenant, admin_key"),
+        ("put_key", {"tenant": "x", "name": "a"}, "got missing ['material', 'counter'"),
+        ("describe", {"tenant": "x", "extra": 1}, "unknown ['extra']"),
+        (
+            "put_key",
+            {"tenant": "x", "name": "a", "material": "text", "counter": 1, "signature": signature},
+            "material: expected bytes",
+        ),
+        (
+            "retire",
+            {"tenant": "x", "name": "a", "version": "1", "counter": 1, "signature": signature},
+            "version: expected an integer",
+        ),
+        (
+            "create_tenant",
+            {
+                "tenant": "Upper",
+                "admin_key": admin_public_key(small.key),
+                "counter": 1,
+                "signature": signature,
+            },
+            "PersistenceUsageError: tenant",
+        ),
+        ("describe", {"tenant": "nobody"}, "TenantNotFoundError: tenant 'nobody'"),
     ]
     calls = [(method, arg) for method, arg, _ in cases]
-    _, *results = _call(
-        stack.image,
-        stack.served[0],
-        ("create_tenant", {"tenant": "small"}),
-        ("put_key", {"tenant": "small", "name": "a", "material": b"short"}),
-        *calls,
+    _, _, short, *rest = _call(
+        stack.image, stack.served[0], small.create(), small.put("a", b"short"), *calls
     )
-    _, short, *rest = results
     assert isinstance(short, RPCError)
-    assert "PersistenceUsageError: key material: expected 32 bytes, got 5" in short.remote_message
+    assert "PersistenceUsageError: material: expected 32 bytes" in short.remote_message
     for (_, _, expected), error in zip(cases, rest, strict=True):
         assert isinstance(error, RPCError), error
         assert error.code == "rejected"
         assert expected in error.remote_message
 
 
-def test_no_plaintext_key_bytes_reach_the_record_store_database(stack: Stack) -> None:
+def _build_keyreader(stack: Stack, service: str = "keyreader") -> Image:
+    """The example service built into the genuine image's directory (same dev log); under
+    another service name it is a release the access policy does not admit."""
+    import shutil
+
+    source = stack.image.directory / "sources" / service
+    shutil.copytree(KEYREADER, source)
+    manifest = source / "hermetic.toml"
+    manifest.write_text(manifest.read_text().replace('name = "keyreader"', f'name = "{service}"'))
+    return build_operator_image(
+        source, stack.image.directory, stack.image.operator, "keyreader_service.py"
+    )
+
+
+def _run_keyreader(stack: Stack, reader: Image, tenant: str, name: str) -> dict[str, Any]:
+    """Boot the keyreader with nobody connected to it; once it has settled, its status."""
+    persistence = stack.served[0].url.removeprefix("tcp://")
+    config = {"keyreader": {"persistence": persistence, "tenant": tenant, "name": name,
+                            "trust": stack.policy.trust}}  # fmt: skip
+    done = hermetic(
+        "run", str(reader.path), "--config", str(reader.bundle(config)),
+        "--endorsement", str(reader.endorsement),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    enclave = json.loads(done.stdout)
+    proxy, _ = start_cli(
+        stack.background, "proxy", "--enclave", enclave["EnclaveID"],
+        "--listen", "127.0.0.1:0", "--egress-allow", persistence,
+    )  # fmt: skip
+    try:
+        # The fetch happens at boot; we only look afterwards, over vsock, to read the result.
+        async def settled() -> dict[str, Any]:
+            trust = stack.image.directory / "trust.json"
+            DevLog(stack.image.directory / "dev-log").write_trust(trust)
+            url = f"vsock://{enclave['EnclaveCID']}:5000"
+            async with await connect(url, trust=ClientTrust.load(trust), timeout=60) as session:
+                return await _started(session)
+
+        return asyncio.run(settled())
+    finally:
+        stop_process(proxy)
+        emulated.terminate(enclave["EnclaveID"])
+
+
+def test_the_example_service_fetches_a_tenant_key_with_no_client_and_refusals_are_audited(
+    stack: Stack,
+) -> None:
+    """Acceptance 1: the admin stores a key; keyreader fetches it at boot with no client;
+    a release the policy does not admit, and an admitted release asking for a tenant that
+    did not enable the feature, are refused with AccessDeniedError; the tenants' audit
+    trails hold all three."""
+    served = stack.served[0]
+    material = secrets.token_bytes(32)
+    acme, globex = Admin("acme-1"), Admin("globex-1")
+    _call(
+        stack.image, served,
+        acme.create(), acme.put("insights/app-usage", material), acme.enable(),
+        globex.create(), globex.put("insights/app-usage", secrets.token_bytes(32)),
+    )  # fmt: skip
+    reader = _build_keyreader(stack)
+    intruder = _build_keyreader(stack, "intruder")
+
+    fetched = _run_keyreader(stack, reader, "acme-1", "insights/app-usage")
+    assert fetched["state"] == "ready", fetched
+    assert fetched["version"] == 1
+    mac = hmac.digest(material, b"keyreader report", hashlib.sha256)
+    assert fetched["report_mac"] == mac.hex()
+
+    refused = _run_keyreader(stack, intruder, "acme-1", "insights/app-usage")
+    assert refused["state"] == "failed"
+    assert (
+        "AccessDeniedError: get_key of 'insights/app-usage' from tenant 'acme-1' by"
+        in (refused["reason"])
+    )
+    assert "service intruder 0.1.0" in refused["reason"]
+    other = _run_keyreader(stack, reader, "globex-1", "insights/app-usage")
+    assert other["state"] == "failed"
+    assert "AccessDeniedError" in other["reason"]
+    assert "tenant 'globex-1' enabled (none)" in other["reason"]
+
+    acme_trail = _trail(stack, served, acme)
+    events = [(e.event, e.operation, e.actor.split(" pcr0 ")[0]) for e in acme_trail]
+    assert events[:3] == [
+        ("change", "create_tenant", "admin counter 1"),
+        ("change", "put_key", "admin counter 2"),
+        ("change", "enable", "admin counter 3"),
+    ]
+    assert events[3:] == [
+        ("get", "get_key", "service keyreader 0.1.0"),
+        ("refused", "get_key", "service intruder 0.1.0"),
+        ("read", "audit", "admin counter 4"),
+    ]
+    assert acme_trail[3].actor.endswith(reader.pcr0[:16])
+    globex_events = [(e.event, e.actor.split(" pcr0 ")[0]) for e in _trail(stack, served, globex)]
+    assert ("refused", "service keyreader 0.1.0") in globex_events
+
+
+def test_rejects_forged_and_replayed_admin_signatures_over_the_channel(stack: Stack) -> None:
+    served = stack.served[0]
+    owner = Admin("signed")
+    mallory = Admin("signed")  # same tenant, another key
+    _call(stack.image, served, owner.create())
+    mallory.counter = owner.counter
+    replayed = owner.put("insights/a", secrets.token_bytes(32))
+    results = _call(
+        stack.image, served,
+        mallory.put("insights/a", secrets.token_bytes(32)),  # forged
+        replayed,
+        replayed,  # the same signed request again
+    )  # fmt: skip
+    _, forged, accepted, again = results
+    assert isinstance(forged, RPCError)
+    assert forged.remote_message.startswith("AdminSignatureError: admin signature on put_key")
+    assert accepted["version"] == 1
+    assert isinstance(again, RPCError)
+    assert again.remote_message.startswith("AdminReplayError: ")
+    refusals = [
+        e.detail.split(":")[0] for e in _trail(stack, served, owner) if e.event == "refused"
+    ]
+    assert refusals == ["AdminSignatureError", "AdminReplayError"]
+
+
+def test_an_nx_client_is_refused_every_key_even_with_the_admin_key(stack: Stack) -> None:
+    served = stack.served[0]
+    admin = Admin("nx-only")
+    _call(stack.image, served, admin.create(), admin.put("insights/a", secrets.token_bytes(32)),
+          admin.enable())  # fmt: skip
+    _, refused = _call(
+        stack.image, served, ("get_key", {"tenant": "nx-only", "name": "insights/a"})
+    )
+    assert isinstance(refused, RPCError)
+    assert refused.remote_message.startswith("AccessDeniedError: ")
+    assert "only over an attested XX session" in refused.remote_message
+    assert _trail(stack, served, admin)[-2].event == "refused"
+
+
+def test_no_plaintext_key_bytes_in_the_store_the_proxy_logs_metrics_or_the_audit_trail(
+    stack: Stack,
+) -> None:
+    """Acceptance 6: every key's bytes, raw, hex and base64, whole and halved, are searched
+    in the record store's database files, the persistence proxy's logs, its /metrics and
+    the tenant's audit trail."""
+    import urllib.request
+
+    served = stack.boot()
     material = secrets.token_bytes(32)
     data = b"record plaintext " + secrets.token_hex(16).encode()
-    t = {"tenant": "secretive", "name": "cards/pan"}
-    results = _call(
-        stack.image, stack.served[0],
-        ("create_tenant", {"tenant": "secretive"}),
-        ("put_key", {**t, "material": material}),
-        ("rotate", t),
-        ("get_key", t),
-        ("put_record", {**t, "id": "r", "data": data}),
-    )  # fmt: skip
-    rotated_material = results[4]["material"]
+    admin = Admin("secretive")
+    t = {"tenant": "secretive", "name": "insights/pan"}
+    _call(stack.image, served, admin.create(), admin.put(t["name"], material),
+          admin.rotate(t["name"]), admin.enable())  # fmt: skip
+    current, _ = _service_call(
+        stack, served, ("get_key", t), ("put_record", {**t, "id": "r", "data": data})
+    )
+    rotated_material = current["material"]
     assert isinstance(rotated_material, bytes)
     assert len(rotated_material) == 32
+    trail = _call(stack.image, served, admin.audit())[1]["entries"]
+    with urllib.request.urlopen(served.metrics, timeout=30) as response:
+        metrics = response.read()
+    stop_process(served.proxy)
+    assert served.proxy.stdout is not None
+    assert served.proxy.stderr is not None
+    logs = served.proxy.stdout.read().encode() + served.proxy.stderr.read().encode()
     secrets_: list[bytes] = []
     for value in (material, rotated_material, data):
         secrets_ += [value, value.hex().encode(), value.hex().upper().encode()]
@@ -446,33 +768,38 @@ def test_no_plaintext_key_bytes_reach_the_record_store_database(stack: Stack) ->
         secrets_ += [value[:16], value[16:]]
     files = [p for p in Path(stack.store_db).parent.iterdir() if p.name.startswith("records.db")]
     assert files  # the database and its WAL
-    for path in files:
-        stored = path.read_bytes()
+    places = {p.name: p.read_bytes() for p in files}
+    places |= {"proxy logs": logs, "metrics": metrics, "audit trail": b"".join(trail)}
+    assert b"hermetic" in metrics  # the exporter answered with the proxy's metrics
+    for place, stored in places.items():
         for secret in secrets_:
-            assert secret not in stored, (path.name, secrets_.index(secret))
+            assert secret not in stored, (place, secrets_.index(secret))
     # The records are there, sealed.
     with stack.store_client() as client:
         ids = [r.id for r in client.scan(f"{STORE_ID}/tenants/secretive/")]
-    assert ids == [
+    assert [i for i in ids if "/audit" not in i] == [
+        f"{STORE_ID}/tenants/secretive/admin",
         f"{STORE_ID}/tenants/secretive/keyring",
         f"{STORE_ID}/tenants/secretive/records/r",
     ]
+    stack.stop_enclave(served)
 
 
 def test_rejects_a_keyring_the_host_swapped_in_from_another_tenant(stack: Stack) -> None:
     material = secrets.token_bytes(32)
     served = stack.served[0]
+    victim, attacker = Admin("victim"), Admin("attacker")
     _call(
-        stack.image, served,
-        ("create_tenant", {"tenant": "victim"}),
-        ("create_tenant", {"tenant": "attacker"}),
-        ("put_key", {"tenant": "attacker", "name": "a", "material": material}),
+        stack.image, served, victim.create(), victim.enable(), attacker.create(),
+        attacker.put("insights/a", material),
     )  # fmt: skip
     with stack.store_client() as client:
         theirs = client.get(f"{STORE_ID}/tenants/attacker/keyring")
-        victim = f"{STORE_ID}/tenants/victim/keyring"
-        client.put(victim, theirs.data, client.get(victim).version)
-    _, swapped = _call(stack.image, served, ("get_key", {"tenant": "victim", "name": "a"}))
+        record = f"{STORE_ID}/tenants/victim/keyring"
+        client.put(record, theirs.data, client.get(record).version)
+    (swapped,) = _service_call(
+        stack, served, ("get_key", {"tenant": "victim", "name": "insights/a"})
+    )
     assert isinstance(swapped, RPCError)
     assert swapped.remote_message.startswith("RecordAuthenticationError: ")
     assert material.hex() not in swapped.remote_message
@@ -487,9 +814,7 @@ def test_refuses_to_serve_when_the_host_edited_the_kept_root_key_blob(stack: Sta
         version = client.put(record_id, bytes(edited), kept.version)
     try:
         served = stack.boot()
-        status, refused = _call(
-            stack.image, served, ("get_key", {"tenant": "acme", "name": "insights/app-usage"})
-        )
+        status, refused = _call(stack.image, served, ("describe", {"tenant": "acme"}))
     finally:
         with stack.store_client() as client:
             client.put(record_id, kept.data, version)
@@ -501,13 +826,31 @@ def test_refuses_to_serve_when_the_host_edited_the_kept_root_key_blob(stack: Sta
     stack.stop_enclave(served)
 
 
+def test_refuses_to_start_on_an_access_policy_that_is_not_the_logged_one(stack: Stack) -> None:
+    """The operator changes the policy document without logging it: the service refuses
+    to serve, saying which digest the log names."""
+    changed = {**ACCESS_POLICY, "rules": [{**ACCESS_POLICY["rules"][0], "services": ["any"]}]}
+    genuine = stack.policy
+    stack.policy = Policy(changed, genuine.endorsement, genuine.trust, genuine.caller)
+    try:
+        served = stack.boot()
+    finally:
+        stack.policy = genuine
+    status, refused = _call(stack.image, served, ("describe", {"tenant": "acme"}))
+    assert status["state"] == "failed"
+    assert (
+        "AccessPolicyError: access policy endorsement: names 'persistence/store-eu1'"
+        in (status["reason"])
+    )
+    assert AccessPolicy.from_json(changed).digest.hex() in status["reason"]
+    assert isinstance(refused, RPCError)
+    stack.stop_enclave(served)
+
+
 def test_up_runs_the_service_with_the_root_key_the_run_enclave_keeps(stack: Stack) -> None:
     material = secrets.token_bytes(32)
-    _call(
-        stack.image, stack.served[0],
-        ("create_tenant", {"tenant": "via-up"}),
-        ("put_key", {"tenant": "via-up", "name": "k", "material": material}),
-    )  # fmt: skip
+    admin = Admin("via-up")
+    _call(stack.image, stack.served[0], admin.create(), admin.put("k", material))
     assert stack.store is not None
     trust = stack.directory / "up-trust.json"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "enclave", "AWS_SECRET_ACCESS_KEY": "x"}
@@ -525,12 +868,13 @@ def test_up_runs_the_service_with_the_root_key_the_run_enclave_keeps(stack: Stac
         url = f"tcp://{addresses['tcp']}"
         async with await connect(url, trust=ClientTrust.load(trust), policy=policy) as session:
             status = await _started(session)
-            return status, await session.call("get_key", {"tenant": "via-up", "name": "k"})
+            return status, await session.call("describe", {"tenant": "via-up"})
 
-    status, key = asyncio.run(scenario())
+    status, described = asyncio.run(scenario())
     assert status["state"] == "ready"
     assert status["root_key"] == "decrypted"
-    assert key["material"] == material
+    # The up enclave opened the keyring the run enclave wrote (the same root key).
+    assert described["keys"] == {"k": {"current": 1, "live": [1], "retired": []}}
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=60)
     assert process.returncode == 0

@@ -1,23 +1,30 @@
 """The persistence service enclave: the root key from KMS at boot, tenant keys over RPC.
 
 Once the enclave is ready (the parent may then start the proxy, and with it the egress),
-the on_ready hook obtains the root key (:mod:`hermetic.persistence.service`): it waits for
-the record store to answer through the egress, reads the kept KMS ``CiphertextBlob``, and
-asks KMS with ``Recipient`` (``GenerateDataKey`` on first boot, ``Decrypt`` later). KMS
-releases the key only to an image whose PCRs the key policy pins. Until the hook is done,
-calls wait for it (at most ``START_TIMEOUT``); if it failed, every call but ``status`` is
-refused with the reason. KMS is never called again in this boot.
+the on_ready hook checks the access policy (the document in the config must be the one a
+trusted publisher logged as a ``hermetic.persistence-policy/v1`` statement) and obtains the
+root key (:mod:`hermetic.persistence.service`): it waits for the record store to answer
+through the egress, reads the kept KMS ``CiphertextBlob``, and asks KMS with ``Recipient``
+(``GenerateDataKey`` on first boot, ``Decrypt`` later). KMS releases the key only to an
+image whose PCRs the key policy pins. Until the hook is done, calls wait for it (at most
+``START_TIMEOUT``); if it failed, every call but ``status`` is refused with the reason.
 
-The signed runtime config names KMS and the store::
+Two ports. **5000** (Noise NX, anonymous clients): tenant admins, whose every change and
+audit read carries their Ed25519 signature (:mod:`hermetic.persistence.admin`). **5001**
+(Noise XX): enclave services, which attest themselves with their own evidence bundle,
+verified against the trust file in the config; only there can ``get_key`` be admitted, by
+the access policy (:mod:`hermetic.persistence.policy`) and the tenant's enabled features.
+Every fetch, refusal and change goes to the tenant's audit trail.
+
+The signed runtime config (its digest is in every attestation document, so a client sees
+which policy and which peer trust are in force)::
 
     {"kms": {"endpoint": "host:port", "region": "us-east-1", "scheme": "http"},
-     "persistence": {"store": "host:port", "store_id": "store-eu1", "key_id": "<KMS key>"}}
+     "persistence": {"store": "host:port", "store_id": "store-eu1", "key_id": "<KMS key>",
+                     "access_policy": {...}, "access_policy_endorsement": {...},
+                     "peers": {<trust file: nitro_root, log, publishers>}}}
 
 The record store is plain HTTP through the egress: the parent sees only sealed records.
-
-Not yet (issue 10 items 6 and 7): **no access policy and no admin signature is checked.**
-Any client that completes the attested handshake may call every method for every tenant;
-the checks go where each method says ``access policy``.
 """
 
 from __future__ import annotations
@@ -26,11 +33,32 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hermetic.channel.session import VerifyEvidence
+from hermetic.client import ClientTrust, ServicePolicy, VerifiedPeer, verify_evidence
 from hermetic.enclave import App
+from hermetic.enclave.app import EnclaveContext
 from hermetic.enclave.kmsaccess import EgressForwarder, bring_up_loopback
-from hermetic.errors import HermeticError, PersistenceConfigError, RecordServiceError, ServiceError
-from hermetic.persistence.service import PersistenceService, PersistenceSettings
+from hermetic.errors import (
+    AccessPolicyError,
+    HermeticError,
+    PersistenceConfigError,
+    RecordServiceError,
+    ServiceError,
+)
+from hermetic.persistence.policy import AccessPolicy
+from hermetic.persistence.service import (
+    Caller,
+    GuardedPersistence,
+    PersistenceService,
+    PersistenceSettings,
+)
 from hermetic.store.client import RecordStoreClient
+from hermetic.translog.release import (
+    PERSISTENCE_POLICY_V1,
+    Endorsement,
+    PolicyStatement,
+    verify_endorsement,
+)
 from hermetic.transport.tcp import HostPort, parse_hostport
 
 START_TIMEOUT = 60.0
@@ -38,13 +66,92 @@ START_TIMEOUT = 60.0
 EGRESS_WAIT = 600.0
 """How long boot waits for the record store to answer (the proxy may start later)."""
 
+SERVICE_PORT = 5001
+"""The Noise XX port: enclave services that attest themselves (``get_key``)."""
+
 app = App()
 T = TypeVar("T")
 
 
-def _store_endpoint(values: dict[str, Any]) -> HostPort:
+def _section(values: dict[str, Any]) -> dict[str, Any]:
     section = values.get("persistence")
-    endpoint = section.get("store") if isinstance(section, dict) else None
+    if not isinstance(section, dict):
+        raise PersistenceConfigError(
+            f"config persistence: expected an object, got {type(section).__name__}"
+        )
+    return section
+
+
+def _peer_trust(values: dict[str, Any]) -> ClientTrust:
+    """The trust file services are verified against (config ``persistence.peers``)."""
+    try:
+        return ClientTrust.from_json(_section(values).get("peers"))
+    except HermeticError as exc:
+        raise PersistenceConfigError(
+            f"config persistence.peers: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def access_policy(values: dict[str, Any], store_id: str) -> AccessPolicy:
+    """The policy in the config, if a trusted publisher logged exactly it for this store.
+
+    The endorsement must verify against the peers' trust file (publisher signature, log
+    inclusion, witnessed checkpoint), be a ``hermetic.persistence-policy/v1`` statement for
+    subject ``persistence/<store id>`` and name the document's digest.
+    """
+    section = _section(values)
+    policy = AccessPolicy.from_json(section.get("access_policy"))
+    if policy.store_id != store_id:
+        raise AccessPolicyError(
+            f"access policy.store_id: expected {store_id!r} (config persistence.store_id),"
+            f" got {policy.store_id!r}"
+        )
+    trust = _peer_trust(values)
+    try:
+        endorsement = Endorsement.from_json(section.get("access_policy_endorsement"))
+        verified = verify_endorsement(endorsement, trust.translog)
+    except HermeticError as exc:
+        raise AccessPolicyError(f"access policy endorsement: {type(exc).__name__}: {exc}") from None
+    statement = verified.statement
+    subject = f"persistence/{store_id}"
+    if not isinstance(statement, PolicyStatement) or statement.type != PERSISTENCE_POLICY_V1:
+        raise AccessPolicyError(
+            f"access policy endorsement: expected a {PERSISTENCE_POLICY_V1} statement, got"
+            f" {statement.type}"
+        )
+    if statement.subject != subject or statement.digest != policy.digest.hex():
+        raise AccessPolicyError(
+            f"access policy endorsement: names {statement.subject!r} digest"
+            f" {statement.digest}, expected {subject!r} digest {policy.digest.hex()}"
+        )
+    return policy
+
+
+@app.xx_port(SERVICE_PORT)
+def verify_services(context: EnclaveContext) -> VerifyEvidence:
+    """Callers on the service port prove a logged release (no debug peers)."""
+    if context.config is None:
+        raise PersistenceConfigError("config: expected a signed runtime config, got none")
+    trust = _peer_trust(context.config.values)
+    policy = ServicePolicy()
+
+    def verify(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> VerifiedPeer:
+        return verify_evidence(bundle, handshake_hash, remote_static, trust, policy)
+
+    return verify
+
+
+def _caller() -> Caller:
+    """Who is calling, as the channel proved it (NX port: nobody in particular)."""
+    peer = app.peer
+    if not isinstance(peer, VerifiedPeer) or peer.debug:
+        return Caller(False)
+    pcr0 = peer.pcrs.get(0)
+    return Caller(True, peer.service, peer.version, pcr0.hex() if pcr0 else None)
+
+
+def _store_endpoint(values: dict[str, Any]) -> HostPort:
+    endpoint = _section(values).get("store")
     if not isinstance(endpoint, str):
         raise PersistenceConfigError(
             f"config persistence.store: expected 'host:port', got {endpoint!r}"
@@ -72,12 +179,13 @@ async def _wait_for_store(store: RecordStoreClient) -> None:
 
 
 @app.on_ready
-async def obtain_root_key() -> PersistenceService:
-    """Boot: the root key from KMS (see the module docstring)."""
+async def obtain_root_key() -> GuardedPersistence:
+    """Boot: the logged access policy, then the root key from KMS (module docstring)."""
     context = app.context
     if context.config is None:
         raise PersistenceConfigError("config: expected a signed runtime config, got none")
     settings = PersistenceSettings.from_config(context.config.values)
+    policy = access_policy(context.config.values, settings.store_id)
     endpoint = _store_endpoint(context.config.values)
     kms = context.kms
     if kms is None:
@@ -87,12 +195,13 @@ async def obtain_root_key() -> PersistenceService:
     port = await asyncio.to_thread(forwarder.start)
     store = RecordStoreClient(f"http://127.0.0.1:{port}")
     await _wait_for_store(store)
-    return await asyncio.to_thread(PersistenceService.boot, kms, store, settings)
+    service = await asyncio.to_thread(PersistenceService.boot, kms, store, settings)
+    return GuardedPersistence(service, policy)
 
 
-async def _service() -> PersistenceService:
+async def _service() -> GuardedPersistence:
     service = await app.started(START_TIMEOUT)
-    if not isinstance(service, PersistenceService):
+    if not isinstance(service, GuardedPersistence):
         raise ServiceError("service: started without a root key", "Unavailable")
     return service
 
@@ -145,36 +254,126 @@ def _version(value: object, field: str) -> int:
 
 @app.method("status")
 async def status(_: object = None) -> dict[str, Any]:
-    """``starting``, ``failed`` (with the reason) or the booted service's status."""
+    """``starting``, ``failed`` (with the reason) or the booted service's status, with the
+    digest of the access policy in force."""
     state = app.start_state
     if state == "starting":
         return {"state": "starting"}
     try:
-        return (await _service()).status()
+        guarded = await _service()
     except ServiceError as exc:
         return {"state": "failed", "reason": str(exc)}
+    return {**guarded.service.status(), "access_policy": guarded.policy.digest.hex()}
 
 
-# Access policy (issue 10 items 6 and 7, not built yet): each method below will check the
-# caller's attested release against the tenant's policy, and put_key the admin's signature.
+# Admin methods (port 5000 or 5001 alike): each carries the admin's counter and signature
+# over the request (hermetic.persistence.admin); the guarded layer checks and audits them.
 
 
 @app.method("create_tenant")
 async def create_tenant(arg: object) -> dict[str, str]:
-    (tenant,) = _fields(arg, ("tenant",))
+    tenant, admin_key, counter, signature = _fields(
+        arg, ("tenant", "admin_key", "counter", "signature")
+    )
     service = await _service()
-    await _run(service.create_tenant, _text(tenant, "tenant"))
+    await _run(
+        service.create_tenant, _text(tenant, "tenant"), _bytes(admin_key, "admin_key"),
+        counter, signature,
+    )  # fmt: skip
     return {"tenant": tenant}
 
 
 @app.method("put_key")
 async def put_key(arg: object) -> dict[str, Any]:
-    tenant, name, material = _fields(arg, ("tenant", "name", "material"))
+    tenant, name, material, counter, signature = _fields(
+        arg, ("tenant", "name", "material", "counter", "signature")
+    )
     service = await _service()
     version = await _run(
-        service.put_key, _text(tenant, "tenant"), _text(name, "name"), _bytes(material, "material")
+        service.put_key, _text(tenant, "tenant"), _text(name, "name"),
+        _bytes(material, "material"), counter, signature,
+    )  # fmt: skip
+    return {"tenant": tenant, "name": name, "version": version}
+
+
+@app.method("rotate")
+async def rotate(arg: object) -> dict[str, Any]:
+    tenant, name, counter, signature = _fields(arg, ("tenant", "name", "counter", "signature"))
+    service = await _service()
+    version = await _run(
+        service.rotate, _text(tenant, "tenant"), _text(name, "name"), counter, signature
     )
     return {"tenant": tenant, "name": name, "version": version}
+
+
+@app.method("retire")
+async def retire(arg: object) -> dict[str, Any]:
+    tenant, name, version, counter, signature = _fields(
+        arg, ("tenant", "name", "version", "counter", "signature")
+    )
+    service = await _service()
+    number = _version(version, "version")
+    await _run(
+        service.retire, _text(tenant, "tenant"), _text(name, "name"), number, counter, signature
+    )
+    return {"tenant": tenant, "name": name, "retired": number}
+
+
+@app.method("delete")
+async def delete(arg: object) -> dict[str, Any]:
+    tenant, name, counter, signature = _fields(arg, ("tenant", "name", "counter", "signature"))
+    service = await _service()
+    await _run(service.delete, _text(tenant, "tenant"), _text(name, "name"), counter, signature)
+    return {"tenant": tenant, "name": name, "deleted": True}
+
+
+async def _feature(arg: object, enabled: bool) -> dict[str, Any]:
+    tenant, feature, counter, signature = _fields(
+        arg, ("tenant", "feature", "counter", "signature")
+    )
+    service = await _service()
+    features = await _run(
+        service.set_feature, _text(tenant, "tenant"), _text(feature, "feature"), enabled,
+        counter, signature,
+    )  # fmt: skip
+    return {"tenant": tenant, "features": sorted(features)}
+
+
+@app.method("enable")
+async def enable(arg: object) -> dict[str, Any]:
+    """Admit the access policy's rules of this feature for the tenant's keys."""
+    return await _feature(arg, True)
+
+
+@app.method("disable")
+async def disable(arg: object) -> dict[str, Any]:
+    return await _feature(arg, False)
+
+
+@app.method("audit")
+async def audit(arg: object) -> dict[str, Any]:
+    """The tenant's audit trail: entry bytes and the head; verify with
+    :func:`hermetic.persistence.audit.verify_audit_trail`."""
+    tenant, counter, signature = _fields(arg, ("tenant", "counter", "signature"))
+    service = await _service()
+    trail = await _run(service.audit, _text(tenant, "tenant"), counter, signature)
+    return {
+        "tenant": tenant,
+        "entries": list(trail.entries),
+        "head": {"seq": trail.head.seq, "hash": trail.head.hash},
+    }
+
+
+@app.method("describe")
+async def describe(arg: object) -> dict[str, Any]:
+    """Names and versions of the tenant's keys (no material), its admin's last counter and
+    enabled features: what an admin client needs to sign its next request."""
+    (tenant,) = _fields(arg, ("tenant",))
+    service = await _service()
+    return await _run(service.describe, _text(tenant, "tenant"))
+
+
+# Service methods: admitted only on the XX port, by the access policy (audited either way).
 
 
 @app.method("get_key")
@@ -182,32 +381,10 @@ async def get_key(arg: object) -> dict[str, Any]:
     tenant, name, version = _fields(arg, ("tenant", "name"), ("version",))
     service = await _service()
     number = None if version is None else _version(version, "version")
-    key = await _run(service.get_key, _text(tenant, "tenant"), _text(name, "name"), number)
+    key = await _run(
+        service.get_key, _caller(), _text(tenant, "tenant"), _text(name, "name"), number
+    )
     return {"tenant": tenant, "name": name, "version": key.version, "material": key.material}
-
-
-@app.method("rotate")
-async def rotate(arg: object) -> dict[str, Any]:
-    tenant, name = _fields(arg, ("tenant", "name"))
-    service = await _service()
-    version = await _run(service.rotate, _text(tenant, "tenant"), _text(name, "name"))
-    return {"tenant": tenant, "name": name, "version": version}
-
-
-@app.method("retire")
-async def retire(arg: object) -> dict[str, Any]:
-    tenant, name, version = _fields(arg, ("tenant", "name", "version"))
-    service = await _service()
-    number = _version(version, "version")
-    await _run(service.retire, _text(tenant, "tenant"), _text(name, "name"), number)
-    return {"tenant": tenant, "name": name, "retired": number}
-
-
-@app.method("describe")
-async def describe(arg: object) -> dict[str, Any]:
-    (tenant,) = _fields(arg, ("tenant",))
-    service = await _service()
-    return await _run(service.describe, _text(tenant, "tenant"))
 
 
 @app.method("put_record")
@@ -215,12 +392,9 @@ async def put_record(arg: object) -> dict[str, Any]:
     tenant, name, record_id, data = _fields(arg, ("tenant", "name", "id", "data"))
     service = await _service()
     version = await _run(
-        service.put_record,
-        _text(tenant, "tenant"),
-        _text(name, "name"),
-        _text(record_id, "id"),
-        _bytes(data, "data"),
-    )
+        service.put_record, _caller(), _text(tenant, "tenant"), _text(name, "name"),
+        _text(record_id, "id"), _bytes(data, "data"),
+    )  # fmt: skip
     return {"id": record_id, "key_version": version}
 
 
@@ -229,5 +403,6 @@ async def get_record(arg: object) -> bytes:
     tenant, name, record_id = _fields(arg, ("tenant", "name", "id"))
     service = await _service()
     return await _run(
-        service.get_record, _text(tenant, "tenant"), _text(name, "name"), _text(record_id, "id")
-    )
+        service.get_record, _caller(), _text(tenant, "tenant"), _text(name, "name"),
+        _text(record_id, "id"),
+    )  # fmt: skip

@@ -9,7 +9,10 @@ touches no socket, no KMS and no database, so it can be tested with bytes alone:
 * :mod:`hermetic.persistence.sealing`: the sealed record format (AES-256-GCM, associated
   data binding store id, tenant, key name, key version, record id and counter);
 * :mod:`hermetic.persistence.keyring`: a tenant's keyring (create, rotate, retire), itself
-  kept as a sealed record.
+  kept as a sealed record;
+* :mod:`hermetic.persistence.admin`, :mod:`~hermetic.persistence.policy` and
+  :mod:`~hermetic.persistence.audit`: the tenant admin's signed requests, the access policy
+  document and the hash-chained audit trail (formats and checks, no I/O).
 
 :mod:`hermetic.persistence.service` builds the service's operations on it (the root key
 from KMS at boot, tenant keyrings kept in the record store with compare-and-set) behind two

@@ -646,45 +646,80 @@ class GuardedPersistence:
 
     # --- key fetches -----------------------------------------------------------------------
 
-    def get_key(
-        self, caller: Caller, tenant: str, name: str, version: int | None = None
-    ) -> DataKey:
-        """The key, if ``caller`` is admitted (module docstring); audited either way."""
+    def _admit(self, caller: Caller, operation: str, tenant: str, name: str) -> str:
+        """The feature whose rule admits ``caller`` for ``name`` of ``tenant``, else
+        :class:`AccessDeniedError` (audited in the tenant's trail)."""
         actor = caller.describe()
         try:
             admin, _ = self._load_admin(tenant)
         except TenantNotFoundError:
             raise AccessDeniedError(
-                f"get_key of {name!r} from tenant {tenant!r} by {actor}: no such tenant"
+                f"{operation} of {name!r} from tenant {tenant!r} by {actor}: no such tenant"
             ) from None
         rule = None
         if caller.xx and caller.service is not None and caller.version is not None:
             rule = self.policy.admitting_rule(caller.service, caller.version, name, admin.features)
-        if rule is None:
-            if not caller.xx:
-                why = "keys are released only over an attested XX session"
-            else:
-                enabled = ", ".join(sorted(admin.features)) or "none"
-                why = (
-                    f"the access policy admits this release for no key class of {name!r} among"
-                    f" the features tenant {tenant!r} enabled ({enabled})"
-                )
-            denied = AccessDeniedError(
-                f"get_key of {name!r} from tenant {tenant!r} by {actor}: {why}"
+        if rule is not None:
+            return rule.feature
+        if not caller.xx:
+            why = "keys are released only over an attested XX session"
+        else:
+            enabled = ", ".join(sorted(admin.features)) or "none"
+            why = (
+                f"the access policy admits this release for no key class of {name!r} among"
+                f" the features tenant {tenant!r} enabled ({enabled})"
             )
-            self._audit_refusal(tenant, "get_key", actor, name, denied)
-            raise denied
+        denied = AccessDeniedError(
+            f"{operation} of {name!r} from tenant {tenant!r} by {actor}: {why}"
+        )
+        self._audit_refusal(tenant, operation, actor, name, denied)
+        raise denied
+
+    def get_key(
+        self, caller: Caller, tenant: str, name: str, version: int | None = None
+    ) -> DataKey:
+        """The key, if ``caller`` is admitted (module docstring); audited either way. The
+        audit entry is written before the key is returned: no entry, no key."""
+        feature = self._admit(caller, "get_key", tenant, name)
         key = self.service.get_key(tenant, name, version)
         self._audit(
             tenant,
             "get",
             "get_key",
-            actor,
+            caller.describe(),
             name=name,
             key_version=key.version,
-            detail=f"feature {rule.feature}",
+            detail=f"feature {feature}",
         )
         return key
+
+    def put_record(
+        self, caller: Caller, tenant: str, name: str, record_id: str, data: bytes
+    ) -> int:
+        """A record sealed under ``name`` for an admitted caller (it could fetch the key)."""
+        feature = self._admit(caller, "put_record", tenant, name)
+        version = self.service.put_record(tenant, name, record_id, data)
+        detail = f"feature {feature}; record {record_id}"
+        actor = caller.describe()
+        self._audit(tenant, "change", "put_record", actor, name=name, key_version=version,
+                    detail=detail)  # fmt: skip
+        return version
+
+    def get_record(self, caller: Caller, tenant: str, name: str, record_id: str) -> bytes:
+        feature = self._admit(caller, "get_record", tenant, name)
+        data = self.service.get_record(tenant, name, record_id)
+        detail = f"feature {feature}; record {record_id}"
+        self._audit(tenant, "get", "get_record", caller.describe(), name=name, detail=detail)
+        return data
+
+    def describe(self, tenant: str) -> dict[str, Any]:
+        """Key names and versions (no material), the admin's last counter and features."""
+        admin, _ = self._load_admin(tenant)
+        return {
+            **self.service.describe(tenant),
+            "admin_counter": admin.counter,
+            "features": sorted(admin.features),
+        }
 
     # --- the audit trail -------------------------------------------------------------------
 
