@@ -26,6 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from helpers import hermetic, stop_process
+from hermetic.cbor import canonical_dumps, strict_loads
 from hermetic.errors import (
     AnchorError,
     AnchorTimeoutError,
@@ -34,6 +35,7 @@ from hermetic.errors import (
     StaleCheckpointError,
     StateConflictError,
     StateKeyMismatchError,
+    StateRecordError,
     StoreRollbackError,
     StoreStateMismatchError,
     VersionConflictError,
@@ -676,3 +678,17 @@ def test_an_anchored_write_the_witness_does_not_cosign_in_time_is_not_acknowledg
             anchored.put(d.rid("a"), b"a1", None)
         with d.store() as raw:
             assert raw.get(d.rid("a")).data == b"a1"  # stored, just not acknowledged
+
+
+def test_rejects_a_state_record_whose_hint_the_host_edited(deployment: Deployment) -> None:
+    """The hint says where the check starts reading the log; pointed past the newest
+    statement it could hide it, so it is signed with the statement."""
+    d = deployment
+    _filled(d)
+    with d.store() as raw:
+        record = raw.get(d.rid("anchor/state"))
+        value = strict_loads(record.data, what="state record", error=ValueError)
+        value["hint"] = (value["hint"] or 0) + 1
+        edited = canonical_dumps(value, what="state record", error=ValueError)
+        raw.put(d.rid("anchor/state"), edited, record.version)
+    _expect_refused(d, StateRecordError, "hint signature does not verify")

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -239,26 +240,59 @@ class StateTree:
 # --- the state record --------------------------------------------------------------------
 
 
+def _hint_message(entry: bytes, hint: int | None) -> bytes:
+    """What the hint signature covers: the statement's entry digest and the hint."""
+    where = b"" if hint is None else hint.to_bytes(8, "big")
+    return length_prefixed(DOMAIN, b"state-hint", hashlib.sha256(entry).digest(), where)
+
+
 @dataclass(frozen=True)
 class StateRecord:
     """What ``<store id>/anchor/state`` holds: the newest signed statement, and ``hint``,
-    the log index of a statement of this store the service knew logged when it wrote the
-    record. The hint only says where to start reading the log; the check verifies the
-    entry there and reads from 0 when it is not this store's statement."""
+    the log index of a statement of this store that was in the log before this statement
+    was signed, where the check starts reading the log.
+
+    The hint is signed with the state key together with the statement's digest: a host
+    could otherwise point it past the newest statement, at a copy of an old one that a
+    malicious log appended again, and have an old state taken for the newest. A replayed
+    state record brings its own hint, which lies before every statement newer than it.
+    """
 
     statement: SignedStatement
     hint: int | None
+    hint_signature: bytes
+
+    @classmethod
+    def sign(cls, statement: SignedStatement, hint: int | None, key: StateKey) -> StateRecord:
+        return cls(statement, hint, key.private.sign(_hint_message(statement.entry(), hint)))
+
+    def hint_verifies(self, key: StateKey) -> bool:
+        try:
+            key.private.public_key().verify(
+                self.hint_signature, _hint_message(self.statement.entry(), self.hint)
+            )
+        except InvalidSignature:
+            return False
+        return True
 
     def encode(self) -> bytes:
-        value = {"format": _STATE_FORMAT, "statement": self.statement.entry(), "hint": self.hint}
+        value = {
+            "format": _STATE_FORMAT,
+            "statement": self.statement.entry(),
+            "hint": self.hint,
+            "hint_signature": self.hint_signature,
+        }
         return canonical_dumps(value, what="state record", error=StateRecordError)
 
     @classmethod
     def decode(cls, data: bytes, record_id: str) -> StateRecord:
         what = f"state record {record_id!r}"
         value = strict_loads(data, what=what, error=StateRecordError)
-        if not isinstance(value, dict) or set(value) != {"format", "statement", "hint"}:
-            raise StateRecordError(f"{what}: expected a map of format, statement and hint")
+        fields = {"format", "statement", "hint", "hint_signature"}
+        if not isinstance(value, dict) or set(value) != fields:
+            raise StateRecordError(
+                f"{what}: expected a map of format, statement, hint and hint_signature"
+            )
         if value["format"] != _STATE_FORMAT:
             raise StateRecordError(f"{what}: format must be {_STATE_FORMAT}")
         hint = value["hint"]
@@ -266,6 +300,9 @@ class StateRecord:
             not isinstance(hint, int) or isinstance(hint, bool) or not 0 <= hint <= _HINT_MAX
         ):
             raise StateRecordError(f"{what}: hint must be null or a log index")
+        signature = value["hint_signature"]
+        if not isinstance(signature, bytes) or len(signature) != 64:
+            raise StateRecordError(f"{what}: hint_signature must be 64 bytes")
         if not isinstance(value["statement"], bytes):
             raise StateRecordError(f"{what}: statement must be bytes")
         try:
@@ -276,7 +313,7 @@ class StateRecord:
             raise StateRecordError(
                 f"{what}: expected a {StateStatement.type} statement, got {signed.statement.type}"
             )
-        return cls(signed, hint)
+        return cls(signed, hint, signature)
 
 
 # --- what the check found -----------------------------------------------------------------
@@ -588,6 +625,11 @@ class AnchoredStore:
                 f" {self._key.fingerprint} ({self._signer(record.statement)}): the root-key"
                 " record was replaced, or the record was forged"
             )
+        if not record.hint_verifies(self._key):
+            raise StateRecordError(
+                f"state record {self._state_id!r}: the hint signature does not verify under"
+                f" this service's state key {self._key.fingerprint}: the hint was edited"
+            )
         return record, raw.version
 
     def _ours(self, signed: SignedStatement) -> bool:
@@ -746,7 +788,7 @@ class AnchoredStore:
 
     def _write_state(self, signed: SignedStatement) -> None:
         hint = None if self._logged is None else self._logged.index
-        data = StateRecord(signed, hint).encode()
+        data = StateRecord.sign(signed, hint, self._key).encode()
         try:
             self._state_version = self._store.put(self._state_id, data, self._state_version)
         except VersionConflictError as exc:
