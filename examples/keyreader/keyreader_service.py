@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hermetic.channel.noise import XX, StaticKeypair
+from hermetic.channel.session import MakeEvidence
 from hermetic.client import ClientTrust, ServicePolicy, connect
 from hermetic.enclave import App
 from hermetic.enclave.kmsaccess import EgressForwarder, bring_up_loopback
@@ -95,6 +96,18 @@ async def fetch_at_boot() -> Fetched:
     bring_up_loopback()
     forwarder = EgressForwarder(endpoint, connect_proxy=False)
     port = await asyncio.to_thread(forwarder.start)
+    try:
+        key = await _fetch(port, tenant, name, trust, context.evidence)
+    finally:
+        await asyncio.to_thread(forwarder.close)
+    mac = hmac.digest(key["material"], REPORT, hashlib.sha256)
+    return Fetched(tenant, name, int(key["version"]), mac)
+
+
+async def _fetch(
+    port: int, tenant: str, name: str, trust: ClientTrust, evidence: MakeEvidence
+) -> dict[str, Any]:
+    """``get_key`` over XX, retried while the persistence service is not reachable yet."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + FETCH_WAIT
     pause = 0.2
@@ -106,19 +119,18 @@ async def fetch_at_boot() -> Fetched:
                 policy=ServicePolicy(services=frozenset({"persistence"})),
                 protocol_name=XX,
                 static=StaticKeypair.generate(),
-                make_evidence=context.evidence,
+                make_evidence=evidence,
                 timeout=30,
             ) as session:
-                key = await session.call("get_key", {"tenant": tenant, "name": name})
-            break
+                key: dict[str, Any] = await session.call(
+                    "get_key", {"tenant": tenant, "name": name}
+                )
+                return key
         except HermeticError as exc:
             if not _transient(exc) or loop.time() > deadline:
                 raise
         await asyncio.sleep(pause)
         pause = min(pause * 2, 2.0)
-    forwarder.close()
-    mac = hmac.digest(key["material"], REPORT, hashlib.sha256)
-    return Fetched(tenant, name, int(key["version"]), mac)
 
 
 @app.method("status")

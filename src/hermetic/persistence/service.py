@@ -426,7 +426,9 @@ class TenantAdmin:
         if (
             not isinstance(value, dict)
             or set(value) != {"admin_key", "counter", "features"}
+            or isinstance(value["counter"], bool)
             or not isinstance(value["counter"], int)
+            or value["counter"] < 0
             or not isinstance(value["features"], list)
             or not all(isinstance(f, str) for f in value["features"])
         ):
