@@ -205,3 +205,122 @@ def test_on_ready_registered_twice_is_refused() -> None:
 
 async def _never() -> None:
     await asyncio.Event().wait()
+
+
+# --- Noise XX ports: the caller attests itself, the app sees who it is -------------------
+
+
+def _whoami_app() -> App:
+    app = App()
+
+    @app.method("whoami")
+    async def whoami(_: Any) -> Any:
+        peer = app.peer
+        return None if peer is None else {"service": peer.service, "version": peer.version}  # type: ignore[attr-defined]
+
+    return app
+
+
+async def _xx_server(tmp_path: Path, app: App) -> tuple[asyncio.Server, str, Any]:
+    """``app`` served on a Unix socket the way the runtime serves an ``xx_port``."""
+    from hermetic.client import ClientTrust, verify_evidence
+    from hermetic.enclave.runtime import serve_xx
+    from hermetic.transport.vsock import VsockAddress, VsockStream
+
+    trust = DevLog(tmp_path / "dev-log").write_trust(tmp_path / "trust.json")
+    provider = make_evidence_provider(NSMClient(EmulatedNSM({}, debug=True)), None, None)
+    handlers = dispatch_handlers(app.call, app.methods)
+    static = StaticKeypair.generate()
+    peers = ClientTrust.load(tmp_path / "trust.json")
+
+    def verify(bundle: bytes, h: bytes, remote_static: bytes) -> Any:
+        return verify_evidence(bundle, h, remote_static, peers, ServicePolicy())
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = VsockStream(reader, writer, VsockAddress(3, 0))
+        await serve_xx(app, stream, provider, handlers, static, verify)
+
+    path = tmp_path / "xx.sock"
+    server = await asyncio.start_unix_server(on_client, path=str(path))
+    return server, f"unix://{path}", trust
+
+
+def _caller_evidence(tmp_path: Path, logged: bool) -> Any:
+    """A caller attesting chosen PCRs with an emulated NSM; ``logged``: with a release of
+    them in the dev log, else with no endorsement at all."""
+    import hashlib
+
+    from hermetic.image.pcrs import Measurements
+
+    pcrs = {n: hashlib.sha384(f"caller {n}".encode()).digest() for n in (0, 1, 2)}
+    endorsement = None
+    if logged:
+        measured = Measurements("hermetic", pcrs[0], pcrs[1], pcrs[2], None, "caller", "2.0.0")
+        endorsement = DevLog(tmp_path / "dev-log").publish(measured)
+    return make_evidence_provider(NSMClient(EmulatedNSM(pcrs)), endorsement, None)
+
+
+async def test_an_xx_port_shows_the_app_the_callers_verified_release(tmp_path: Path) -> None:
+    from hermetic.channel.noise import XX
+
+    app = _whoami_app()
+    server, url, trust = await _xx_server(tmp_path, app)
+    try:
+        async with await connect(
+            url, trust=trust, policy=ServicePolicy(allow_debug=True), protocol_name=XX,
+            static=StaticKeypair.generate(), make_evidence=_caller_evidence(tmp_path, True),
+            timeout=60,
+        ) as session:  # fmt: skip
+            assert await session.call("whoami") == {"service": "caller", "version": "2.0.0"}
+        assert app.peer is None  # the peer is the session's, not the app's
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_xx_port_drops_a_caller_that_proves_no_logged_release(tmp_path: Path) -> None:
+    from hermetic.channel.noise import XX
+    from hermetic.errors import HermeticError
+
+    app = _whoami_app()
+    called: list[object] = []
+
+    @app.method("record")
+    async def record(arg: Any) -> None:
+        called.append(arg)
+
+    server, url, trust = await _xx_server(tmp_path, app)
+    try:
+        with pytest.raises(HermeticError):
+            async with await connect(
+                url, trust=trust, policy=ServicePolicy(allow_debug=True), protocol_name=XX,
+                static=StaticKeypair.generate(), make_evidence=_caller_evidence(tmp_path, False),
+                timeout=60,
+            ) as session:  # fmt: skip
+                await session.call("record", "should never run")
+        assert called == []
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_nx_call_sees_no_peer(session: AttestedSession) -> None:
+    app = _whoami_app()
+    assert await app.call("whoami", (None,)) is None
+
+
+def test_xx_port_outside_the_manifest_refuses_to_start() -> None:
+    from typing import cast
+
+    from hermetic.enclave.app import EnclaveContext
+    from hermetic.enclave.manifest import load_manifest
+    from hermetic.enclave.runtime import peer_verifiers
+    from hermetic.errors import EnclaveBootError
+
+    app = App()
+    app.xx_port(6000)(lambda context: None)  # type: ignore[arg-type,return-value]
+    manifest = load_manifest(Path(__file__).resolve().parents[1] / "examples" / "echo")
+    with pytest.raises(EnclaveBootError, match=r"xx_port 6000: expected one of the manifest"):
+        peer_verifiers(app, cast(EnclaveContext, None), manifest)
+    with pytest.raises(UsageError, match="registered twice"):
+        app.xx_port(6000)(lambda context: None)  # type: ignore[arg-type,return-value]
