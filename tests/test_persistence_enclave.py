@@ -878,3 +878,24 @@ def test_up_runs_the_service_with_the_root_key_the_run_enclave_keeps(stack: Stac
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=60)
     assert process.returncode == 0
+
+
+def test_a_client_sees_in_the_handshake_which_logged_policy_is_in_force(stack: Stack) -> None:
+    """The config digest in the evidence is the SHA-256 of a config holding the policy
+    document, whose digest the logged statement names and ``status`` repeats."""
+    from hermetic.translog.release import Endorsement
+
+    served = stack.boot()
+    config = stack.config()
+
+    async def handshake() -> tuple[bytes | None, dict[str, Any]]:
+        async with await _session(stack.image, served) as session:
+            return session.verified.config_digest, await _started(session)
+
+    attested, status = asyncio.run(handshake())
+    assert attested == hashlib.sha256(json.dumps(config).encode()).digest()
+    in_config = AccessPolicy.from_json(config["persistence"]["access_policy"]).digest.hex()
+    logged = Endorsement.from_json(config["persistence"]["access_policy_endorsement"])
+    assert isinstance(logged.signed.statement, PolicyStatement)
+    assert logged.signed.statement.digest == in_config == status["access_policy"]
+    stack.stop_enclave(served)
