@@ -225,43 +225,61 @@ class Deployment:
         return f"{self.store_id}/{name}"
 
 
-def _deployment(stack: Stack, db: str, host: SQLiteHost | PostgresHost) -> Iterator[Deployment]:
-    server = StoreServerProcess(db).start()
+@dataclass(frozen=True)
+class StoreServer:
+    server: StoreServerProcess
+    host: SQLiteHost | PostgresHost
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreServer]:
+    """One record store server for the module; each test has its own store id in it (a
+    host restoring the whole database also rolls back earlier tests' store ids, which
+    nobody reads again)."""
+    path = tmp_path_factory.mktemp("anchor-store") / "records.db"
+    with StoreServerProcess(str(path)) as server:
+        yield StoreServer(server, SQLiteHost(path))
+
+
+@pytest.fixture(scope="module")
+def postgres_store(postgres: Any) -> Iterator[StoreServer]:
+    dsn = postgres.new_database()
+    with StoreServerProcess(dsn) as server:
+        yield StoreServer(server, PostgresHost(dsn))
+
+
+def _deployment(stack: Stack, store: StoreServer) -> Iterator[Deployment]:
     clients: list[Any] = []
     store_id = f"store-{os.urandom(6).hex()}"
     try:
-        yield Deployment(stack, store_id, RootKey(os.urandom(32)), server, host, clients)
+        yield Deployment(
+            stack, store_id, RootKey(os.urandom(32)), store.server, store.host, clients
+        )
     finally:
         for client in clients:
             client.close()
-        server.stop()
 
 
 @pytest.fixture
-def deployment(stack: Stack, tmp_path: Path) -> Iterator[Deployment]:
-    path = tmp_path / "records.db"
-    yield from _deployment(stack, str(path), SQLiteHost(path))
+def deployment(stack: Stack, sqlite_store: StoreServer) -> Iterator[Deployment]:
+    yield from _deployment(stack, sqlite_store)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_deployment(
-    request: pytest.FixtureRequest, stack: Stack, tmp_path: Path
-) -> Iterator[Deployment]:
-    if request.param == "sqlite":
-        path = tmp_path / "records.db"
-        yield from _deployment(stack, str(path), SQLiteHost(path))
-    else:
-        dsn = request.getfixturevalue("postgres").new_database()
-        yield from _deployment(stack, dsn, PostgresHost(dsn))
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_deployment(request: pytest.FixtureRequest, stack: Stack) -> Iterator[Deployment]:
+    store = request.getfixturevalue(f"{request.param}_store")
+    yield from _deployment(stack, store)
 
 
 def _filled(d: Deployment, mode: AnchorMode = "anchored") -> AnchoredStore:
-    """A store after a first boot and four writes: a, b, c created, a updated."""
-    anchored = d.open(mode=mode)
+    """A store after a first boot and four writes (a, b, c created, a updated), all four
+    anchored by one statement, reopened in ``mode``."""
+    writer = d.open()
     for name in ("a", "b", "c"):
-        anchored.put(d.rid(name), f"sealed {name} v1".encode(), None)
-    anchored.put(d.rid("a"), b"sealed a v2", 1)
-    return anchored
+        writer.put(d.rid(name), f"sealed {name} v1".encode(), None)
+    writer.put(d.rid("a"), b"sealed a v2", 1)
+    writer.anchor()
+    return d.open(mode=mode)
 
 
 def _expect_refused(d: Deployment, error: type[Exception], *expected: str) -> str:

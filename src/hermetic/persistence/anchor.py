@@ -833,7 +833,7 @@ class AnchoredStore:
                     " as anchored"
                 )
             time.sleep(pause)
-            pause = min(pause * 2, 1.0)
+            pause = min(pause * 1.5, 0.5)
 
     # -- reads and writes ----------------------------------------------------------------
 
