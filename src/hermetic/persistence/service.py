@@ -47,8 +47,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from hermetic.cbor import canonical_dumps, strict_loads
 from hermetic.errors import (
     AccessDeniedError,
@@ -825,8 +823,3 @@ class GuardedPersistence:
             f"tenant {tenant!r}: audit trail changed under every append attempt; the call is"
             " refused"
         )
-
-
-def admin_signature(private: ed25519.Ed25519PrivateKey, request: AdminRequest) -> bytes:
-    """The admin client's signature over ``request`` (see :mod:`hermetic.persistence.admin`)."""
-    return request.sign(private)
