@@ -9,9 +9,13 @@ error, and stopping the proxy ends open relays.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
+import stat
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +109,61 @@ async def test_accepted_client_sockets_have_nagle_off() -> None:
         writer.close()
     assert seen == [1]
     await listener.aclose()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    listener.close()
+    return client, accepted
+
+
+@pytest.mark.parametrize("refused", ["nothing", "reading", "writing"])
+def test_pump_moves_every_byte_in_order_and_counts_them(
+    monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """TCP in, Unix socket out, as the ingress relay runs; by splice(2) or, where the kernel
+    refuses to splice one of the sockets (EINVAL), by copying, losing nothing."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from hermetic.proxy import relay
+
+    calls: list[int] = []
+    real_splice = os.splice
+
+    def counted_splice(source: int, target: int, *args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        into_pipe = not stat.S_ISSOCK(os.fstat(target).st_mode)
+        if refused == ("reading" if into_pipe else "writing"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_splice(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(relay.os, "splice", counted_splice)
+    counter = Counter("relayed", "bytes", registry=CollectorRegistry())
+    source_client, source = _tcp_pair()
+    target, target_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    result: list[bool] = []
+    pump = threading.Thread(target=lambda: result.append(relay._pump(source, target, counter)))
+    pump.start()
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := target_peer.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    source_client.sendall(data)
+    source_client.shutdown(socket.SHUT_WR)
+    pump.join(30)
+    target.shutdown(socket.SHUT_WR)
+    reader.join(30)
+    for sock in (source_client, source, target, target_peer):
+        sock.close()
+    assert result == [True]
+    assert bytes(received) == data
+    assert counter._value.get() == len(data)
+    # spliced: ~2 calls per chunk; refused: one attempt that way, then every byte copied
+    assert len(calls) > 10 if refused == "nothing" else len(calls) == {"reading": 1}.get(refused, 2)

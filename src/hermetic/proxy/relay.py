@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
+import os
 import socket
 import threading
 from collections.abc import Awaitable, Callable
@@ -32,6 +35,7 @@ from hermetic.errors import PeerUnavailableError
 from hermetic.proxy.metrics import ProxyMetrics
 
 CHUNK = 256 * 1024
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
 ENCLAVE_BUFFER = 1024 * 1024
 
 
@@ -154,9 +158,77 @@ class IngressRelay:
 def _pump(source: socket.socket, target: socket.socket, counter: Counter) -> bool:
     """Copy until ``source`` ends; True on a clean end of stream, False on an error.
 
-    Each direction reads into its own buffer, allocated once: ``recv(CHUNK)`` would
-    allocate a fresh 256 KiB object per chunk, which the allocator maps and unmaps every
-    time (a small echo's round trip cost the proxy twice the CPU of this loop).
+    The bytes move in the kernel (:func:`_splice`) where both sockets allow it, else
+    through one buffer per direction (:func:`_copy`).
+    """
+    try:
+        pipe = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        return _copy(source, target, counter)
+    try:
+        with contextlib.suppress(OSError):  # a bigger pipe moves more per call; optional
+            fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, CHUNK)
+        moved = _splice(source, target, counter, pipe)
+    finally:
+        os.close(pipe[0])
+        os.close(pipe[1])
+    return _copy(source, target, counter) if moved is None else moved
+
+
+def _splice(
+    source: socket.socket, target: socket.socket, counter: Counter, pipe: tuple[int, int]
+) -> bool | None:
+    """Move bytes socket -> pipe -> socket with splice(2): never copied into this process.
+
+    The relay is blind, so it has no reason to see the bytes at all: with ``recv`` and
+    ``sendall`` each chunk was copied out of the kernel and back (measured: relaying 2 GiB
+    from TCP to a Unix socket took 1.46 s of CPU with copies, 0.42-0.56 s spliced).
+    Returns None when the kernel cannot splice one of these sockets (EINVAL on the first
+    call in that direction, e.g. a socket family without splice support), after handing
+    on whatever already sits in the pipe, so the caller copies the rest.
+    """
+    inc = counter.inc
+    read_end, write_end = pipe
+    src, dst = source.fileno(), target.fileno()
+    read_before = written_before = False
+    while True:
+        try:
+            size = os.splice(src, write_end, CHUNK, flags=_SPLICE_FLAGS)
+        except OSError as exc:
+            return None if exc.errno == errno.EINVAL and not read_before else False
+        read_before = True
+        if not size:
+            return True
+        inc(size)
+        while size:
+            try:
+                sent = os.splice(read_end, dst, size, flags=_SPLICE_FLAGS)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or written_before:
+                    return False
+                return None if _hand_on(read_end, size, target) else False
+            written_before = True
+            size -= sent
+
+
+def _hand_on(read_end: int, size: int, target: socket.socket) -> bool:
+    """Send the ``size`` bytes left in the pipe to ``target`` the ordinary way."""
+    try:
+        while size:
+            data = os.read(read_end, size)
+            target.sendall(data)
+            size -= len(data)
+    except OSError:
+        return False
+    return True
+
+
+def _copy(source: socket.socket, target: socket.socket, counter: Counter) -> bool:
+    """Copy through one buffer per direction, allocated once.
+
+    ``recv(CHUNK)`` would allocate a fresh 256 KiB object per chunk, which the allocator
+    maps and unmaps every time (a small echo's round trip cost the proxy twice the CPU of
+    this loop).
     """
     inc = counter.inc
     buffer = bytearray(CHUNK)
