@@ -42,7 +42,12 @@ Handler = Callable[[Any], Awaitable[Any]]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 30.0
 RECV_SIZE = 64 * 1024
-"""Most bytes a stream pipe's transport reads per call (see :class:`StreamPipe`)."""
+"""Most bytes a stream pipe's transport reads per call where it keeps its stream reader."""
+_FRAME_SPACE = MAX_FRAME_LEN + LENGTH_PREFIX_LEN
+RECEIVE_BUFFER = 16 * 1024
+"""A taken-over stream's first receive buffer (:class:`_FrameReceiver`); it grows on use."""
+RECEIVE_BUFFER_MAX = 512 * 1024
+"""What that buffer may grow to while the consumer falls behind, before reading pauses."""
 
 
 class MessagePipe(Protocol):
@@ -59,20 +64,24 @@ class MessagePipe(Protocol):
 class StreamPipe:
     """Noise messages over an asyncio stream (TCP, Unix socket, emulated vsock).
 
-    The stream's transport is told to read at most :data:`RECV_SIZE` bytes per call.
-    asyncio's selector transports read 256 KiB at a time into a fresh ``bytes``; that is
-    above glibc's mmap threshold (128 KiB), so each read maps a new buffer, faults its
-    pages in and unmaps it again: measured with 64 KiB messages, ~350 page faults per MiB
-    received and about half the receiver's CPU. Buffers under the threshold come from the
-    heap and are reused, and a Noise frame is at most 64 KiB anyway.
+    Where the stream is a plain socket transport (every stream this project opens), the
+    pipe takes over its receiving side with a :class:`_FrameReceiver`: the socket is read
+    straight into one buffer that is reused, and each frame is copied out of it once.
+    asyncio's stream reader copied every frame twice (into its buffer, then out of it,
+    moving the rest of the buffer down each time), and read 256 KiB at a time into a fresh
+    ``bytes``, above glibc's mmap threshold, so each read mapped a new buffer and faulted
+    its pages in (measured with 64 KiB messages: ~350 page faults per MiB received, half
+    the receiver's CPU). Writes, flow control and closing stay with the stream writer.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        transport = writer.transport
-        if isinstance(getattr(transport, "max_size", None), int):  # selector socket transports
-            transport.max_size = RECV_SIZE  # type: ignore[attr-defined]
+        self._frames = _FrameReceiver.take_over(reader, writer.transport)
+        if self._frames is None:
+            transport = writer.transport
+            if isinstance(getattr(transport, "max_size", None), int):
+                transport.max_size = RECV_SIZE  # type: ignore[attr-defined]
 
     async def send(self, messages: Sequence[bytes]) -> None:
         parts: list[bytes] = []
@@ -86,6 +95,8 @@ class StreamPipe:
             raise TransportError(f"stream write failed ({type(exc).__name__})") from exc
 
     async def receive(self) -> bytes | None:
+        if self._frames is not None:
+            return await self._frames.receive()
         # readexactly() copies each frame once out of the StreamReader's buffer, where
         # read() + FrameDecoder would copy it twice; the framing rules are the same.
         try:
@@ -111,6 +122,165 @@ class StreamPipe:
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
+
+
+class _FrameReceiver(asyncio.BufferedProtocol):
+    """The receiving side of a socket transport: length-prefixed frames read in place.
+
+    Installed with ``transport.set_protocol``; every event other than received bytes
+    (flow control of writes, end of stream, connection loss) is passed on to the stream's
+    own protocol, so the :class:`asyncio.StreamWriter` keeps working unchanged.
+
+    The buffer starts small (an idle session holds :data:`RECEIVE_BUFFER`) and doubles
+    when more than half of it waits, up to :data:`RECEIVE_BUFFER_MAX`; only then is reading
+    paused, until a quarter of it is left. Pausing and resuming cost two ``epoll_ctl``
+    calls: with a buffer of two frames they came every frame or two in bulk transfers and
+    cost more than the copies saved (bench_channel).
+    """
+
+    def __init__(
+        self, inner: asyncio.BaseProtocol, transport: asyncio.Transport, size: int
+    ) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._buffer = bytearray(size)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self._eof = False
+        self._lost: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    @classmethod
+    def take_over(
+        cls, reader: asyncio.StreamReader, transport: asyncio.BaseTransport
+    ) -> _FrameReceiver | None:
+        """Install a receiver on ``transport``, or None where this is not a plain socket.
+
+        What the stream reader had already buffered moves over first. Only the standard
+        selector socket transport is taken over (its ``set_protocol`` switches to
+        ``get_buffer``/``recv_into`` reads); TLS and other transports keep the reader.
+        """
+        inner = transport.get_protocol()
+        buffered = getattr(reader, "_buffer", None)
+        if (
+            type(reader) is not asyncio.StreamReader
+            or not isinstance(inner, asyncio.StreamReaderProtocol)
+            or not isinstance(buffered, bytearray)
+            or not isinstance(transport, asyncio.Transport)
+            or type(transport).__name__ != "_SelectorSocketTransport"
+            or reader.exception() is not None
+            or len(buffered) > RECEIVE_BUFFER_MAX // 2
+        ):
+            return None
+        receiver = cls(inner, transport, max(RECEIVE_BUFFER, 2 * len(buffered)))
+        if buffered:
+            receiver._buffer[: len(buffered)] = buffered
+            receiver._end = len(buffered)
+            buffered.clear()
+        receiver._eof = bool(getattr(reader, "_eof", False))
+        transport.set_protocol(receiver)
+        receiver._apply_back_pressure()
+        return receiver
+
+    async def receive(self) -> bytes | None:
+        while True:
+            available = self._end - self._start
+            if available >= LENGTH_PREFIX_LEN:
+                start = self._start
+                size = (self._buffer[start] << 8) | self._buffer[start + 1]
+                if size == 0:
+                    raise FrameError(f"frame length: expected 1..{MAX_FRAME_LEN}, got 0")
+                if available >= LENGTH_PREFIX_LEN + size:
+                    begin = start + LENGTH_PREFIX_LEN
+                    self._start = begin + size
+                    if self._paused:
+                        self._apply_back_pressure()
+                    return bytes(self._view[begin : begin + size])
+            if self._lost is not None:
+                raise TransportError(f"stream read failed ({type(self._lost).__name__})")
+            if self._eof:
+                if not available:
+                    return None  # clean end of stream between frames
+                if available < LENGTH_PREFIX_LEN:
+                    raise FrameError("stream ended inside a frame's length prefix")
+                raise FrameError(
+                    f"stream ended inside a frame ({available - LENGTH_PREFIX_LEN} of"
+                    f" {(self._buffer[self._start] << 8) | self._buffer[self._start + 1]}"
+                    " bytes)"
+                )
+            if self._paused:  # no whole frame buffered: the rest of it must come in
+                self._paused = False
+                with contextlib.suppress(RuntimeError):
+                    self._transport.resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    # --- protocol callbacks (the transport calls these) ------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        unread = self._end - self._start
+        size = len(self._buffer)
+        if not unread:
+            self._start = self._end = 0
+        elif size - self._end < size // 4:
+            # Little room left: move the unread bytes to the front, into a buffer twice as
+            # big if they fill more than half of this one. Frames handed out earlier are
+            # dead by now: the consumer yielded to the loop before this callback ran.
+            if unread > size // 2 and size < RECEIVE_BUFFER_MAX:
+                buffer = bytearray(min(2 * size, RECEIVE_BUFFER_MAX))
+                buffer[:unread] = self._view[self._start : self._end]
+                self._buffer, self._view = buffer, memoryview(buffer)
+            else:
+                self._buffer[:unread] = self._view[self._start : self._end]
+            self._start, self._end = 0, unread
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        self._apply_back_pressure()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return self._inner.eof_received()  # type: ignore[attr-defined, no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._lost = exc
+        self._eof = True
+        self._wake()
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _apply_back_pressure(self) -> None:
+        waiting = self._end - self._start
+        if not self._paused:
+            if (
+                len(self._buffer) == RECEIVE_BUFFER_MAX
+                and waiting > RECEIVE_BUFFER_MAX - _FRAME_SPACE
+            ):
+                self._paused = True
+                with contextlib.suppress(RuntimeError):  # the transport is closing
+                    self._transport.pause_reading()
+        elif waiting <= RECEIVE_BUFFER_MAX // 4:
+            self._paused = False
+            with contextlib.suppress(RuntimeError):
+                self._transport.resume_reading()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class WebSocketPipe:
