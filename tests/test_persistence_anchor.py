@@ -52,6 +52,7 @@ from hermetic.persistence.keys import RootKey
 from hermetic.store.client import RecordStoreClient
 from hermetic.store.records import Record, RecordInfo
 from hermetic.translog.client import LogClient
+from hermetic.translog.daemons import Monitor
 from hermetic.translog.merkle import EMPTY_ROOT, MemoryTree
 from hermetic.translog.note import parse_vkey
 from hermetic.translog.release import StateStatement, sign_statement
@@ -98,7 +99,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        yield Stack(keys, witness_vkey, log, log_db, directory)
+        ready = Stack(keys, witness_vkey, log, log_db, directory)
+        with ready.client() as client:  # a first witnessed checkpoint, before any boot
+            client.add(b"log started")
+            _wait_for(lambda: client.witnessed_checkpoint(1))
+        yield ready
     finally:
         stop_process(witness)
         log.stop()
@@ -710,3 +715,25 @@ def test_rejects_a_state_record_whose_hint_the_host_edited(deployment: Deploymen
         edited = canonical_dumps(value, what="state record", error=ValueError)
         raw.put(d.rid("anchor/state"), edited, record.version)
     _expect_refused(d, StateRecordError, "hint signature does not verify")
+
+
+def test_the_log_monitor_reports_a_store_s_state_statements(deployment: Deployment) -> None:
+    """State statements are log statements like releases: a monitor watching the store id
+    sees each one, signed by the store's state key."""
+    d = deployment
+    anchored = _filled(d)
+    events = [
+        e.to_json() for e in Monitor(d.log(), [d.store_id], None).step() if e.kind == "statement"
+    ]
+    assert [e["statement"]["sequence"] for e in events] == [0, 4]
+    assert all(e["signature_valid"] for e in events)
+    assert events[-1]["statement"]["root"] == anchored.state().root.hex()
+    assert {e["statement"]["type"] for e in events} == {"hermetic.persistence-state/v1"}
+
+
+def test_refuses_a_log_client_that_requires_no_witness(deployment: Deployment) -> None:
+    d = deployment
+    unwitnessed = LogClient(d.stack.log.url, parse_vkey(d.stack.keys.vkey))
+    d.clients.append(unwitnessed)
+    with pytest.raises(PersistenceUsageError, match="at least one witness cosignature"):
+        AnchoredStore.open(d.store(), d.root, d.store_id, unwitnessed, time.time)
