@@ -392,3 +392,43 @@ async def test_stream_pipe_refuses_a_zero_length_frame_and_a_truncated_prefix() 
                 await pipe.receive()
         finally:
             await close()
+
+
+class _StubTransport:
+    """Only what _FrameReceiver calls on its transport: reading paused or resumed."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+async def test_frame_receiver_moves_overlapping_unread_bytes_intact() -> None:
+    """Unread bytes moved to the front may overlap where they came from; a read that
+    filled all its room makes the next buffer twice as big."""
+    receiver = aio._FrameReceiver(asyncio.Protocol(), _StubTransport(), 64)  # type: ignore[arg-type]
+    frames = [bytes([n + 1]) * size for n, size in enumerate((16, 5, 40, 3, 50, 20))]
+    stream = b"".join(len(f).to_bytes(2, "big") + f for f in frames)
+
+    def feed(data: bytes) -> None:
+        while data:
+            room = receiver.get_buffer(-1)
+            size = min(len(room), len(data))
+            room[:size] = data[:size]
+            receiver.buffer_updated(size)
+            data = data[size:]
+
+    received = []
+    feed(stream[:50])  # 50 of 64 used, room for less than a quarter
+    received.append(await receiver.receive())  # bytes 0..18 consumed, 18..50 unread
+    feed(stream[50:51])  # moves 32 bytes from 18..50 to 0..32: the ranges overlap
+    assert (receiver._start, receiver._end, len(receiver._buffer)) == (0, 33, 64)
+    feed(stream[51:])
+    while len(received) < len(frames):
+        received.append(await receiver.receive())
+    assert received == frames
+    assert len(receiver._buffer) > 64  # reads that filled their room made it grow

@@ -131,11 +131,12 @@ class _FrameReceiver(asyncio.BufferedProtocol):
     (flow control of writes, end of stream, connection loss) is passed on to the stream's
     own protocol, so the :class:`asyncio.StreamWriter` keeps working unchanged.
 
-    The buffer starts small (an idle session holds :data:`RECEIVE_BUFFER`) and doubles
-    when more than half of it waits, up to :data:`RECEIVE_BUFFER_MAX`; only then is reading
-    paused, until a quarter of it is left. Pausing and resuming cost two ``epoll_ctl``
-    calls: with a buffer of two frames they came every frame or two in bulk transfers and
-    cost more than the copies saved (bench_channel).
+    The buffer starts small (an idle session holds :data:`RECEIVE_BUFFER`) and doubles,
+    up to :data:`RECEIVE_BUFFER_MAX`, when a read filled all of its room or more than half
+    of it waits; only at the maximum is reading paused, until a quarter of it is left.
+    Pausing and resuming cost two ``epoll_ctl`` calls: with a buffer of two frames they
+    came every frame or two in bulk transfers and cost more than the copies saved
+    (bench_channel).
     """
 
     def __init__(
@@ -151,6 +152,8 @@ class _FrameReceiver(asyncio.BufferedProtocol):
         self._lost: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._offered = 0
+        self._filled = False
 
     @classmethod
     def take_over(
@@ -225,23 +228,27 @@ class _FrameReceiver(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         unread = self._end - self._start
         size = len(self._buffer)
-        if not unread:
-            self._start = self._end = 0
-        elif size - self._end < size // 4:
-            # Little room left: move the unread bytes to the front, into a buffer twice as
-            # big if they fill more than half of this one. Frames handed out earlier are
-            # dead by now: the consumer yielded to the loop before this callback ran.
-            if unread > size // 2 and size < RECEIVE_BUFFER_MAX:
+        grow = size < RECEIVE_BUFFER_MAX and (self._filled or unread > size // 2)
+        if grow or (unread and size - self._end < size // 4):
+            # Move the unread bytes to the front, into a buffer twice as big when the last
+            # read filled all the room it had (more is waiting: bigger reads cost fewer
+            # calls and loop passes) or they fill more than half of this one. Frames
+            # handed out earlier are dead by now: their bytes were copied out.
+            if grow:
                 buffer = bytearray(min(2 * size, RECEIVE_BUFFER_MAX))
                 buffer[:unread] = self._view[self._start : self._end]
                 self._buffer, self._view = buffer, memoryview(buffer)
-            else:
-                self._buffer[:unread] = self._view[self._start : self._end]
+            else:  # memoryview assignment copies with memmove: the ranges may overlap
+                self._view[:unread] = self._view[self._start : self._end]
             self._start, self._end = 0, unread
+        elif not unread:
+            self._start = self._end = 0
+        self._offered = len(self._buffer) - self._end
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
         self._end += nbytes
+        self._filled = nbytes == self._offered
         self._apply_back_pressure()
         self._wake()
 
