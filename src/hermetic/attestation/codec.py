@@ -157,7 +157,7 @@ class AttestationDocument:
 
 
 def _check_pcrs(value: object) -> dict[int, bytes]:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):  # (an ABC check is slow)
         raise AttestationFormatError(f"pcrs: expected map, got {_type_name(value)}")
     if not 1 <= len(value) <= MAX_PCR_COUNT:
         raise AttestationFormatError(f"pcrs: expected 1..{MAX_PCR_COUNT} entries, got {len(value)}")

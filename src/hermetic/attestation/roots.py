@@ -8,6 +8,7 @@ told to) and the verifier checks the chain ends there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,9 +33,10 @@ class TrustRoot:
     der: bytes
     certificate: x509.Certificate = field(repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """Lowercase hex SHA-256 of the root's DER: the value that is pinned."""
+        """Lowercase hex SHA-256 of the root's DER: the value that is pinned (computed once:
+        every verification names it)."""
         return hashlib.sha256(self.der).hexdigest()
 
     @property
