@@ -148,8 +148,11 @@ class _Session:
         out, self._outbox = self._outbox, []
         return out
 
-    def receive(self, message: bytes) -> list[Event]:
+    def receive(self, message: bytes | bytearray | memoryview) -> list[Event]:
         """Process one whole Noise message from the peer.
+
+        A transport message is decrypted straight from ``message``, which is not kept
+        (a stream pipe may lend a view of its receive buffer).
 
         Raises a ChannelError (and the session becomes CLOSED) on anything unexpected; once
         closed, raises SessionClosedError.
@@ -158,7 +161,7 @@ class _Session:
         try:
             if self.state is State.HANDSHAKE:
                 return self._receive_handshake(bytes(message))
-            return self._receive_transport(bytes(message))
+            return self._receive_transport(message)
         except HermeticError as exc:
             self._fail(exc)
             raise
@@ -235,7 +238,7 @@ class _Session:
 
     # -- transport ----------------------------------------------------------------------
 
-    def _receive_transport(self, message: bytes) -> list[Event]:
+    def _receive_transport(self, message: bytes | bytearray | memoryview) -> list[Event]:
         assert self._transport is not None
         plaintext = self._transport.decrypt(message)
         if not plaintext:
