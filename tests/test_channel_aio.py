@@ -276,10 +276,11 @@ async def test_stream_ending_inside_a_frame_is_a_frame_error() -> None:
         await server.wait_closed()
 
 
-async def _pipe_pair() -> tuple[
-    aio.StreamPipe, asyncio.StreamWriter, Callable[[], Awaitable[None]]
+@contextlib.asynccontextmanager
+async def _tcp_connection() -> AsyncIterator[
+    tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamWriter]
 ]:
-    """A StreamPipe reading a TCP connection, and the raw writer of its other end."""
+    """An accepted TCP connection's reader and writer, and the raw writer of its other end."""
     accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
         asyncio.get_running_loop().create_future()
     )
@@ -290,15 +291,23 @@ async def _pipe_pair() -> tuple[
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     _, raw = await asyncio.open_connection("127.0.0.1", port)
-    pipe = aio.StreamPipe(*await accepted)
-
-    async def close() -> None:
+    reader, writer = await accepted
+    try:
+        yield reader, writer, raw
+    finally:
         raw.close()
-        await pipe.aclose()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
         server.close()
         await server.wait_closed()
 
-    return pipe, raw, close
+
+@contextlib.asynccontextmanager
+async def _pipe_pair() -> AsyncIterator[tuple[aio.StreamPipe, asyncio.StreamWriter]]:
+    """A StreamPipe reading a TCP connection, and the raw writer of its other end."""
+    async with _tcp_connection() as (reader, writer, raw):
+        yield aio.StreamPipe(reader, writer), raw
 
 
 def _frames(count: int, seed: int) -> list[bytes]:
@@ -311,10 +320,9 @@ def _frames(count: int, seed: int) -> list[bytes]:
 
 @pytest.mark.parametrize("piece", [1, 7, 1000, 70_000])
 async def test_stream_pipe_reassembles_frames_split_at_any_byte(piece: int) -> None:
-    pipe, raw, close = await _pipe_pair()
     frames = _frames(12 if piece > 1 else 4, piece)
     stream = b"".join(len(f).to_bytes(2, "big") + f for f in frames)
-    try:
+    async with _pipe_pair() as (pipe, raw):
         for offset in range(0, len(stream), piece):
             raw.write(stream[offset : offset + piece])
             await raw.drain()
@@ -325,16 +333,13 @@ async def test_stream_pipe_reassembles_frames_split_at_any_byte(piece: int) -> N
         while (message := await pipe.receive()) is not None:
             received.append(message)
         assert received == frames
-    finally:
-        await close()
 
 
 async def test_stream_pipe_pauses_reading_and_delivers_everything_later() -> None:
     """A sender far ahead of the consumer fills the socket, not this process's memory."""
-    pipe, raw, close = await _pipe_pair()
     frames = _frames(60, 9)  # ~2 MiB, four times the receive buffer's maximum
     stream = b"".join(len(f).to_bytes(2, "big") + f for f in frames)
-    try:
+    async with _pipe_pair() as (pipe, raw):
         raw.write(stream)
         writer_done = asyncio.ensure_future(raw.drain())
         await asyncio.sleep(0.2)  # nothing is read meanwhile
@@ -345,53 +350,32 @@ async def test_stream_pipe_pauses_reading_and_delivers_everything_later() -> Non
         received = [await pipe.receive() for _ in frames]
         await writer_done
         assert received == frames
-    finally:
-        await close()
 
 
 async def test_stream_pipe_keeps_bytes_the_stream_reader_already_held() -> None:
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-        asyncio.get_running_loop().create_future()
-    )
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set_result((reader, writer))
-
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    _, raw = await asyncio.open_connection("127.0.0.1", port)
-    reader, writer = await accepted
-    raw.write(b"\x00\x03abc\x00\x02d")  # one whole frame and the start of the next
-    await raw.drain()
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if len(reader._buffer) == 8:
-            break
-    pipe = aio.StreamPipe(reader, writer)
-    assert pipe._frames is not None  # taken over, with the reader's bytes moved in
-    raw.write(b"e")
-    raw.write_eof()
-    try:
+    async with _tcp_connection() as (reader, writer, raw):
+        raw.write(b"\x00\x03abc\x00\x02d")  # one whole frame and the start of the next
+        await raw.drain()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(reader._buffer) == 8:
+                break
+        pipe = aio.StreamPipe(reader, writer)
+        assert pipe._frames is not None  # taken over, with the reader's bytes moved in
+        raw.write(b"e")
+        raw.write_eof()
         assert await pipe.receive() == b"abc"
         assert await pipe.receive() == b"de"
         assert await pipe.receive() is None
-    finally:
-        raw.close()
-        await pipe.aclose()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_stream_pipe_refuses_a_zero_length_frame_and_a_truncated_prefix() -> None:
     for data, match in ((b"\x00\x00", "got 0"), (b"\x00", "length prefix")):
-        pipe, raw, close = await _pipe_pair()
-        try:
+        async with _pipe_pair() as (pipe, raw):
             raw.write(data)
             raw.write_eof()
             with pytest.raises(FrameError, match=match):
                 await pipe.receive()
-        finally:
-            await close()
 
 
 class _StubTransport:
