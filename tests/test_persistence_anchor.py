@@ -33,7 +33,6 @@ from hermetic.errors import (
     PersistenceUsageError,
     RecordNotFoundError,
     StaleCheckpointError,
-    StateConflictError,
     StateKeyMismatchError,
     StateRecordError,
     StoreRollbackError,
@@ -657,19 +656,40 @@ def test_every_refusal_is_an_anchor_error_without_key_material(deployment: Deplo
     assert anchored.key_fingerprint in repr(key)
 
 
-def test_a_second_writer_on_the_store_is_refused_and_acknowledges_nothing(
+def test_a_writer_whose_state_another_instance_moved_checks_again_before_reading_or_writing(
     deployment: Deployment,
 ) -> None:
+    """A restart next to a running instance: the stale one re-runs the whole check when
+    the state record moved, then reads and writes on the other's state; a record the other
+    changed is a version conflict, not a lost update."""
     d = deployment
     first = d.open()
     first.put(d.rid("a"), b"a1", None)
     second = d.open()
     second.put(d.rid("b"), b"b1", None)
-    with pytest.raises(StateConflictError, match="another instance writes store"):
-        first.put(d.rid("c"), b"c1", None)
-    with d.store() as raw, pytest.raises(RecordNotFoundError):
-        raw.get(d.rid("c"))
-    assert d.open().records() == [d.rid("a"), d.rid("b")]
+    second.put(d.rid("a"), b"a2", 1)
+    assert first.get(d.rid("a")).data == b"a2"  # re-checked on the moved state
+    third = d.open()
+    third.put(d.rid("d"), b"d1", None)
+    first.put(d.rid("c"), b"c1", None)  # the state conflict made it check again
+    with pytest.raises(VersionConflictError):
+        second.put(d.rid("a"), b"a3", 1)  # second's view was stale, and a moved on
+    assert d.open().records() == [d.rid("a"), d.rid("b"), d.rid("c"), d.rid("d")]
+
+
+def test_a_host_edit_is_refused_even_when_the_state_record_moved(deployment: Deployment) -> None:
+    """The re-check a moved state record triggers is the full check: a record the host
+    edited at the same time is still refused, and nothing is returned."""
+    d = deployment
+    first = d.open()
+    first.put(d.rid("a"), b"a1", None)
+    second = d.open()
+    second.put(d.rid("b"), b"b1", None)
+    d.host.set_row(d.rid("a"), d.host.row(d.rid("b")))
+    with pytest.raises(StoreStateMismatchError, match="do not match its state"):
+        first.get(d.rid("a"))
+    with pytest.raises(StoreStateMismatchError):
+        first.get(d.rid("b"))
 
 
 def test_an_anchored_write_the_witness_does_not_cosign_in_time_is_not_acknowledged(

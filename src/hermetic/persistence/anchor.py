@@ -416,9 +416,10 @@ class AnchoredStore:
 
     Build it with :meth:`open`, which runs the check. Then :meth:`get` returns a record
     only if its version and digest are the ones the verified state holds, and :meth:`put`
-    signs the new state and keeps the state record current. One writer per store id: the
-    state record is written with compare-and-set, and a second writer gets
-    :class:`~hermetic.errors.StateConflictError`.
+    signs the new state and keeps the state record current. Writers take turns: the state
+    record is written with compare-and-set, and an instance that finds it moved by another
+    one checks the whole store again before it reads or writes on (a second conflict in a
+    row is :class:`~hermetic.errors.StateConflictError`).
     """
 
     def __init__(
@@ -806,18 +807,30 @@ class AnchoredStore:
         calls this on a timer; one entry covers any number of writes)."""
         with self._lock:
             self._require_ready()
-            self._anchor(wait=True)
+            logged = self._append()
+        # Waiting for the witness does not hold the lock: reads and writes go on meanwhile.
+        self._await_witness(logged.signed, logged.index)
+        with self._lock:
             return self.state()
 
-    def _anchor(self, *, wait: bool) -> VerifiedCheckpoint | None:
+    def _append(self) -> _Logged:
+        """The current statement in the log: appended unless it is the one logged last."""
         signed = self._require_current()
         entry = signed.entry()
         if self._logged is None or self._logged.signed.entry() != entry:
-            added = self._log.add(entry)
-            self._logged = _Logged(signed, added.index)
+            self._logged = _Logged(signed, self._log.add(entry).index)
+        return self._logged
+
+    def _anchor(self, *, wait: bool) -> VerifiedCheckpoint | None:
+        logged = self._append()
         if not wait:
             return None
-        index = self._logged.index
+        return self._await_witness(logged.signed, logged.index)
+
+    def _await_witness(self, signed: SignedStatement, index: int) -> VerifiedCheckpoint:
+        """Until a checkpoint the witness quorum cosigned includes ``signed`` at ``index``
+        (inclusion proven), or :class:`AnchorTimeoutError`."""
+        entry = signed.entry()
         deadline = time.monotonic() + self.witness_timeout
         pause = 0.05
         while True:
@@ -852,7 +865,32 @@ class AnchoredStore:
 
     def get(self, record_id: str) -> Record:
         """The record, if the store returns exactly the version and bytes of the verified
-        state; otherwise :class:`StoreStateMismatchError` and nothing."""
+        state; otherwise :class:`StoreStateMismatchError` and nothing.
+
+        A mismatch while the state record has moved since this instance last read it is
+        another instance of the service writing the store (a restart next to a running
+        one): the whole check runs again (log, signature, every record) and the read is
+        retried once against the state it accepts. A host that edits records does not get
+        past that check.
+        """
+        with self._lock:
+            try:
+                return self._get(record_id)
+            except StoreStateMismatchError:
+                if not self._moved():
+                    raise
+            self.check()
+            return self._get(record_id)
+
+    def _moved(self) -> bool:
+        """Whether the state record is at another version than this instance wrote or read."""
+        try:
+            version = self._store.get(self._state_id).version
+        except RecordNotFoundError:
+            return False
+        return version != self._state_version
+
+    def _get(self, record_id: str) -> Record:
         with self._lock:
             self._require_ready()
             self._check_id(record_id)
@@ -890,28 +928,40 @@ class AnchoredStore:
         Order: the new statement goes to the state record first, then the record; a
         crash between them leaves a statement one write ahead of the records, which the
         check accepts while that statement is not in the log (its ``prior_root``).
+
+        If another instance moved the state record (:class:`StateConflictError`, nothing
+        written), the check runs again and the write is tried once more against the state
+        it accepts (so a record the other instance changed is a
+        :class:`VersionConflictError`, as from the store); a second conflict is raised.
         """
+        data = bytes(data)
         with self._lock:
-            self._require_ready()
-            self._check_id(record_id)
-            data = bytes(data)
-            old = self._tree.leaf(record_id)
-            old_version = None if old is None else old[0]
-            if expected_version != old_version:
-                raise VersionConflictError(
-                    f"record {record_id!r} is at version {old_version} in the verified state,"
-                    f" the writer expected {expected_version}",
-                    old_version,
-                )
-            predicted = 1 if expected_version is None else expected_version + 1
-            digest = hashlib.sha256(data).digest()
-            prior = self._tree.root()
-            self._tree.set(record_id, predicted, digest)
-            try:
-                self._write_state(self._next(self._tree.root(), self._tree.size, prior.hex()))
-            except BaseException:
-                self._tree.restore(record_id, old)
-                raise
+            for attempt in (1, 2):
+                self._require_ready()
+                self._check_id(record_id)
+                old = self._tree.leaf(record_id)
+                old_version = None if old is None else old[0]
+                if expected_version != old_version:
+                    raise VersionConflictError(
+                        f"record {record_id!r} is at version {old_version} in the verified"
+                        f" state, the writer expected {expected_version}",
+                        old_version,
+                    )
+                predicted = 1 if expected_version is None else expected_version + 1
+                digest = hashlib.sha256(data).digest()
+                prior = self._tree.root()
+                self._tree.set(record_id, predicted, digest)
+                try:
+                    self._write_state(self._next(self._tree.root(), self._tree.size, prior.hex()))
+                except StateConflictError:
+                    self._tree.restore(record_id, old)
+                    if attempt == 2:
+                        raise
+                    continue  # _unsure is set: the loop's _require_ready checks again
+                except BaseException:
+                    self._tree.restore(record_id, old)
+                    raise
+                break
             try:
                 version = self._store.put(record_id, data, expected_version)
             except VersionConflictError:
