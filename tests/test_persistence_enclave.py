@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -59,8 +60,12 @@ from hermetic.persistence.admin import AdminRequest, admin_public_key
 from hermetic.persistence.audit import AuditEntry, AuditHead, verify_audit_trail
 from hermetic.persistence.policy import ACCESS_POLICY_V1, AccessPolicy
 from hermetic.store.client import RecordStoreClient
+from hermetic.translog.client import LogClient
+from hermetic.translog.note import parse_vkey
 from hermetic.translog.release import PERSISTENCE_POLICY_V1, PolicyStatement, utc_timestamp
+from test_persistence_anchor import SQLiteHost, _wait_for, _witnessed_after
 from test_store_support import StoreServerProcess
+from test_translog_service_support import LogKeys, LogServerProcess, make_log_key
 
 pytestmark = pytest.mark.timeout(300)
 SERVICE = Path(__file__).resolve().parents[1] / "services" / "persistence"
@@ -163,6 +168,58 @@ class Stack:
     key_id: str = ""
     served: list[Served] = field(default_factory=list)
     background: list[subprocess.Popen[str]] = field(default_factory=list)
+    log_keys: LogKeys | None = None
+    witness_vkey: str = ""
+    log: LogServerProcess | None = None
+    witness: subprocess.Popen[bytes] | None = None
+    anchor: dict[str, Any] = field(default_factory=lambda: {"max_age": 120, "interval": 1})
+    """The config's ``persistence.anchor`` options besides the log and its keys."""
+    log_url: str | None = None
+    """The log the next boot's config names (None: this stack's own, honest one)."""
+
+    # --- the transparency log the store state is anchored in ---------------------------
+
+    @property
+    def log_db(self) -> Path:
+        return self.directory / "log.db"
+
+    def start_log(self) -> None:
+        """``hermetic log serve`` with a witness cosigning every 0.2 s; returns once the log
+        has a witnessed checkpoint (the anchor's check needs a recent one)."""
+        first = self.log_keys is None
+        if self.log_keys is None:
+            self.log_keys = make_log_key(self.directory, "persistence.test/log")
+            self.witness_vkey = hermetic(
+                "log", "witness-key", "--out", str(self.directory / "witness.skey"),
+                "--name", "w1.persistence.test", check=True,
+            ).stdout.strip()  # fmt: skip
+        keys = self.log_keys
+        self.log = LogServerProcess(str(self.log_db), keys, "--witness", self.witness_vkey)
+        self.log.start()
+        self.witness = subprocess.Popen(
+            [sys.executable, "-m", "hermetic", "log", "witness", "--log", self.log.url,
+             "--log-key", keys.vkey, "--key", str(self.directory / "witness.skey"),
+             "--state", str(self.directory / "witness.json"), "--interval", "0.2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        with self.log_client() as client:
+            if first:
+                client.add(b"log started")
+            _wait_for(lambda: client.witnessed_checkpoint(1))
+
+    def log_client(self, url: str | None = None) -> LogClient:
+        assert self.log is not None
+        assert self.log_keys is not None
+        return LogClient(
+            url or self.log.url,
+            parse_vkey(self.log_keys.vkey),
+            [parse_vkey(self.witness_vkey)],
+            threshold=1,
+        )
+
+    def log_address(self) -> str:
+        assert self.log is not None
+        return (self.log_url or self.log.url).removeprefix("http://")
 
     # --- KMS and store ---------------------------------------------------------------
 
@@ -201,6 +258,10 @@ class Stack:
             self.stop_enclave(served)
         if self.store is not None:
             self.store.stop()
+        if self.witness is not None:
+            stop_process(self.witness)
+        if self.log is not None:
+            self.log.stop()
         if self.kms_process is not None:
             stop_process(self.kms_process)
 
@@ -217,6 +278,12 @@ class Stack:
                 "access_policy": self.policy.document,
                 "access_policy_endorsement": self.policy.endorsement,
                 "peers": self.policy.trust,
+                "anchor": {
+                    "log": self.log_address(),
+                    "log_key": self.log_keys.vkey if self.log_keys else "",
+                    "witnesses": [self.witness_vkey],
+                    **self.anchor,
+                },
             },
         }
 
@@ -242,6 +309,7 @@ class Stack:
             "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
             "--egress-allow", f"127.0.0.1:{self.kms_port}",
             "--egress-allow", self.store.url.removeprefix("http://"),
+            "--egress-allow", self.log_address(),
         )  # fmt: skip
         served = Served(
             enclave["EnclaveID"],
@@ -388,6 +456,7 @@ def _new_stack(
     stack = Stack(directory, store_db or str(directory / "records.db"), image, policy)
     stack.start_kms()
     stack.start_store()
+    stack.start_log()
     return stack
 
 
@@ -413,10 +482,16 @@ def _restart_keeps_keys(stack: Stack) -> None:
     status, created, put, _ = _call(
         image, first, acme.create(), acme.put("insights/app-usage", material), acme.enable()
     )
+    anchor = status.pop("anchor")
     assert status == {
         "state": "ready", "store_id": STORE_ID, "root_key": "generated", "kms_calls": 1,
         "access_policy": AccessPolicy.from_json(ACCESS_POLICY).digest.hex(),
     }  # fmt: skip
+    # A first boot: the genesis state (the root-key record) logged and witnessed.
+    assert anchor["mode"] == "deferred"
+    assert (anchor["sequence"], anchor["logged_sequence"], anchor["records"]) == (0, 0, 1)
+    assert anchor["key"].startswith("sha256:")
+    assert anchor["last_anchored"] is not None
     assert created == {"tenant": "acme"}
     assert put["version"] == 1
     allowed = rf"allowed kms:(\w+) key={stack.key_id} caller=enclave for attested"
@@ -429,6 +504,7 @@ def _restart_keeps_keys(stack: Stack) -> None:
     stack.served.clear()
     stack.start_kms()
     stack.start_store()
+    stack.start_log()
     second = stack.boot()
     assert _call(image, second)[0]["root_key"] == "decrypted"
     calls = [("get_key", {"tenant": "acme", "name": "insights/app-usage"})] * 20
@@ -445,7 +521,8 @@ def _restart_keeps_keys(stack: Stack) -> None:
         ids = [r.id for r in client.scan(f"{STORE_ID}/")]
     tenant = f"{STORE_ID}/tenants/acme"
     assert [i for i in ids if "/audit/" not in i] == [
-        f"{STORE_ID}/root-key", f"{tenant}/admin", f"{tenant}/audit-head", f"{tenant}/keyring"
+        f"{STORE_ID}/anchor/state", f"{STORE_ID}/root-key", f"{tenant}/admin",
+        f"{tenant}/audit-head", f"{tenant}/keyring",
     ]  # fmt: skip
     assert len([i for i in ids if "/audit/" in i]) == 3 + 20  # three changes, twenty gets
 
@@ -785,39 +862,67 @@ def test_no_plaintext_key_bytes_in_the_store_the_proxy_logs_metrics_or_the_audit
     stack.stop_enclave(served)
 
 
-def test_rejects_a_keyring_the_host_swapped_in_from_another_tenant(stack: Stack) -> None:
+def _host(stack: Stack) -> SQLiteHost:
+    """The host's hand on the stack's record store database, under the running server."""
+    return SQLiteHost(Path(stack.store_db))
+
+
+def test_rejects_records_the_host_swapped_flipped_or_replayed_and_returns_nothing(
+    stack: Stack,
+) -> None:
+    """Acceptance 3 end to end, against the running enclave: another tenant's keyring
+    swapped in, a byte flipped in the database file (the listing's digest left as it was),
+    and an older version of the keyring written back; each is refused by the anchored state
+    (StoreStateMismatchError) and no key is returned. Put back as they were, they serve."""
     material = secrets.token_bytes(32)
     served = stack.served[0]
     victim, attacker = Admin("victim"), Admin("attacker")
     _call(
         stack.image, served, victim.create(), victim.enable(), attacker.create(),
-        attacker.put("insights/a", material),
+        attacker.put("insights/a", material), victim.put("insights/a", material),
     )  # fmt: skip
-    with stack.store_client() as client:
-        theirs = client.get(f"{STORE_ID}/tenants/attacker/keyring")
-        record = f"{STORE_ID}/tenants/victim/keyring"
-        client.put(record, theirs.data, client.get(record).version)
-    (swapped,) = _service_call(
-        stack, served, ("get_key", {"tenant": "victim", "name": "insights/a"})
-    )
-    assert isinstance(swapped, RPCError)
-    assert swapped.remote_message.startswith("RecordAuthenticationError: ")
-    assert material.hex() not in swapped.remote_message
+    host = _host(stack)
+    record = f"{STORE_ID}/tenants/victim/keyring"
+    older = host.row(record)
+    _call(stack.image, served, victim.rotate("insights/a"))
+    kept = host.row(record)
+    theirs = host.row(f"{STORE_ID}/tenants/attacker/keyring")
+    flipped = bytearray(kept[1])
+    flipped[len(flipped) // 2] ^= 1
+    attacks = {
+        "swapped": (kept[0], *theirs[1:]),
+        "flipped": (kept[0], bytes(flipped), *kept[2:]),
+        "replayed": older,
+    }
+    get = ("get_key", {"tenant": "victim", "name": "insights/a"})
+    for attack, row in attacks.items():
+        host.set_row(record, row)
+        try:
+            (refused,) = _service_call(stack, served, get)
+        finally:
+            host.set_row(record, kept)
+        assert isinstance(refused, RPCError), attack
+        assert refused.remote_message.startswith(
+            f"StoreStateMismatchError: record {record!r}: state sequence "
+        ), (attack, refused.remote_message)
+        assert material.hex() not in refused.remote_message
+    assert "(an older version replayed)" in refused.remote_message
+    (fetched,) = _service_call(stack, served, get)
+    assert fetched["version"] == 2
 
 
 def test_refuses_to_serve_when_the_host_edited_the_kept_root_key_blob(stack: Stack) -> None:
     record_id = f"{STORE_ID}/root-key"
-    with stack.store_client() as client:
-        kept = client.get(record_id)
-        edited = bytearray(kept.data)
-        edited[len(edited) // 2] ^= 1
-        version = client.put(record_id, bytes(edited), kept.version)
+    host = _host(stack)
+    kept = host.row(record_id)
+    edited = bytearray(kept[1])
+    edited[len(edited) // 2] ^= 1
+    host.set_row(record_id, (kept[0], bytes(edited), *kept[2:]))
     try:
         served = stack.boot()
         status, refused = _call(stack.image, served, ("describe", {"tenant": "acme"}))
     finally:
-        with stack.store_client() as client:
-            client.put(record_id, kept.data, version)
+        host.set_row(record_id, kept)  # as it was: the anchored state still matches
     assert status["state"] == "failed"
     assert "RootKeyError: root key: KMS Decrypt of the blob kept in" in status["reason"]
     assert "InvalidCiphertextException" in status["reason"]
@@ -859,6 +964,7 @@ def test_up_runs_the_service_with_the_root_key_the_run_enclave_keeps(stack: Stac
         "--config", str(stack.image.bundle(stack.config())), "--aws-credentials-env",
         "--egress-allow", f"127.0.0.1:{stack.kms_port}",
         "--egress-allow", stack.store.url.removeprefix("http://"),
+        "--egress-allow", stack.log_address(),
         "--trust-out", str(trust),
         env=env,
     )  # fmt: skip
@@ -899,3 +1005,94 @@ def test_a_client_sees_in_the_handshake_which_logged_policy_is_in_force(stack: S
     assert isinstance(logged.signed.statement, PolicyStatement)
     assert logged.signed.statement.digest == in_config == status["access_policy"]
     stack.stop_enclave(served)
+
+
+def _anchored(stack: Stack, served: Served) -> dict[str, Any]:
+    """``status``'s anchor once the newest state is in the log and witnessed (the deferred
+    timer ran), waited for over one admin session."""
+
+    async def run() -> dict[str, Any]:
+        async with await _session(stack.image, served) as session:
+            deadline = time.monotonic() + 120
+            while True:
+                status: dict[str, Any] = await session.call("status")
+                anchor: dict[str, Any] = status["anchor"]
+                settled = anchor["logged_sequence"] == anchor["sequence"]
+                if (settled and anchor["pending_writes"] == 0) or time.monotonic() > deadline:
+                    return anchor
+                await asyncio.sleep(0.2)
+
+    return asyncio.run(run())
+
+
+def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
+    stack: Stack,
+) -> None:
+    """Acceptance 3's whole-store attacks from the host side, through real enclaves: the
+    record store's database restored from a snapshot taken before a write (the log shows a
+    newer state: StoreRollbackError naming both), and that snapshot shown with a copy of
+    the log from the same moment (consistent, both old: only the witness cosignature's age
+    by the enclave's NSM clock shows it, StaleCheckpointError). Neither boot serves; an
+    honest restart then serves every version of the key. Last in the module: it replaces
+    the shared enclave."""
+    served = stack.served[0]
+    host = _host(stack)
+    admin = Admin("rollback")
+    name = "insights/r"
+    first_key, second_key = secrets.token_bytes(32), secrets.token_bytes(32)
+    _call(stack.image, served, admin.create(), admin.put(name, first_key), admin.enable())
+    before = _anchored(stack, served)
+    snapshot = host.snapshot()
+    old_log = stack.directory / "withheld-log.db"
+    with sqlite3.connect(stack.log_db, timeout=30) as live, sqlite3.connect(old_log) as copy:
+        live.backup(copy)
+    _call(stack.image, served, admin.put(name, second_key))
+    after = _anchored(stack, served)
+    assert after["sequence"] > before["sequence"]
+    stack.stop_enclave(served)
+    current = host.snapshot()
+    assert stack.log_keys is not None
+    stale = LogServerProcess(str(old_log), stack.log_keys).start()
+    max_age = 5
+    try:
+        host.restore(snapshot)
+        restored = stack.boot()
+        rolled_back = _call(stack.image, restored, ("describe", {"tenant": "rollback"}))
+        stack.stop_enclave(restored)
+        with stack.log_client(stale.url) as withheld, stack.log_client() as honest:
+            cosigned = withheld.witnessed_checkpoint(1)
+            assert cosigned is not None
+            then = cosigned.cosignatures[0].timestamp
+            _wait_for(lambda: _witnessed_after(honest, then + max_age))
+        stack.log_url, stack.anchor = stale.url, {**stack.anchor, "max_age": max_age}
+        hidden = stack.boot()
+        withholding = _call(stack.image, hidden, ("describe", {"tenant": "rollback"}))
+        stack.stop_enclave(hidden)
+    finally:
+        stack.log_url, stack.anchor = None, {**stack.anchor, "max_age": 120}
+        host.restore(current)
+        stale.stop()
+    for status, refused in (rolled_back, withholding):
+        assert status["state"] == "failed"
+        assert isinstance(refused, RPCError)
+        assert "did not start: " in refused.remote_message
+    reason = rolled_back[0]["reason"]
+    assert reason.startswith("service: did not start: StoreRollbackError: "), reason
+    assert f"store 'store-eu1' is at state sequence {before['sequence']} " in reason
+    assert f"newest state for it is sequence {after['sequence']} " in reason
+    reason = withholding[0]["reason"]
+    assert reason.startswith("service: did not start: StaleCheckpointError: "), reason
+    assert f"size {cosigned.size}" in reason
+    assert f"state record is at sequence {before['sequence']} " in reason
+
+    honest = stack.boot()
+    stack.served.insert(0, honest)
+    status = _call(stack.image, honest)[0]
+    assert status["state"] == "ready", status
+    assert status["anchor"]["sequence"] >= after["sequence"]
+    keys = _service_call(
+        stack, honest,
+        ("get_key", {"tenant": "rollback", "name": name, "version": 1}),
+        ("get_key", {"tenant": "rollback", "name": name}),
+    )  # fmt: skip
+    assert [(k["version"], k["material"]) for k in keys] == [(1, first_key), (2, second_key)]

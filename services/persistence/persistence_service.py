@@ -24,7 +24,19 @@ which policy and which peer trust are in force)::
                      "access_policy": {...}, "access_policy_endorsement": {...},
                      "peers": {<trust file: nitro_root, log, publishers>}}}
 
-The record store is plain HTTP through the egress: the parent sees only sealed records.
+    "persistence": {..., "anchor": {"log": "host:port", "log_key": "<vkey>",
+                                    "witnesses": ["<vkey>"], "threshold": 1,
+                                    "max_age": 300, "mode": "deferred"|"anchored",
+                                    "interval": 30, "writes": 64}}
+
+The record store and the log are plain HTTP through the egress: the parent sees only
+sealed records and signed state statements. After the root key, the store is opened
+anchored (:mod:`hermetic.persistence.anchor`): checked against the newest state statement
+in the log under a checkpoint the witnesses cosigned recently by the enclave's trusted
+clock (the NSM document's timestamp, not the host's clock). If the check fails (an older
+database restored, records edited, the newest statements withheld) the service refuses to
+serve and ``status`` says which state it expected. Every read and write then goes through
+the anchored store; in ``deferred`` mode a timer anchors the newest state.
 """
 
 from __future__ import annotations
@@ -33,10 +45,11 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hermetic.attestation.codec import decode as decode_document
 from hermetic.channel.session import VerifyEvidence
 from hermetic.client import ClientTrust, ServicePolicy, VerifiedPeer, verify_evidence
 from hermetic.enclave import App
-from hermetic.enclave.app import EnclaveContext
+from hermetic.enclave.app import BoundNSM, EnclaveContext
 from hermetic.enclave.kmsaccess import EgressForwarder, bring_up_loopback
 from hermetic.errors import (
     AccessPolicyError,
@@ -45,14 +58,20 @@ from hermetic.errors import (
     RecordServiceError,
     ServiceError,
 )
+from hermetic.persistence.anchor import AnchoredStore
+from hermetic.persistence.keys import RootKey
 from hermetic.persistence.policy import AccessPolicy
 from hermetic.persistence.service import (
+    AnchorSchedule,
+    AnchorSettings,
     Caller,
     GuardedPersistence,
     PersistenceService,
     PersistenceSettings,
 )
 from hermetic.store.client import RecordStoreClient
+from hermetic.translog.client import LogClient
+from hermetic.translog.note import NoteVerifier, parse_vkey
 from hermetic.translog.release import (
     PERSISTENCE_POLICY_V1,
     Endorsement,
@@ -150,16 +169,36 @@ def _caller() -> Caller:
     return Caller(True, peer.service, peer.version, pcr0.hex() if pcr0 else None)
 
 
-def _store_endpoint(values: dict[str, Any]) -> HostPort:
-    endpoint = _section(values).get("store")
+def _endpoint(endpoint: object, field: str) -> HostPort:
     if not isinstance(endpoint, str):
-        raise PersistenceConfigError(
-            f"config persistence.store: expected 'host:port', got {endpoint!r}"
-        )
+        raise PersistenceConfigError(f"{field}: expected 'host:port', got {endpoint!r}")
     try:
-        return parse_hostport(endpoint, field="config persistence.store")
+        return parse_hostport(endpoint, field=field)
     except HermeticError as exc:
         raise PersistenceConfigError(str(exc)) from None
+
+
+def _store_endpoint(values: dict[str, Any]) -> HostPort:
+    return _endpoint(_section(values).get("store"), "config persistence.store")
+
+
+def _vkey(text: str, field: str) -> NoteVerifier:
+    try:
+        return parse_vkey(text)
+    except HermeticError as exc:
+        raise PersistenceConfigError(f"{field}: {type(exc).__name__}: {exc}") from None
+
+
+def trusted_clock(nsm: BoundNSM) -> Callable[[], float]:
+    """Unix seconds from a fresh NSM attestation document (its timestamp is milliseconds):
+    the enclave's clock, which the host cannot set, so a stale checkpoint cannot be made to
+    look recent by turning the parent's clock back."""
+
+    def clock() -> float:
+        _, document = decode_document(nsm.attest())
+        return document.timestamp / 1000
+
+    return clock
 
 
 async def _wait_for_store(store: RecordStoreClient) -> None:
@@ -187,15 +226,33 @@ async def obtain_root_key() -> GuardedPersistence:
     settings = PersistenceSettings.from_config(context.config.values)
     policy = access_policy(context.config.values, settings.store_id)
     endpoint = _store_endpoint(context.config.values)
+    anchoring = AnchorSettings.from_config(context.config.values)
+    log_endpoint = _endpoint(anchoring.log, "config persistence.anchor.log")
+    log_key = _vkey(anchoring.log_key, "config persistence.anchor.log_key")
+    witnesses = [_vkey(w, "config persistence.anchor.witnesses") for w in anchoring.witnesses]
     kms = context.kms
     if kms is None:
         raise PersistenceConfigError("config kms: expected a KMS section, got none")
     bring_up_loopback()  # done already for KMS; kept so the store never depends on it
     forwarder = EgressForwarder(endpoint, connect_proxy=False)
     port = await asyncio.to_thread(forwarder.start)
+    log_forwarder = EgressForwarder(log_endpoint, connect_proxy=False)
+    log_port = await asyncio.to_thread(log_forwarder.start)
     store = RecordStoreClient(f"http://127.0.0.1:{port}")
+    log = LogClient(f"http://127.0.0.1:{log_port}", log_key, witnesses, anchoring.threshold)
+    clock = trusted_clock(context.nsm)
     await _wait_for_store(store)
-    service = await asyncio.to_thread(PersistenceService.boot, kms, store, settings)
+
+    def open_anchored(root: RootKey) -> AnchorSchedule:
+        anchored = AnchoredStore.open(
+            store, root, settings.store_id, log, clock,
+            max_age=anchoring.max_age, mode=anchoring.mode,
+        )  # fmt: skip
+        return AnchorSchedule(anchored, clock, interval=anchoring.interval, writes=anchoring.writes)
+
+    service = await asyncio.to_thread(PersistenceService.boot, kms, store, settings, open_anchored)
+    if service.anchor is not None:
+        service.anchor.start()
     return GuardedPersistence(service, policy)
 
 

@@ -34,14 +34,22 @@ enabled. Every fetch, refusal and change is appended to the tenant's hash-chaine
 trail (:mod:`hermetic.persistence.audit`) before the call returns; a fetch whose audit
 entry cannot be written is refused, so no key leaves unrecorded.
 
-**Not yet** (issue 10): the expected counters come from the untrusted store's own versions
-until the store state is anchored in the log (item 5), so a host restoring an older admin
-record (older counter) or audit trail is not detected here yet.
+**Rollback.** The enclave boots with :meth:`PersistenceService.boot` given an ``anchor``
+opener: the root-key record is read with the plain store (the state key derives from the
+root), then the store is opened as an :class:`~hermetic.persistence.anchor.AnchoredStore`,
+checked against the newest state statement in the witnessed log, and every later read and
+write (keyrings, admin records, audit trails, records) goes through it, wrapped in an
+:class:`AnchorSchedule` that anchors the newest state on a timer and after N writes in
+``deferred`` mode. So the expected counters are the anchored state's versions, not the
+untrusted store's word: a host restoring an older admin record, keyring or audit trail is
+refused (:class:`~hermetic.errors.AnchorError`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +74,7 @@ from hermetic.errors import (
     VersionConflictError,
 )
 from hermetic.persistence.admin import AdminRequest, check_admin_key, check_feature
+from hermetic.persistence.anchor import AnchoredStore, AnchorMode
 from hermetic.persistence.audit import AuditEntry, AuditHead, genesis_hash, verify_audit_trail
 from hermetic.persistence.keyring import Keyring, KeyringState
 from hermetic.persistence.keys import (
@@ -82,6 +91,8 @@ from hermetic.store.records import Record
 
 __all__ = [
     "CAS_ATTEMPTS",
+    "AnchorSchedule",
+    "AnchorSettings",
     "AuditTrail",
     "Caller",
     "GuardedPersistence",
@@ -92,6 +103,8 @@ __all__ = [
     "TenantAdmin",
     "obtain_root_key",
 ]
+
+log = logging.getLogger("hermetic.persistence")
 
 SERVICE_CONTEXT = "hermetic-persistence"
 CAS_ATTEMPTS = 8
@@ -169,6 +182,217 @@ class PersistenceSettings:
 
 
 @dataclass(frozen=True)
+class AnchorSettings:
+    """The ``persistence.anchor`` section: which log the store state is anchored in (its
+    address, its key and the witnesses whose cosignatures make a checkpoint count) and how.
+
+    ``mode`` ``deferred`` (default) acknowledges a write once it is stored and anchors the
+    newest state every ``interval`` seconds and after ``writes`` writes; ``anchored``
+    acknowledges a write only once a witnessed checkpoint includes its state. ``max_age``
+    bounds how old, by the enclave's trusted clock, the newest cosignature may be (the
+    window of docs/persistence.md, "Rollback detection"). The vkeys and the address are
+    checked by the enclave edge, which parses them.
+    """
+
+    log: str
+    log_key: str
+    witnesses: tuple[str, ...]
+    threshold: int = 1
+    max_age: int = 300
+    mode: AnchorMode = "deferred"
+    interval: float = 30.0
+    writes: int = 64
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> AnchorSettings:
+        persistence = values.get("persistence")
+        section = persistence.get("anchor") if isinstance(persistence, dict) else None
+        where = "config persistence.anchor"
+        if not isinstance(section, dict):
+            raise PersistenceConfigError(
+                f"{where}: expected an object naming the log the store state is anchored in"
+                f" (log, log_key, witnesses), got {type(section).__name__}"
+            )
+        known = {"log", "log_key", "witnesses", "threshold", "max_age", "mode", "interval",
+                 "writes"}  # fmt: skip
+        unknown = sorted(str(k) for k in set(section) - known)
+        if unknown:
+            raise PersistenceConfigError(f"{where}: unknown fields {unknown}")
+        log_address = section.get("log")
+        if not isinstance(log_address, str) or not log_address:
+            raise PersistenceConfigError(f"{where}.log: expected 'host:port', got {log_address!r}")
+        log_key = section.get("log_key")
+        if not isinstance(log_key, str) or not log_key:
+            raise PersistenceConfigError(
+                f"{where}.log_key: expected the log's verifier key, got {log_key!r}"
+            )
+        witnesses = section.get("witnesses")
+        if (
+            not isinstance(witnesses, list)
+            or not witnesses
+            or not all(isinstance(w, str) and w for w in witnesses)
+        ):
+            raise PersistenceConfigError(
+                f"{where}.witnesses: expected a non-empty list of witness verifier keys,"
+                f" got {witnesses!r}"
+            )
+        threshold = section.get("threshold", 1)
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int)
+            or not 1 <= threshold <= len(witnesses)
+        ):
+            raise PersistenceConfigError(
+                f"{where}.threshold: expected 1..{len(witnesses)} (the witnesses listed),"
+                f" got {threshold!r}"
+            )
+        max_age = section.get("max_age", 300)
+        if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1:
+            raise PersistenceConfigError(f"{where}.max_age: expected seconds >= 1, got {max_age!r}")
+        mode = section.get("mode", "deferred")
+        if mode not in ("deferred", "anchored"):
+            raise PersistenceConfigError(
+                f"{where}.mode: expected 'deferred' or 'anchored', got {mode!r}"
+            )
+        interval = section.get("interval", 30.0)
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not 0 < interval <= 86400
+        ):
+            raise PersistenceConfigError(
+                f"{where}.interval: expected seconds in (0, 86400], got {interval!r}"
+            )
+        writes = section.get("writes", 64)
+        if isinstance(writes, bool) or not isinstance(writes, int) or writes < 1:
+            raise PersistenceConfigError(
+                f"{where}.writes: expected an integer >= 1, got {writes!r}"
+            )
+        return cls(
+            log_address, log_key, tuple(witnesses), threshold, max_age, mode, float(interval),
+            writes,
+        )  # fmt: skip
+
+
+class AnchorSchedule:
+    """The anchored store as the service uses it: reads and writes go to the
+    :class:`~hermetic.persistence.anchor.AnchoredStore`; in ``deferred`` mode a background
+    thread calls ``anchor()`` every ``interval`` seconds when writes are pending, and at
+    once after ``writes`` writes, so the window in which a rollback of the newest writes
+    goes unseen is bounded by the interval (plus the witness round and ``max_age``).
+
+    ``clock`` is the enclave's trusted clock (NSM document timestamp); ``last_anchored`` is
+    its reading when the newest state was last seen witnessed.
+    """
+
+    def __init__(
+        self,
+        anchored: AnchoredStore,
+        clock: Callable[[], float],
+        *,
+        interval: float = 30.0,
+        writes: int = 64,
+    ) -> None:
+        self.anchored = anchored
+        self._clock = clock
+        self.interval = interval
+        self.writes = writes
+        self._lock = threading.Lock()
+        self._due = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        state = anchored.state()
+        logged = state.logged_sequence == state.sequence
+        self._pending = 0 if logged else 1
+        self._last_anchored: float | None = clock() if logged else None
+        self._last_error: str | None = None
+
+    def __repr__(self) -> str:
+        return f"AnchorSchedule({self.anchored!r})"
+
+    @property
+    def mode(self) -> AnchorMode:
+        return self.anchored.mode
+
+    def get(self, record_id: str) -> Record:
+        return self.anchored.get(record_id)
+
+    def put(self, record_id: str, data: bytes, expected_version: int | None) -> int:
+        version = self.anchored.put(record_id, data, expected_version)
+        with self._lock:
+            if self.anchored.mode == "anchored":
+                self._pending = 0
+                self._last_anchored = self._clock()
+            else:
+                self._pending += 1
+                if self._pending >= self.writes:
+                    self._due.set()
+        return version
+
+    def anchor(self) -> None:
+        """Anchor the newest state now and wait for the witness (what the timer runs)."""
+        with self._lock:
+            pending = self._pending
+        self.anchored.anchor()
+        now = self._clock()
+        with self._lock:
+            self._pending = max(0, self._pending - pending)
+            self._last_anchored = now
+            self._last_error = None
+
+    def start(self) -> None:
+        """Start the timer thread (``deferred`` mode; a daemon: the enclave's life is its)."""
+        if self.anchored.mode != "deferred" or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="anchor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._due.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.anchored.witness_timeout + 5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._due.wait(self.interval)
+            self._due.clear()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                pending = self._pending
+            if not pending:
+                continue
+            try:
+                self.anchor()
+            except HermeticError as exc:
+                # Kept for status; the next round tries again (a failed check also makes
+                # every read and write re-check, and refuse, until the store matches).
+                with self._lock:
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("anchor: %s", self._last_error)
+
+    def status(self) -> dict[str, Any]:
+        """The anchored state (sequence, root, log index, key, mode, last anchored time), or
+        the check's error when the store no longer matches its state."""
+        state = self.anchored.state()
+        with self._lock:
+            pending, last, error = self._pending, self._last_anchored, self._last_error
+        return {
+            "mode": self.anchored.mode,
+            "sequence": state.sequence,
+            "root": state.root.hex(),
+            "records": state.records,
+            "logged_sequence": state.logged_sequence,
+            "log_index": state.log_index,
+            "key": state.key,
+            "last_anchored": None if last is None else int(last),
+            "pending_writes": pending,
+            "last_error": error,
+        }
+
+
+@dataclass(frozen=True)
 class RootKeyOrigin:
     """How this boot got its root: ``generated`` (first boot) or ``decrypted``, and how many
     KMS calls that took."""
@@ -240,16 +464,30 @@ class PersistenceService:
     store: RecordStore
     settings: PersistenceSettings
     origin: RootKeyOrigin
+    anchor: AnchorSchedule | None = None
+    """The anchored store ``store`` is (the enclave always has one; in-process tests of the
+    operations may run without)."""
 
     def __repr__(self) -> str:
         return f"PersistenceService(store_id={self.settings.store_id!r}, <redacted>)"
 
     @classmethod
     def boot(
-        cls, kms: KeyRelease, store: RecordStore, settings: PersistenceSettings
+        cls,
+        kms: KeyRelease,
+        store: RecordStore,
+        settings: PersistenceSettings,
+        anchor: Callable[[RootKey], AnchorSchedule] | None = None,
     ) -> PersistenceService:
+        """The root key (read with the plain ``store``: the state key derives from it), then,
+        given ``anchor``, the store opened anchored and checked against the log; every later
+        read and write goes through it. A failed check raises its
+        :class:`~hermetic.errors.AnchorError` and nothing is served."""
         root, origin = obtain_root_key(kms, store, settings)
-        return cls(root, store, settings, origin)
+        if anchor is None:
+            return cls(root, store, settings, origin)
+        schedule = anchor(root)
+        return cls(root, schedule, settings, origin, schedule)
 
     # --- record ids ----------------------------------------------------------------------
 
@@ -374,12 +612,18 @@ class PersistenceService:
 
     def status(self) -> dict[str, Any]:
         """What a test or an operator may see: no key material."""
-        return {
+        ready: dict[str, Any] = {
             "state": "ready",
             "store_id": self.settings.store_id,
             "root_key": self.origin.source,
             "kms_calls": self.origin.kms_calls,
         }
+        if self.anchor is None:
+            return ready
+        try:
+            return {**ready, "anchor": self.anchor.status()}
+        except HermeticError as exc:  # the store stopped matching its anchored state
+            return {"state": "failed", "reason": f"{type(exc).__name__}: {exc}"}
 
 
 # --- the guarded layer: admin signatures, the access policy, the audit trail ---------------
