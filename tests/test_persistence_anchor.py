@@ -48,6 +48,7 @@ from hermetic.persistence.anchor import (
     state_signing_key,
 )
 from hermetic.persistence.keys import RootKey
+from hermetic.persistence.service import AnchorSchedule
 from hermetic.store.client import RecordStoreClient
 from hermetic.store.records import Record, RecordInfo
 from hermetic.translog.client import LogClient
@@ -757,3 +758,46 @@ def test_refuses_a_log_client_that_requires_no_witness(deployment: Deployment) -
     d.clients.append(unwitnessed)
     with pytest.raises(PersistenceUsageError, match="at least one witness cosignature"):
         AnchoredStore.open(d.store(), d.root, d.store_id, unwitnessed, time.time)
+
+
+# --- the service's schedule -------------------------------------------------------------------
+
+
+def _settled(schedule: AnchorSchedule) -> dict[str, Any] | None:
+    status = schedule.status()
+    return status if status["pending_writes"] == 0 else None
+
+
+def test_the_service_schedule_anchors_after_n_writes_and_on_its_timer(
+    deployment: Deployment,
+) -> None:
+    """Deferred mode as the service runs it: the N-th write makes the thread anchor at once
+    (the timer is an hour away), and with a short timer one write is anchored without any
+    more; each time the statement is in a checkpoint the witness cosigned."""
+    d = deployment
+    by_count = AnchorSchedule(d.open(), time.time, interval=3600, writes=2)
+    by_count.start()
+    try:
+        by_count.put(d.rid("a"), b"a1", None)
+        assert by_count.status()["pending_writes"] == 1
+        by_count.put(d.rid("b"), b"b1", None)
+        counted = _wait_for(lambda: _settled(by_count))
+    finally:
+        by_count.stop()
+    assert counted["logged_sequence"] == counted["sequence"] == 2
+    assert counted["last_anchored"] is not None
+    assert counted["last_error"] is None
+    with d.log() as log:
+        checkpoint = log.witnessed_checkpoint(1)
+        assert checkpoint is not None
+        assert checkpoint.size > counted["log_index"]
+
+    by_timer = AnchorSchedule(d.open(), time.time, interval=0.2, writes=1000)
+    by_timer.start()
+    try:
+        by_timer.put(d.rid("c"), b"c1", None)
+        timed = _wait_for(lambda: _settled(by_timer))
+    finally:
+        by_timer.stop()
+    assert timed["logged_sequence"] == timed["sequence"] == 3
+    assert timed["mode"] == "deferred"
