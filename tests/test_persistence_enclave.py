@@ -1085,7 +1085,13 @@ def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
     assert f"size {cosigned.size}" in reason
     assert f"state record is at sequence {before['sequence']} " in reason
 
-    honest = stack.boot()
+    # The honest restart, in anchored mode: a write is acknowledged only once its state is
+    # in a checkpoint the witness cosigned.
+    stack.anchor = {**stack.anchor, "mode": "anchored"}
+    try:
+        honest = stack.boot()
+    finally:
+        stack.anchor = {k: v for k, v in stack.anchor.items() if k != "mode"}
     stack.served.insert(0, honest)
     status = _call(stack.image, honest)[0]
     assert status["state"] == "ready", status
@@ -1096,3 +1102,12 @@ def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
         ("get_key", {"tenant": "rollback", "name": name}),
     )  # fmt: skip
     assert [(k["version"], k["material"]) for k in keys] == [(1, first_key), (2, second_key)]
+    _, rotated, acknowledged = _call(stack.image, honest, admin.rotate(name), ("status", None))
+    assert rotated["version"] == 3
+    anchor = acknowledged["anchor"]
+    assert anchor["mode"] == "anchored"
+    assert anchor["logged_sequence"] == anchor["sequence"] > status["anchor"]["sequence"]
+    with stack.log_client() as log:
+        checkpoint = log.witnessed_checkpoint(1)
+        assert checkpoint is not None
+        assert checkpoint.size > anchor["log_index"]
