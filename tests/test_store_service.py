@@ -369,3 +369,21 @@ def test_client_checks_input_before_sending_and_reports_unreachable_servers() ->
         pytest.raises(RecordServiceError, match=r"127\.0\.0\.1:9"),
     ):
         nowhere.get("k")
+
+
+def test_bound_socket_hands_out_connections_with_nagle_off() -> None:
+    """uvicorn writes an answer's headers and body separately: with Nagle on, the body waits
+    for the client's delayed ACK on every kept-alive request (``service.bind``)."""
+    import socket
+
+    from hermetic.store import service
+
+    with (
+        service.bind("127.0.0.1", 0) as server,
+        socket.create_connection(server.getsockname()[:2]) as client,
+    ):
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            client.sendall(b"x")
+            assert accepted.recv(1) == b"x"
