@@ -50,7 +50,14 @@ class Goal:
 
     @property
     def margin(self) -> float:
-        """How far inside the limit the figure is, as a fraction of it (< 0 when missed)."""
+        """How far inside the limit the figure is, as a fraction of it (< 0 when missed).
+
+        A limit of zero (a count that must stay at none, e.g. KMS calls in steady state)
+        has no fraction: its margin is 1 when met and -1 when missed, since an exact count
+        is not eaten by run-to-run noise.
+        """
+        if self.limit == 0:
+            return 1.0 if self.met else -1.0
         if self.compare in ("<", "<="):
             return (self.limit - self.measured) / self.limit
         return (self.measured - self.limit) / self.limit
