@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from helpers import act_as_enclave
-from hermetic.proxy.server import ProxyOptions, ServiceProxy
+from hermetic.errors import UsageError
+from hermetic.proxy.server import Forward, ProxyOptions, ServiceProxy, parse_forward
 from hermetic.transport import vsock
 from hermetic.transport.tcp import HostPort
 
@@ -167,3 +168,128 @@ def test_pump_moves_every_byte_in_order_and_counts_them(
     assert counter._value.get() == len(data)
     # spliced: ~2 calls per chunk; refused: one attempt that way, then every byte copied
     assert len(calls) > 10 if refused == "nothing" else len(calls) == {"reading": 1}.get(refused, 2)
+
+
+async def test_each_forward_relays_its_clients_to_its_own_enclave_port() -> None:
+    """One proxy relays several of the enclave's ports (persistence: NX 5000, XX 5001)."""
+
+    def answering(port: int) -> Any:
+        async def answer(stream: vsock.VsockStream) -> None:
+            request = await stream.reader.readexactly(1)
+            stream.writer.write(request + str(port).encode())
+            await stream.writer.drain()
+            await stream.reader.read()
+            await stream.aclose()
+
+        return answer
+
+    listeners = [await vsock.listen(16, port, answering(port)) for port in (5000, 5001, 5002)]
+    options = ProxyOptions(
+        cid=16,
+        service_port=5001,
+        listen=HostPort("127.0.0.1", 0),
+        forwards=(Forward(5000, HostPort("127.0.0.1", 0)), Forward(5002, HostPort("127.0.0.1", 0))),
+    )
+    async with ServiceProxy(options) as proxy:
+        assert proxy.tcp_address is not None
+        assert sorted(proxy.forward_addresses) == [5000, 5002]
+        targets = {5001: proxy.tcp_address, **proxy.forward_addresses}
+        assert len({address.port for address in targets.values()}) == 3
+        for port, address in targets.items():
+            reader, writer = await asyncio.open_connection("127.0.0.1", address.port)
+            writer.write(b"?")
+            assert await asyncio.wait_for(reader.readexactly(5), 5) == b"?" + str(port).encode()
+            writer.close()
+    for listener in listeners:
+        await listener.aclose()
+
+
+def test_rejects_two_listeners_relaying_one_enclave_port() -> None:
+    anywhere = HostPort("127.0.0.1", 0)
+    with pytest.raises(UsageError, match="got port 5000 more than once"):
+        ProxyOptions(
+            cid=16, service_port=5000, listen=anywhere, forwards=(Forward(5000, anywhere),)
+        )
+    with pytest.raises(UsageError, match="got port 5001 more than once"):
+        ProxyOptions(
+            cid=16, service_port=5000, forwards=(Forward(5001, anywhere), Forward(5001, anywhere))
+        )
+    # Without --listen the primary port is not relayed, so a forward may name it.
+    assert ProxyOptions(cid=16, service_port=5000, forwards=(Forward(5000, anywhere),))
+
+
+@pytest.mark.parametrize(
+    "spec", ["5000", "=127.0.0.1:1", "x=127.0.0.1:1", "0=127.0.0.1:1", "-1=127.0.0.1:1",
+             "5000=127.0.0.1", "5000=127.0.0.1:70000"],
+)  # fmt: skip
+def test_rejects_malformed_forward_specs_naming_the_option(spec: str) -> None:
+    with pytest.raises(UsageError, match="--forward"):
+        parse_forward(spec)
+
+
+def test_parses_a_forward_spec() -> None:
+    assert parse_forward("5000=127.0.0.1:0") == Forward(5000, HostPort("127.0.0.1", 0))
+    assert parse_forward("5001=[::1]:8443").listen == HostPort("::1", 8443)
+
+
+async def test_proxy_command_relays_each_forward_and_prints_its_address(
+    tmp_path: Path,
+) -> None:
+    """``hermetic proxy --forward PORT=HOST:PORT`` (repeatable) next to ``--port/--listen``."""
+    import json
+    import subprocess
+    import sys
+
+    def answering(port: int) -> Any:
+        async def answer(stream: vsock.VsockStream) -> None:
+            stream.writer.write(str(port).encode())
+            await stream.writer.drain()
+            await stream.reader.read()
+            await stream.aclose()
+
+        return answer
+
+    listeners = [await vsock.listen(16, port, answering(port)) for port in (5000, 5001)]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hermetic", "proxy", "--cid", "16", "--port", "5001",
+        "--listen", "127.0.0.1:0", "--forward", "5000=127.0.0.1:0",
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ),
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        text = ""
+        while True:
+            line = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert line, "hermetic proxy exited before printing its addresses"
+            text += line.decode()
+            try:
+                addresses = json.loads(text)
+                break
+            except ValueError:
+                continue
+        assert set(addresses["forwards"]) == {"5000"}
+        targets = {5001: addresses["tcp"], 5000: addresses["forwards"]["5000"]}
+        for port, address in targets.items():
+            host, _, number = address.rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(number))
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == str(port).encode()
+            writer.close()
+    finally:
+        process.terminate()
+        await process.wait()
+        for listener in listeners:
+            await listener.aclose()
+
+
+def test_proxy_command_refuses_a_malformed_forward() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "hermetic", "proxy", "--cid", "16", "--port", "5001",
+         "--forward", "5000"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--forward: expected PORT=HOST:PORT" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -22,7 +22,7 @@ from hermetic.cli import echo_json
 from hermetic.cli._options import EXISTING_FILE, FILE, boot_input_options, read_input
 from hermetic.errors import UsageError
 from hermetic.launcher import nitro, records
-from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of
+from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of, parse_forward
 from hermetic.transport.tcp import HostPort, parse_hostport
 
 no_sandbox_option = click.option(
@@ -245,12 +245,15 @@ async def _until_signal(*also: asyncio.Future[Any]) -> None:
             loop.remove_signal_handler(sig)
 
 
-def _addresses(proxy: ServiceProxy) -> dict[str, str | None]:
-    return {
+def _addresses(proxy: ServiceProxy) -> dict[str, Any]:
+    addresses: dict[str, Any] = {
         "tcp": str(proxy.tcp_address) if proxy.tcp_address else None,
         "websocket": f"ws://{proxy.ws_address}" if proxy.ws_address else None,
         "metrics": f"http://{proxy.metrics_address}/metrics" if proxy.metrics_address else None,
     }
+    if proxy.forward_addresses:
+        addresses["forwards"] = {str(p): str(a) for p, a in proxy.forward_addresses.items()}
+    return addresses
 
 
 _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
@@ -267,6 +270,13 @@ _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
     help="Service vsock port (default: the enclave's first port).",
 )
 @click.option("--listen", default=None, help=_LISTEN_HELP)
+@click.option(
+    "--forward",
+    "forwards",
+    multiple=True,
+    help="Also relay TCP clients of HOST:PORT to the enclave's vsock PORT, as "
+    "PORT=HOST:PORT (repeatable; port 0 picks a free port).",
+)
 @click.option(
     "--ws-listen",
     default=None,
@@ -290,6 +300,7 @@ def proxy(
     cid: int | None,
     service_port: int | None,
     listen: str | None,
+    forwards: tuple[str, ...],
     ws_listen: str | None,
     egress_allow: tuple[str, ...],
     metrics: str | None,
@@ -300,7 +311,9 @@ def proxy(
     """Run the parent-side service proxy for one enclave until Ctrl-C.
 
     Bridges TCP and WebSocket clients to the enclave's service port, blindly: they speak
-    the attested channel (Noise ciphertext) with the enclave itself. Also relays the
+    the attested channel (Noise ciphertext) with the enclave itself. Each `--forward
+    PORT=HOST:PORT` relays one more of the enclave's ports (one proxy serves an enclave's
+    egress, so it relays all of its ports). Also relays the
     enclave's egress (vsock port 8000, `CONNECT host:port`) to allowlisted destinations
     only, and exports telemetry. Prints the bound addresses as JSON once listening.
     """
@@ -325,6 +338,7 @@ def proxy(
         cid=cid,
         service_port=service_port,
         listen=_hostport(listen, "--listen"),
+        forwards=tuple(parse_forward(f) for f in forwards),
         ws_listen=_hostport(ws_listen, "--ws-listen"),
         egress_allow=frozenset(parse_hostport(a, field="--egress-allow") for a in allow),
         metrics=_hostport(metrics, "--metrics"),

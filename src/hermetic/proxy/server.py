@@ -30,12 +30,18 @@ from websockets.exceptions import ConnectionClosed
 
 from hermetic.channel.framing import MAX_FRAME_LEN, FrameDecoder, encode_frame
 from hermetic.enclave import boot
-from hermetic.errors import FrameError, FrameFormatError, HermeticError, PeerUnavailableError
+from hermetic.errors import (
+    FrameError,
+    FrameFormatError,
+    HermeticError,
+    PeerUnavailableError,
+    UsageError,
+)
 from hermetic.proxy.bootstrap import deliver_config
 from hermetic.proxy.metrics import ProxyMetrics
 from hermetic.proxy.relay import IngressRelay
 from hermetic.transport import egress, vsock
-from hermetic.transport.tcp import HostPort
+from hermetic.transport.tcp import HostPort, parse_hostport
 
 if TYPE_CHECKING:
     from hermetic.kms.client import KMSCredentials
@@ -51,12 +57,41 @@ WS_MESSAGE_TOO_BIG = 1009
 
 
 @dataclass(frozen=True)
+class Forward:
+    """One more TCP ingress: clients of ``listen`` are relayed to the enclave's ``port``.
+
+    An enclave may serve several ports (the persistence service: NX 5000 for admins, XX
+    5001 for services), and its egress can be relayed by one proxy only, since the proxy
+    listens on the enclave's vsock egress port: so one proxy relays them all.
+    """
+
+    port: int
+    listen: HostPort
+
+
+def parse_forward(text: str, *, field: str = "--forward") -> Forward:
+    """``PORT=HOST:PORT``: the enclave's vsock port, then the TCP address to listen on."""
+    port_text, sep, address = text.partition("=")
+    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 0xFFFFFFFF:
+        raise UsageError(
+            f"{field}: expected PORT=HOST:PORT with PORT the enclave's vsock port, got {text!r}"
+        )
+    return Forward(int(port_text), parse_hostport(address, field=field, allow_port_zero=True))
+
+
+@dataclass(frozen=True)
 class ProxyOptions:
-    """What one proxy serves. ``None`` listeners are not started."""
+    """What one proxy serves. ``None`` listeners are not started.
+
+    ``listen`` relays to ``service_port`` (TCP and WebSocket); ``forwards`` are further TCP
+    listeners, each relayed to its own enclave port. No two listeners may relay to the same
+    port (a second one would be a copy nobody asked for).
+    """
 
     cid: int
     service_port: int
     listen: HostPort | None = None
+    forwards: tuple[Forward, ...] = ()
     ws_listen: HostPort | None = None
     egress_allow: frozenset[HostPort] = frozenset()
     metrics: HostPort | None = None
@@ -66,6 +101,17 @@ class ProxyOptions:
     credentials: KMSCredentials | None = field(default=None, repr=False)
     """AWS credentials forwarded at boot (with ``serve_config``); memory only, never logged."""
     enclave_state: Callable[[], str] = field(default=lambda: "UNKNOWN")
+
+    def __post_init__(self) -> None:
+        ports = [f.port for f in self.forwards]
+        if self.listen is not None:
+            ports.append(self.service_port)
+        repeated = sorted({p for p in ports if ports.count(p) > 1})
+        if repeated:
+            raise UsageError(
+                f"--forward: expected each enclave port relayed by one listener, got port"
+                f" {', '.join(map(str, repeated))} more than once"
+            )
 
 
 class ServiceProxy:
@@ -77,8 +123,10 @@ class ServiceProxy:
         self.tcp_address: HostPort | None = None
         self.ws_address: HostPort | None = None
         self.metrics_address: HostPort | None = None
-        self._tcp: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
+        self.forward_addresses: dict[int, HostPort] = {}
+        """The bound address of each ``forwards`` listener, by enclave port."""
+        self._tcp: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
         self._relays: set[IngressRelay] = set()
         self._ws: WsServer | None = None
         self._listeners: list[vsock.VsockListener] = []
@@ -89,12 +137,9 @@ class ServiceProxy:
     async def start(self) -> ServiceProxy:
         o = self.options
         if o.listen is not None:
-            family = socket.AF_INET6 if ":" in o.listen.host else socket.AF_INET
-            self._tcp = socket.create_server((o.listen.host, o.listen.port), family=family)
-            self._tcp.setblocking(False)
-            host, port = self._tcp.getsockname()[:2]
-            self.tcp_address = HostPort(host, port)
-            self._accepting = asyncio.get_running_loop().create_task(self._accept(self._tcp))
+            self.tcp_address = self._listen_tcp(o.listen, o.service_port)
+        for forward in o.forwards:
+            self.forward_addresses[forward.port] = self._listen_tcp(forward.listen, forward.port)
         if o.ws_listen is not None:
             self._ws = await serve(
                 self._on_ws, o.ws_listen.host, o.ws_listen.port, max_size=16 * 1024 * 1024
@@ -122,13 +167,24 @@ class ServiceProxy:
             self.metrics_address = HostPort(str(host), int(port))
         return self
 
+    def _listen_tcp(self, address: HostPort, service_port: int) -> HostPort:
+        """Bind ``address`` and relay its clients to the enclave's ``service_port``."""
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        listener = socket.create_server((address.host, address.port), family=family)
+        self._tcp.append(listener)
+        listener.setblocking(False)
+        host, port = listener.getsockname()[:2]
+        task = asyncio.get_running_loop().create_task(self._accept(listener, service_port))
+        self._accepting.append(task)
+        return HostPort(host, port)
+
     async def aclose(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
+        for accepting in self._accepting:
+            accepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._accepting
-        if self._tcp is not None:
-            self._tcp.close()
+                await accepting
+        for tcp in self._tcp:
+            tcp.close()
         for relay in list(self._relays):
             relay.close()
         if self._ws is not None:
@@ -159,7 +215,7 @@ class ServiceProxy:
 
     # --- ingress -------------------------------------------------------------------------
 
-    async def _accept(self, listener: socket.socket) -> None:
+    async def _accept(self, listener: socket.socket, service_port: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -170,20 +226,18 @@ class ServiceProxy:
                 continue
             with contextlib.suppress(OSError):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._relay(IngressRelay(client, self.metrics)))
+            task = loop.create_task(self._relay(IngressRelay(client, self.metrics), service_port))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _relay(self, relay: IngressRelay) -> None:
+    async def _relay(self, relay: IngressRelay, service_port: int) -> None:
         self.metrics.connections.labels("tcp").inc()
         active = self.metrics.active.labels("tcp")
         active.inc()
         self._relays.add(relay)
 
         async def connect() -> socket.socket:
-            return await vsock.connect_socket(
-                self.options.cid, self.options.service_port, timeout=5
-            )
+            return await vsock.connect_socket(self.options.cid, service_port, timeout=5)
 
         try:
             await relay.run(connect)
