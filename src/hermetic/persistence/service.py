@@ -629,6 +629,10 @@ class PersistenceService:
 # --- the guarded layer: admin signatures, the access policy, the audit trail ---------------
 
 
+_SEALED_KINDS = {"admin": "tenant-admin", "audit-head": "audit-head"}
+"""The tenant's own sealed records: leaf of the record id -> the kind it is sealed as."""
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who called, as the channel proved it: ``xx`` is True only for an attested XX session,
@@ -719,26 +723,40 @@ class GuardedPersistence:
 
     # --- the admin record ----------------------------------------------------------------
 
-    def _load_admin(self, tenant: str) -> tuple[TenantAdmin, int]:
-        record_id = self._tenant_record(tenant, "admin")
+    def _get_sealed(self, tenant: str, leaf: str) -> tuple[bytes, int] | None:
+        """The opened plaintext and store version of one of the tenant's own sealed records
+        (``admin``, ``audit-head``; the leaf names the record and is its sealing kind), or
+        None if it does not exist."""
+        record_id = self._tenant_record(tenant, leaf)
         try:
             record = self.store.get(record_id)
         except RecordNotFoundError:
-            raise TenantNotFoundError(
-                f"tenant {tenant!r}: no admin record in the store (create_tenant first)"
-            ) from None
+            return None
         data = open_tenant_record(
-            self._tenant_key(tenant), "tenant-admin", record_id, record.version, record.data
+            self._tenant_key(tenant), _SEALED_KINDS[leaf], record_id, record.version, record.data
         )
-        return TenantAdmin.decode(data), record.version
+        return data, record.version
 
-    def _put_admin(self, tenant: str, admin: TenantAdmin, expected: int | None) -> None:
-        record_id = self._tenant_record(tenant, "admin")
+    def _put_sealed(self, tenant: str, leaf: str, data: bytes, expected: int | None) -> None:
+        """Seal ``data`` as the tenant's ``leaf`` record, compare-and-set on ``expected``."""
+        record_id = self._tenant_record(tenant, leaf)
         counter = 1 if expected is None else expected + 1
         sealed = seal_tenant_record(
-            self._tenant_key(tenant), "tenant-admin", record_id, counter, admin.encode()
+            self._tenant_key(tenant), _SEALED_KINDS[leaf], record_id, counter, data
         )
         self.store.put(record_id, sealed, expected)
+
+    def _load_admin(self, tenant: str) -> tuple[TenantAdmin, int]:
+        found = self._get_sealed(tenant, "admin")
+        if found is None:
+            raise TenantNotFoundError(
+                f"tenant {tenant!r}: no admin record in the store (create_tenant first)"
+            )
+        data, version = found
+        return TenantAdmin.decode(data), version
+
+    def _put_admin(self, tenant: str, admin: TenantAdmin, expected: int | None) -> None:
+        self._put_sealed(tenant, "admin", admin.encode(), expected)
 
     def _authorize(self, request: AdminRequest, signature: object) -> TenantAdmin:
         """Check the signature and the counter, and consume the counter (compare-and-set)
@@ -971,23 +989,14 @@ class GuardedPersistence:
         return self._tenant_record(tenant, f"audit/{seq:020d}")
 
     def _load_head(self, tenant: str) -> tuple[AuditHead, int | None]:
-        record_id = self._tenant_record(tenant, "audit-head")
-        try:
-            record = self.store.get(record_id)
-        except RecordNotFoundError:
+        found = self._get_sealed(tenant, "audit-head")
+        if found is None:
             return AuditHead(0, genesis_hash(self.store_id, tenant)), None
-        data = open_tenant_record(
-            self._tenant_key(tenant), "audit-head", record_id, record.version, record.data
-        )
-        return AuditHead.decode(data), record.version
+        data, version = found
+        return AuditHead.decode(data), version
 
     def _put_head(self, tenant: str, head: AuditHead, expected: int | None) -> None:
-        record_id = self._tenant_record(tenant, "audit-head")
-        counter = 1 if expected is None else expected + 1
-        sealed = seal_tenant_record(
-            self._tenant_key(tenant), "audit-head", record_id, counter, head.encode()
-        )
-        self.store.put(record_id, sealed, expected)
+        self._put_sealed(tenant, "audit-head", head.encode(), expected)
 
     def _audit_change(self, request: AdminRequest, key_version: int) -> None:
         self._audit(
