@@ -58,3 +58,32 @@ async def test_socket_round_trip_attests_extends_and_refuses(tmp_path: Path) -> 
 def test_socket_backend_without_server_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(NSMUnavailableError):
         SocketBackend(tmp_path / "nobody.sock").transact(b"\x69GetRandom")
+
+
+async def test_one_socket_client_shared_by_threads_gives_each_call_its_own_document(
+    tmp_path: Path,
+) -> None:
+    """An enclave's handshake and its anchor thread attest through one client at once (the
+    device serialises ioctls); no call may get a document made for another."""
+    nsm = EmulatedNSM(now=NOW, clock=lambda: NOW)
+    path = tmp_path / "nsm.sock"
+    server = await start_server(nsm, path)
+    async with server:
+        client = NSMClient(SocketBackend(path, timeout=60))
+
+        def calls(worker: int) -> list[tuple[bytes | None, bytes | None]]:
+            got = []
+            for n in range(40):
+                nonce = None if n % 2 else struct.pack(">II", worker, n) * 4
+                _, doc = decode(client.attest(nonce=nonce, user_data=bytes([worker, n % 256])))
+                got.append((nonce, doc.nonce))
+                assert doc.user_data == bytes([worker, n % 256])
+            return got
+
+        try:
+            results = await asyncio.gather(*(asyncio.to_thread(calls, w) for w in range(6)))
+        finally:
+            client.close()
+    pairs = [pair for worker in results for pair in worker]
+    assert len(pairs) == 240
+    assert all(sent == received for sent, received in pairs)

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -115,15 +116,23 @@ class SocketBackend:
     """:class:`~hermetic.nsm.client.Backend` talking to the emulator over a Unix socket.
 
     Blocking and synchronous like the ioctl it replaces; connects lazily and keeps the
-    connection for later requests.
+    connection for later requests. Safe to share between threads, as the device is: the
+    Nitro driver serialises ioctls on ``/dev/nsm``, and here one request and its response
+    hold the connection together (an enclave's handshake and its anchor thread's clock
+    read both attest; interleaved on one stream they would get each other's documents).
     """
 
     def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
         self._path = str(path)
         self._timeout = timeout
         self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
 
     def transact(self, request: bytes) -> bytes:
+        with self._lock:
+            return self._transact(request)
+
+    def _transact(self, request: bytes) -> bytes:
         sock = self._connect()
         try:
             sock.sendall(frame(request))
