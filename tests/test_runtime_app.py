@@ -218,13 +218,18 @@ def _whoami_app() -> App:
         peer = app.peer
         return None if peer is None else {"service": peer.service, "version": peer.version}  # type: ignore[attr-defined]
 
+    @app.method("session")
+    async def session(_: Any) -> Any:
+        info = app.session
+        return None if info is None else [info.port, info.handshake_hash]
+
     return app
 
 
 async def _xx_server(tmp_path: Path, app: App) -> tuple[asyncio.Server, str, Any]:
     """``app`` served on a Unix socket the way the runtime serves an ``xx_port``."""
     from hermetic.client import ClientTrust, verify_evidence
-    from hermetic.enclave.runtime import serve_xx
+    from hermetic.enclave.runtime import serve_session
     from hermetic.transport.vsock import VsockAddress, VsockStream
 
     trust = DevLog(tmp_path / "dev-log").write_trust(tmp_path / "trust.json")
@@ -238,7 +243,7 @@ async def _xx_server(tmp_path: Path, app: App) -> tuple[asyncio.Server, str, Any
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         stream = VsockStream(reader, writer, VsockAddress(3, 0))
-        await serve_xx(app, stream, provider, handlers, static, verify)
+        await serve_session(app, 5001, stream, provider, handlers, static, verify)
 
     path = tmp_path / "xx.sock"
     server = await asyncio.start_unix_server(on_client, path=str(path))
@@ -272,7 +277,10 @@ async def test_an_xx_port_shows_the_app_the_callers_verified_release(tmp_path: P
             timeout=60,
         ) as session:  # fmt: skip
             assert await session.call("whoami") == {"service": "caller", "version": "2.0.0"}
+            # Each call sees its own session: the port and this session's handshake hash.
+            assert await session.call("session") == [5001, session.handshake_hash]
         assert app.peer is None  # the peer is the session's, not the app's
+        assert app.session is None
     finally:
         server.close()
         await server.wait_closed()

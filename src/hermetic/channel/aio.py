@@ -136,7 +136,11 @@ class StreamPipe:
     async def aclose(self) -> None:
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.wait_closed()
+            # Shielded: every wait_closed() of one writer awaits the same future, and a
+            # task cancelled while it waits (a ClientChannel's reader, which closes the
+            # pipe when the peer goes away, is cancelled by close()) would cancel that
+            # future for every other waiter, so close() itself raised CancelledError.
+            await asyncio.shield(self._writer.wait_closed())
 
 
 class _FrameReceiver(asyncio.BufferedProtocol):

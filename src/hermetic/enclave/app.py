@@ -79,6 +79,18 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class SessionInfo:
+    """The attested session a call came on: the enclave port it was accepted on and the
+    session's Noise handshake hash (unique per session, the channel binding of
+    docs/protocol.md), so an app can bind what it signs to one session (the gateway's
+    receipts do). ``peer`` is what an XX port's verifier returned, None on an NX port."""
+
+    port: int
+    handshake_hash: bytes
+    peer: object | None = None
+
+
+@dataclass(frozen=True)
 class EnclaveContext:
     """What an app can reach at run time: its NSM and its verified config (or None).
 
@@ -122,8 +134,8 @@ class App:
         self._xx_ports: dict[int, Callable[[EnclaveContext], VerifyEvidence]] = {}
         # The verified peer of the session a call came on (None on an NX port); one
         # variable per App, set by the runtime for the tasks of one session.
-        self._peer: contextvars.ContextVar[object | None] = contextvars.ContextVar(
-            f"hermetic-peer-{id(self)}", default=None
+        self._session: contextvars.ContextVar[SessionInfo | None] = contextvars.ContextVar(
+            f"hermetic-session-{id(self)}", default=None
         )
 
     def method(self, name: str) -> Callable[[HandlerT], HandlerT]:
@@ -179,16 +191,29 @@ class App:
     def peer(self) -> object | None:
         """The verified peer of the current call's session (what the port's verifier
         returned), or None for a call over an NX port (an anonymous client)."""
-        return self._peer.get()
+        session = self._session.get()
+        return session.peer if session is not None else None
+
+    @property
+    def session(self) -> SessionInfo | None:
+        """The session of the current call (port, handshake hash, verified peer), or None
+        outside a call (an on_ready hook, a test calling :meth:`call` directly)."""
+        return self._session.get()
 
     @contextmanager
-    def serving_peer(self, peer: object) -> Iterator[None]:
-        """Used by the runtime around one XX session's RPC loop: its calls see ``peer``."""
-        token = self._peer.set(peer)
+    def serving_session(self, session: SessionInfo) -> Iterator[None]:
+        """Used by the runtime around one session's RPC loop: its calls see ``session``."""
+        token = self._session.set(session)
         try:
             yield
         finally:
-            self._peer.reset(token)
+            self._session.reset(token)
+
+    @contextmanager
+    def serving_peer(self, peer: object) -> Iterator[None]:
+        """Calls in this block see ``peer`` (an XX session with no port or hash known)."""
+        with self.serving_session(SessionInfo(0, b"", peer)):
+            yield
 
     @property
     def context(self) -> EnclaveContext:

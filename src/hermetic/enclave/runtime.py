@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hermetic.channel import aio
-from hermetic.channel.noise import XX, StaticKeypair
+from hermetic.channel.noise import NX, XX, StaticKeypair
 from hermetic.channel.session import MakeEvidence, VerifyEvidence
-from hermetic.client.server import dispatch_handlers, serve_attested
+from hermetic.client.server import dispatch_handlers
 from hermetic.enclave import boot
-from hermetic.enclave.app import App, BoundNSM, EnclaveContext, RuntimeConfig
+from hermetic.enclave.app import App, BoundNSM, EnclaveContext, RuntimeConfig, SessionInfo
 from hermetic.enclave.config import verify_bundle
 from hermetic.enclave.kmsaccess import EnclaveKMS, KMSSettings, start_kms
 from hermetic.enclave.manifest import Manifest, load_manifest
@@ -163,28 +163,34 @@ def peer_verifiers(
     return verifiers
 
 
-async def serve_xx(
+async def serve_session(
     app: App,
+    port: int,
     stream: vsock.VsockStream,
     provider: MakeEvidence,
     handlers: Mapping[str, aio.Handler],
     static: StaticKeypair,
-    verify: VerifyEvidence,
+    verify: VerifyEvidence | None = None,
 ) -> None:
-    """One XX session: both sides attest; the app's calls on it see the verified peer.
+    """One attested session on ``port``: NX, or XX when ``verify`` checks the caller.
 
-    The same steps as :func:`hermetic.client.serve_attested` (handshake, our evidence, the
-    peer's evidence checked by ``verify``, RPC until the peer leaves), with the RPC loop run
-    under :meth:`App.serving_peer` so each call knows who is asking.
+    The same steps as :func:`hermetic.client.serve_attested` (handshake, our evidence, in
+    XX the peer's evidence checked by ``verify``, RPC until the peer leaves), with the RPC
+    loop run under :meth:`App.serving_session`, so each call knows its port, its session's
+    handshake hash and (XX) who is asking.
     """
     pipe = aio.StreamPipe(stream.reader, stream.writer)
+    protocol = XX if verify is not None else NX
     try:
-        channel = await aio.accept(pipe, static, provider, protocol_name=XX, verify_evidence=verify)
-        with app.serving_peer(channel.peer_info):
+        channel = await aio.accept(
+            pipe, static, provider, protocol_name=protocol, verify_evidence=verify
+        )
+        session = SessionInfo(port, channel.handshake_hash, channel.peer_info)
+        with app.serving_session(session):
             await aio.serve_rpc(channel, handlers)
         await channel.close()
     except HermeticError as exc:
-        log.info("attested XX session ended: %s: %s", type(exc).__name__, exc)
+        log.info("attested %s session ended: %s: %s", protocol[6:8], type(exc).__name__, exc)
         with contextlib.suppress(HermeticError):
             await pipe.aclose()
     finally:
@@ -243,21 +249,13 @@ async def run(app_dir: Path) -> int:
         log.error("refusing to start: %s", exc)
         return boot.EXIT_REFUSED
 
-    async def on_stream(stream: vsock.VsockStream) -> None:
-        await serve_attested(stream.reader, stream.writer, provider, handlers, static=static)
-
-    def on_xx_stream(verify: VerifyEvidence) -> Callable[[vsock.VsockStream], Awaitable[None]]:
+    def on_stream(port: int) -> Callable[[vsock.VsockStream], Awaitable[None]]:
         async def serve(stream: vsock.VsockStream) -> None:
-            await serve_xx(app, stream, provider, handlers, static, verify)
+            await serve_session(app, port, stream, provider, handlers, static, verifiers.get(port))
 
         return serve
 
-    listeners = [
-        await vsock.listen(
-            cid, port, on_xx_stream(verifiers[port]) if port in verifiers else on_stream
-        )
-        for port in manifest.ports
-    ]
+    listeners = [await vsock.listen(cid, port, on_stream(port)) for port in manifest.ports]
     ready = await vsock.connect(vsock.PARENT_CID, boot.READY_PORT)
     ready.writer.write(boot.READY_BYTE)
     await ready.writer.drain()
