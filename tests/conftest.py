@@ -20,6 +20,7 @@ ENCLAVE_MODULES = frozenset(
         "test_cli_options",
         "test_config_cli",
         "test_demo",
+        "test_gateway_enclave",
         "test_interop_running_service",
         "test_kms_enclave",
         "test_persistence_enclave",

@@ -838,3 +838,80 @@ class AuditTrailError(PersistenceError, VerificationError):
 
 class ConfigError(UsageError):
     """A configuration file or manifest is missing a field or has a bad value."""
+
+
+# --- gateway: the attestation deputy, its admission policy and receipts (issue 11) -------
+
+
+class GatewayError(HermeticError):
+    """The enclave gateway: admission of backends, routing, receipts."""
+
+
+class AdmissionPolicyError(GatewayError, MalformedInputError):
+    """The admission policy document (or its logged endorsement) is malformed, or its digest
+    is not the one the logged ``hermetic.gateway-policy/v1`` statement names."""
+
+
+class GatewayConfigError(GatewayError, UsageError):
+    """The ``gateway`` section of the runtime config is missing or malformed."""
+
+
+class BackendHintError(GatewayError, UsageError):
+    """A backend hint from the parent is malformed (service name, address)."""
+
+
+class BackendRefusedError(GatewayError, VerificationError):
+    """A backend the parent pointed at did not pass admission: its evidence failed (another
+    service than the hint said, a release or a debug mode the admission policy does not
+    admit, a replayed or relayed bundle), or it refused the gateway's own evidence."""
+
+
+class BackendUnavailableError(GatewayError):
+    """No admitted backend instance of the service could take the request (none admitted
+    yet, all refused or gone), or the one chosen went away mid-request."""
+
+
+class UnknownServiceError(GatewayError):
+    """The request names a service the admission policy does not list."""
+
+
+class GatewayRequestError(GatewayError, MalformedInputError):
+    """A client's request to the gateway is malformed (not a map of service, method and
+    args, wrong types), or a method is called on the wrong port."""
+
+
+class RequestTooLargeError(GatewayError):
+    """A client's request (or a backend's response) is larger than the gateway's limit."""
+
+
+class ReceiptError(GatewayError, VerificationError):
+    """A gateway receipt does not verify: signature, session, request or response digest,
+    admission policy, or the key binding to the gateway's attestation."""
+
+
+class ReceiptFormatError(ReceiptError, MalformedInputError):
+    """A receipt, or a saved receipts file, could not be parsed at all."""
+
+
+class ReceiptSignatureError(ReceiptError):
+    """A receipt's Ed25519 signature does not verify under the gateway's receipt key
+    (a flipped byte, a forged or edited receipt)."""
+
+
+class ReceiptSessionError(ReceiptError):
+    """A receipt names another client session than the one it is presented for."""
+
+
+class ReceiptMismatchError(ReceiptError):
+    """A receipt covers another request or response than the one it came with, or names
+    another service than the one called."""
+
+
+class ReceiptNotAdmittedError(ReceiptError):
+    """A receipt names a backend release the logged admission policy does not admit for
+    its service, or another admission policy than the gateway's logged one."""
+
+
+class ReceiptKeyError(ReceiptError):
+    """The receipt key is not bound to a verified gateway attestation (the key evidence
+    does not verify, names another key, or another config than the one presented)."""

@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "proxy": ("hermetic.cli.launcher", "proxy", "Run the parent-side service proxy."),
     "demo": ("hermetic.cli.demo", "demo", "Walk through the trust core end to end."),
     "config": ("hermetic.cli.config", "config", "Sign and inspect runtime config bundles."),
+    "gateway": ("hermetic.cli.gateway", "gateway", "Run the enclave gateway and hand it backends."),
+    "receipts": ("hermetic.cli.gateway", "receipts", "Verify the gateway's receipts offline."),
 }
 
 

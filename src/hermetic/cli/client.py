@@ -71,6 +71,21 @@ _LABELS = {
     is_flag=True,
     help='Print one JSON object {"verified": {...}, "result": ...} instead of the steps.',
 )
+@click.option(
+    "--gateway",
+    "via_service",
+    default=None,
+    metavar="SERVICE",
+    help="URL is an enclave gateway: verify it (service 'gateway' unless --service), check "
+    "its logged admission policy, and route --call to SERVICE through it; the result "
+    "comes with a verified receipt (--json adds receipt and attestations).",
+)
+@click.option(
+    "--receipts-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --gateway: save the session's receipts for `hermetic receipts verify`.",
+)
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to connect and verify.")
 def connect(
     url: str,
@@ -81,6 +96,8 @@ def connect(
     method: str | None,
     json_args: str,
     as_json: bool,
+    via_service: str | None,
+    receipts_out: Path | None,
     timeout: float,
 ) -> None:
     """Connect to URL (tcp://host:port, unix:///path, ws://host:port/path, vsock://cid:port),
@@ -93,11 +110,25 @@ def connect(
 
     trust = ClientTrust.load(trust_file)
     policy = ServicePolicy.load(policy_file) if policy_file is not None else ServicePolicy()
+    if via_service is not None:
+        service = service or "gateway"
+    elif receipts_out is not None:
+        raise UsageError("--receipts-out: only with --gateway")
     policy = policy.with_service(service).with_debug(allow_debug)
     args = jsontext.loads(json_args, what="--json-args", error=UsageError, allow_floats=True)
     report = VerificationReport()
+    extra: dict[str, Any] = {}
     try:
-        verified, result = asyncio.run(_session(url, trust, policy, report, method, args, timeout))
+        if via_service is not None:
+            verified, result, extra = asyncio.run(
+                _gateway_session(
+                    url, trust, policy, report, via_service, method, args, timeout, receipts_out
+                )
+            )
+        else:
+            verified, result = asyncio.run(
+                _session(url, trust, policy, report, method, args, timeout)
+            )
     except BaseException:
         if not as_json:
             _print_checks(report)
@@ -107,9 +138,17 @@ def connect(
                 click.echo(f"✗ {_LABELS.get(failure.name, failure.name)}", err=True)
         raise
     if as_json:
-        echo_json({"verified": verified, "result": _jsonable(result)})
+        echo_json({"verified": verified, "result": _jsonable(result), **extra})
         return
     _print_checks(report)
+    if "receipt" in extra:
+        backend = extra["receipt"]["backend"]
+        click.echo(
+            f"✓ {'receipt'.ljust(max(map(len, _LABELS.values())))}  {via_service} answered by"
+            f" release {backend['release']!r} pcr0 {backend['pcr0'][:32]}... (signed by the"
+            f" gateway, admitted by its logged policy); {extra['attestations']} attestation"
+            " verification(s)"
+        )
     if method is not None:
         click.echo(json.dumps(_jsonable(result), indent=2))
 
@@ -129,6 +168,33 @@ async def _session(
     async with session:
         result = await session.call(method, args) if method is not None else None
         return session.verified.to_json(), result
+
+
+async def _gateway_session(
+    url: str,
+    trust: Any,
+    policy: Any,
+    report: Any,
+    service: str,
+    method: str | None,
+    args: Any,
+    timeout: float,
+    receipts_out: Path | None,
+) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    from hermetic.gateway.client import connect_gateway
+
+    session = await connect_gateway(url, trust=trust, policy=policy, report=report, timeout=timeout)
+    async with session:
+        extra: dict[str, Any] = {"admission_policy": session.admission.digest.hex()}
+        result = None
+        if method is not None:
+            reply = await session.call(service, method, args)
+            result = reply.result
+            extra["receipt"] = reply.receipt.to_json()
+        extra["attestations"] = session.attestations
+        if receipts_out is not None:
+            receipts_out.write_bytes(session.receipts_file().dumps())
+        return session.verified.to_json(), result, extra
 
 
 def _print_checks(report: Any) -> None:

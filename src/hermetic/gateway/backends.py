@@ -1,0 +1,344 @@
+"""Backend instances: untrusted hints in, attested and admitted XX sessions out.
+
+The parent tells the gateway where instances of a service might be (a :class:`BackendHint`:
+``vsock://CID:PORT`` from ``hermetic ps``, or ``tcp://HOST:PORT`` of a backend's proxy).
+A hint is a claim by an untrusted party, so it buys nothing but a connection attempt:
+
+1. the gateway dials the address (through the proxy's egress, :mod:`hermetic.gateway.dialer`
+   for vsock), and opens a Noise **XX** session as the initiator, attesting itself with the
+   runtime's own evidence provider;
+2. it verifies the backend's evidence bundle against the config's ``peers`` trust file
+   and the admission policy's rule for the hint's service
+   (:meth:`~hermetic.gateway.admission.AdmissionPolicy.service_policy`): the logged
+   release must name that service and be admitted; a debug backend only under a rule that
+   allows debug. Another service behind the address, an unadmitted image, a debug enclave,
+   a replayed or relayed bundle all fail here, each with its own error;
+3. it sends one RPC and waits for any answer (``unknown_method`` will do): a backend
+   answers only after it verified the gateway's evidence, so an answer means the backend's
+   own policy names this gateway; a backend that refuses closes the session instead.
+
+Only then does the instance join its service's :class:`BackendPool` and get traffic. A
+refused hint is kept with its reason (``describe``, metrics) and never routed to.
+
+The :class:`BackendSession` is one attested session, reused for every request routed to
+that instance (calls are concurrent on it); replacing a session re-runs all three steps,
+which is what re-attestation before documents age out, health checks and draining will
+use (issue 11 items 4-5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hermetic.channel import aio
+from hermetic.channel.noise import XX, StaticKeypair
+from hermetic.channel.session import MakeEvidence
+from hermetic.client.trust import ClientTrust
+from hermetic.client.verify import VerifiedPeer, verify_evidence
+from hermetic.errors import (
+    BackendHintError,
+    BackendRefusedError,
+    BackendUnavailableError,
+    EvidenceRejectedError,
+    HermeticError,
+    RPCError,
+    ServiceURLError,
+    UnknownServiceError,
+)
+from hermetic.gateway.admission import AdmissionPolicy, check_name
+from hermetic.gateway.metrics import GatewayMetrics
+
+PROBE_METHOD = "hermetic.gateway.probe"
+"""The method of the admission round trip: no app defines it, any answer will do."""
+CONNECT_TIMEOUT = 15.0
+MAX_INSTANCES = 64
+"""Instances (hints) per service: a parent cannot grow the gateway's memory without bound."""
+
+
+@dataclass(frozen=True)
+class BackendHint:
+    """Where the parent says an instance of ``service`` is: ``vsock://CID:PORT`` or
+    ``tcp://HOST:PORT``. Untrusted: it only decides where the gateway tries to attest."""
+
+    service: str
+    address: str
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, service: object, address: object) -> BackendHint:
+        from hermetic.client.connect import ServiceURL
+        from hermetic.errors import AdmissionPolicyError
+
+        try:
+            name = check_name(service, "hint service")
+        except AdmissionPolicyError as exc:
+            raise BackendHintError(str(exc)) from None
+        if not isinstance(address, str) or len(address) > 300:
+            raise BackendHintError(f"hint address: expected a URL, got {address!r:.80}")
+        try:
+            url = ServiceURL.parse(address)
+        except ServiceURLError as exc:
+            raise BackendHintError(f"hint address: {exc}") from None
+        if url.scheme not in ("vsock", "tcp"):
+            raise BackendHintError(
+                f"hint address {address!r:.80}: expected vsock://CID:PORT or tcp://HOST:PORT"
+            )
+        return cls(name, f"{url.scheme}://{url.host}:{url.port}", url.scheme, url.host, url.port)
+
+    def to_json(self) -> dict[str, str]:
+        return {"service": self.service, "address": self.address}
+
+
+Dial = Callable[[BackendHint], Awaitable[aio.MessagePipe]]
+"""Open a byte pipe to a hint's address (through the egress inside the enclave)."""
+
+
+class BackendSession:
+    """One attested, admitted XX session to one backend instance, shared by its requests."""
+
+    def __init__(self, hint: BackendHint, channel: aio.ClientChannel, peer: VerifiedPeer) -> None:
+        self.hint = hint
+        self.peer = peer
+        self.handshake_hash = channel.handshake_hash
+        self.opened_at = time.monotonic()
+        self.outstanding = 0
+        self.failed: HermeticError | None = None
+        self._channel = channel
+
+    @property
+    def usable(self) -> bool:
+        return self.failed is None
+
+    async def call(self, method: str, args: Any) -> Any:
+        """One request on this session. RPCError is the backend's own answer; any other
+        error means the session is gone (:attr:`usable` turns false)."""
+        self.outstanding += 1
+        try:
+            return await self._channel.call(method, args)
+        except RPCError:
+            raise
+        except HermeticError as exc:
+            self.failed = exc
+            raise
+        finally:
+            self.outstanding -= 1
+
+    async def close(self) -> None:
+        self.failed = self.failed or BackendUnavailableError("session closed by the gateway")
+        with contextlib.suppress(HermeticError):
+            await self._channel.close()
+
+
+async def attest_backend(
+    hint: BackendHint,
+    admission: AdmissionPolicy,
+    peers: ClientTrust,
+    dial: Dial,
+    *,
+    static: StaticKeypair,
+    make_evidence: MakeEvidence,
+    timeout: float = CONNECT_TIMEOUT,
+) -> BackendSession:
+    """Steps 1-3 of the module docstring; BackendRefusedError naming the failed check, or
+    BackendUnavailableError when nothing answers at the address."""
+    policy = admission.service_policy(hint.service)
+
+    def verify(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> VerifiedPeer:
+        return verify_evidence(bundle, handshake_hash, remote_static, peers, policy)
+
+    try:
+        pipe = await asyncio.wait_for(dial(hint), timeout)
+    except TimeoutError:
+        raise BackendUnavailableError(f"{hint.address}: no connection within {timeout} s") from None
+    except HermeticError as exc:
+        raise BackendUnavailableError(f"{hint.address}: {type(exc).__name__}: {exc}") from None
+    try:
+        channel = await aio.connect(
+            pipe, verify, protocol_name=XX, static=static, make_evidence=make_evidence,
+            handshake_timeout=timeout,
+        )  # fmt: skip
+    except EvidenceRejectedError as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, HermeticError) else exc
+        raise BackendRefusedError(
+            f"{hint.service} at {hint.address}: {type(cause).__name__}: {cause}"
+        ) from cause
+    except HermeticError as exc:
+        with contextlib.suppress(HermeticError):
+            await pipe.aclose()
+        raise BackendUnavailableError(
+            f"{hint.service} at {hint.address}: session did not open: {type(exc).__name__}: {exc}"
+        ) from None
+    peer = channel.peer_info
+    assert isinstance(peer, VerifiedPeer)
+    try:
+        async with asyncio.timeout(timeout):
+            await channel.call(PROBE_METHOD, None)
+    except RPCError:
+        pass  # any answer: the backend verified our evidence and serves us
+    except (HermeticError, TimeoutError) as exc:
+        with contextlib.suppress(HermeticError):
+            await channel.close()
+        raise BackendRefusedError(
+            f"{hint.service} at {hint.address}: the backend closed the session after its"
+            f" evidence verified ({type(exc).__name__}): it refused the gateway's evidence"
+            " (its policy does not name this gateway's release) or it died"
+        ) from None
+    return BackendSession(hint, channel, peer)
+
+
+@dataclass
+class Instance:
+    """What the gateway knows about one hint: its state, why, and the admitted session."""
+
+    hint: BackendHint
+    state: str = "attesting"
+    reason: str | None = None
+    session: BackendSession | None = None
+    attempts: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        value: dict[str, Any] = {**self.hint.to_json(), "state": self.state}
+        if self.reason is not None:
+            value["reason"] = self.reason
+        if self.session is not None:
+            peer = self.session.peer
+            value["release"] = peer.version
+            value["pcr0"] = peer.pcrs[0].hex() if 0 in peer.pcrs else None
+            value["debug"] = peer.debug
+            value["module_id"] = peer.module_id
+            value["outstanding"] = self.session.outstanding
+        return value
+
+
+@dataclass
+class BackendPool:
+    """The instances of one service. Requests go to the admitted, usable session with the
+    fewest requests in flight, ties taken in turn."""
+
+    service: str
+    instances: dict[str, Instance] = field(default_factory=dict)
+    _turn: int = 0
+
+    def pick(self) -> BackendSession:
+        sessions = [
+            i.session
+            for i in self.instances.values()
+            if i.state == "admitted" and i.session is not None and i.session.usable
+        ]
+        if not sessions:
+            raise BackendUnavailableError(
+                f"service {self.service!r}: no admitted backend instance"
+                f" ({len(self.instances)} known)"
+            )
+        fewest = min(s.outstanding for s in sessions)
+        idle = [s for s in sessions if s.outstanding == fewest]
+        self._turn += 1
+        return idle[self._turn % len(idle)]
+
+
+class Backends:
+    """Every service's pool; hints added and removed while the gateway serves."""
+
+    def __init__(
+        self,
+        admission: AdmissionPolicy,
+        peers: ClientTrust,
+        dial: Dial,
+        *,
+        make_evidence: MakeEvidence,
+        metrics: GatewayMetrics,
+        static: StaticKeypair | None = None,
+    ) -> None:
+        self.admission = admission
+        self.peers = peers
+        self.metrics = metrics
+        self._dial = dial
+        self._make_evidence = make_evidence
+        self._static = static if static is not None else StaticKeypair.generate()
+        self.pools = {name: BackendPool(name) for name in admission.services}
+        self._gauges()
+
+    def pool(self, service: str) -> BackendPool:
+        pool = self.pools.get(service)
+        if pool is None:
+            raise UnknownServiceError(
+                f"service {service!r:.80}: not in the gateway's admission policy"
+            )
+        return pool
+
+    async def add(self, hint: BackendHint) -> Instance:
+        """Attest the instance a hint points at; it gets traffic only if admitted. Adding
+        a known address again re-attests it (a new session replaces the old one)."""
+        pool = self.pool(hint.service)
+        instance = pool.instances.get(hint.address)
+        if instance is None:
+            if len(pool.instances) >= MAX_INSTANCES:
+                raise BackendHintError(
+                    f"service {hint.service!r}: already {MAX_INSTANCES} instances known;"
+                    " remove one first"
+                )
+            instance = pool.instances[hint.address] = Instance(hint)
+        instance.attempts += 1
+        instance.state, instance.reason = "attesting", None
+        old, instance.session = instance.session, None
+        self._gauges()
+        try:
+            session = await attest_backend(
+                hint, self.admission, self.peers, self._dial,
+                static=self._static, make_evidence=self._make_evidence,
+            )  # fmt: skip
+        except BackendRefusedError as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, HermeticError) else exc
+            reason = type(cause).__name__
+            self.metrics.refusals.labels(hint.service, reason).inc()
+            instance.state, instance.reason = "refused", f"{type(exc).__name__}: {exc}"
+        except BackendUnavailableError as exc:
+            self.metrics.refusals.labels(hint.service, type(exc).__name__).inc()
+            instance.state, instance.reason = "unreachable", f"{type(exc).__name__}: {exc}"
+        else:
+            if pool.instances.get(hint.address) is instance:
+                instance.state, instance.session = "admitted", session
+                self.metrics.admissions.labels(hint.service).inc()
+            else:  # removed while it was being attested
+                await session.close()
+        finally:
+            if old is not None:
+                await old.close()
+            self._gauges()
+        return instance
+
+    async def remove(self, service: str, address: str) -> bool:
+        """Forget an instance: no new request goes to it; its session is closed."""
+        hint = BackendHint.parse(service, address)
+        instance = self.pool(hint.service).instances.pop(hint.address, None)
+        if instance is None:
+            return False
+        if instance.session is not None:
+            await instance.session.close()
+        self._gauges()
+        return True
+
+    def describe(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            name: [i.to_json() for i in pool.instances.values()]
+            for name, pool in sorted(self.pools.items())
+        }
+
+    def _gauges(self) -> None:
+        for name, pool in self.pools.items():
+            for state in ("attesting", "admitted", "refused", "unreachable"):
+                count = sum(1 for i in pool.instances.values() if i.state == state)
+                self.metrics.backends.labels(name, state).set(count)
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            for instance in pool.instances.values():
+                if instance.session is not None:
+                    await instance.session.close()

@@ -1,0 +1,169 @@
+"""The client side of the gateway: one attestation, then any number of backend services.
+
+``connect_gateway`` opens an ordinary attested session to the gateway
+(:func:`hermetic.client.connect`: the gateway's evidence, its logged release, its config
+digest) and then asks it to ``describe`` itself, checking, with no further attestation:
+
+* the runtime config it shows hashes to the digest the verified evidence carries, so it
+  is the config the gateway runs under;
+* the admission policy in that config is the logged one: its endorsement verifies against
+  the *client's* trust file and names the policy's digest;
+* the receipt key arrived on this attested session, so it is the gateway enclave's.
+
+Every :meth:`GatewaySession.call` then names a service; the answer comes with a receipt the
+client checks (:func:`~hermetic.gateway.receipt.check_receipt`: signature, this session,
+this request and result, a backend release the logged policy admits for that service) and
+keeps, so :meth:`GatewaySession.receipts_file` can save them for ``hermetic receipts
+verify``. ``attestations`` counts the attestation documents this client verified: one,
+however many backends answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any
+
+from hermetic.client.connect import DEFAULT_TIMEOUT, AttestedSession, connect
+from hermetic.client.trust import ClientTrust, ServicePolicy
+from hermetic.client.verify import VerificationReport, VerifiedPeer
+from hermetic.errors import (
+    ConfigDigestMismatchError,
+    GatewayRequestError,
+    ReceiptKeyError,
+    RPCError,
+)
+from hermetic.gateway.admission import AdmissionPolicy
+from hermetic.gateway.receipt import (
+    Exchange,
+    GatewayKey,
+    Receipt,
+    ReceiptsFile,
+    check_receipt,
+    request_digest,
+    response_digest,
+)
+from hermetic.gateway.service import ERROR_CODES
+from hermetic.gateway.settings import admission_from_config
+
+GATEWAY_SERVICE = "gateway"
+"""The service name the gateway image is released under (``services/gateway``)."""
+
+
+@dataclass(frozen=True)
+class GatewayReply:
+    """A backend's result and the receipt that names which backend release produced it."""
+
+    result: Any
+    receipt: Receipt
+    signed: bytes
+
+
+class GatewaySession:
+    """A verified session to the gateway; build it with :func:`connect_gateway`."""
+
+    def __init__(
+        self,
+        session: AttestedSession,
+        admission: AdmissionPolicy,
+        key: GatewayKey,
+    ) -> None:
+        self._session = session
+        self.admission = admission
+        self.key = key
+        self.exchanges: list[Exchange] = []
+
+    @property
+    def verified(self) -> VerifiedPeer:
+        return self._session.verified
+
+    @property
+    def report(self) -> VerificationReport:
+        return self._session.report
+
+    @property
+    def handshake_hash(self) -> bytes:
+        return self._session.handshake_hash
+
+    @property
+    def attestations(self) -> int:
+        """Attestation documents this client verified for this session (one per verified
+        evidence bundle in its report)."""
+        return sum(1 for check in self.report.checks if check.name == "document" and check.ok)
+
+    async def call(self, service: str, method: str, args: Any = None) -> GatewayReply:
+        """Call ``method`` of ``service`` through the gateway; the receipt is checked before
+        the result is returned. The gateway's refusals raise their typed errors
+        (UnknownServiceError, BackendUnavailableError, RequestTooLargeError,
+        GatewayRequestError); a backend's own error is RPCError ``backend_error``."""
+        try:
+            answer = await self._session.call(
+                "call", {"service": service, "method": method, "args": args}
+            )
+        except RPCError as exc:
+            error = ERROR_CODES.get(exc.code)
+            if error is not None:
+                raise error(f"gateway: {exc.remote_message}") from None
+            raise
+        if not isinstance(answer, dict) or set(answer) != {"result", "receipt"}:
+            raise GatewayRequestError("gateway answer: expected a map of result and receipt")
+        result, signed = answer["result"], answer["receipt"]
+        request = request_digest(service, method, args)
+        response = response_digest(result)
+        receipt = check_receipt(
+            signed, public_key=self.key.receipt_key, session=self.handshake_hash,
+            request=request, response=response, policy=self.admission, service=service,
+        )  # fmt: skip
+        self.exchanges.append(Exchange(signed, request, response))
+        return GatewayReply(result, receipt, signed)
+
+    def receipts_file(self) -> ReceiptsFile:
+        """Every receipt of this session so far, with what binds them (for offline checks)."""
+        return ReceiptsFile(self.handshake_hash, self.key, tuple(self.exchanges))
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def __aenter__(self) -> GatewaySession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect_gateway(
+    url: str,
+    *,
+    trust: ClientTrust,
+    policy: ServicePolicy | None = None,
+    report: VerificationReport | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> GatewaySession:
+    """Attest the gateway at ``url`` (default policy: service ``gateway``) and check its
+    config, logged admission policy and receipt key (module docstring)."""
+    default = ServicePolicy(services=frozenset({GATEWAY_SERVICE}))
+    accepted = policy if policy is not None else default
+    session = await connect(url, trust=trust, policy=accepted, report=report, timeout=timeout)
+    try:
+        described = await session.call("describe")
+        if not isinstance(described, dict):
+            raise GatewayRequestError("gateway describe: expected a map")
+        fields = [described.get(k) for k in ("config", "receipt_key", "key_evidence")]
+        config, key, evidence = (v if isinstance(v, bytes) else b"" for v in fields)
+        if not (config and evidence):
+            raise GatewayRequestError("gateway describe: expected config, receipt_key, evidence")
+        if len(key) != 32:
+            raise ReceiptKeyError(f"gateway receipt key: expected 32 bytes, got {len(key)}")
+        digest = hashlib.sha256(config).digest()
+        expected = session.verified.config_digest
+        if expected is None or not hmac.compare_digest(digest, expected):
+            raise ConfigDigestMismatchError(
+                f"gateway config: its digest {digest.hex()} is not the verified session's"
+                f" config digest {expected.hex() if expected else None}"
+            )
+        admission = admission_from_config(config, trust)
+    except BaseException:
+        await session.close()
+        raise
+    return GatewaySession(session, admission, GatewayKey(key, evidence, config))

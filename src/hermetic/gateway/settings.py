@@ -1,0 +1,113 @@
+"""The ``gateway`` section of the gateway's signed runtime config.
+
+::
+
+    {"gateway": {"admission": {<admission policy, hermetic.gateway.admission>},
+                 "admission_endorsement": {<its hermetic.endorsement/v1 JSON>},
+                 "peers": {<trust file: nitro_root, log, publishers>},
+                 "dialer": "127.0.0.1:7100",
+                 "max_request": 1048576, "max_response": 1048576}}
+
+``peers`` is what backends' evidence and the admission policy's endorsement are verified
+against. ``dialer`` is the parent-side relay to backends' vsock ports
+(:mod:`hermetic.gateway.dialer`), reached through the proxy's egress; it is untrusted, like
+everything the parent runs (absent: only ``tcp://`` hints can be used). ``max_request`` and
+``max_response`` bound a client's request and a backend's result in bytes (canonical CBOR),
+default 1 MiB each.
+
+The config carries no secret, so the gateway shows it to clients (``describe``), who check
+its digest against their verified session and the policy's endorsement against their own
+trust file (:func:`admission_from_config`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hermetic.client.trust import ClientTrust
+from hermetic.errors import AdmissionPolicyError, GatewayConfigError, HermeticError
+from hermetic.gateway.admission import AdmissionPolicy, verify_logged
+from hermetic.transport.tcp import HostPort, parse_hostport
+
+DEFAULT_LIMIT = 1024 * 1024
+MAX_LIMIT = 8 * 1024 * 1024
+_FIELDS = frozenset(
+    {"admission", "admission_endorsement", "peers", "dialer", "max_request", "max_response"}
+)
+
+
+def _section(values: Mapping[str, Any]) -> dict[str, Any]:
+    section = values.get("gateway")
+    if not isinstance(section, dict):
+        raise GatewayConfigError(
+            f"config gateway: expected an object, got {type(section).__name__}"
+        )
+    unknown = sorted(str(k) for k in set(section) - _FIELDS)
+    if unknown:
+        raise GatewayConfigError(f"config gateway: unknown fields {unknown}")
+    return section
+
+
+def _limit(section: dict[str, Any], name: str) -> int:
+    value = section.get(name, DEFAULT_LIMIT)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+        raise GatewayConfigError(
+            f"config gateway.{name}: expected bytes between 1 and {MAX_LIMIT}, got {value!r:.40}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The checked ``gateway`` section: the logged admission policy and the limits."""
+
+    admission: AdmissionPolicy
+    peers: ClientTrust
+    dialer: HostPort | None
+    max_request: int
+    max_response: int
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> GatewaySettings:
+        """Parse the section and check that the admission policy is the logged one
+        (:func:`~hermetic.gateway.admission.verify_logged` against ``peers``)."""
+        section = _section(values)
+        try:
+            peers = ClientTrust.from_json(section.get("peers"))
+        except HermeticError as exc:
+            raise GatewayConfigError(f"config gateway.peers: {type(exc).__name__}: {exc}") from None
+        admission = AdmissionPolicy.from_json(section.get("admission"))
+        verify_logged(admission, section.get("admission_endorsement"), peers.translog)
+        dialer = section.get("dialer")
+        if dialer is not None:
+            if not isinstance(dialer, str):
+                raise GatewayConfigError(
+                    f"config gateway.dialer: expected 'host:port', got {dialer!r:.40}"
+                )
+            try:
+                dialer = parse_hostport(dialer, field="config gateway.dialer")
+            except HermeticError as exc:
+                raise GatewayConfigError(str(exc)) from None
+        limits = _limit(section, "max_request"), _limit(section, "max_response")
+        return cls(admission, peers, dialer, *limits)
+
+
+def admission_from_config(config: bytes, trust: ClientTrust) -> AdmissionPolicy:
+    """The admission policy in a gateway's config, checked against the *caller's* trust
+    file: its endorsement must verify there and name the document's digest."""
+    try:
+        values = json.loads(config.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise AdmissionPolicyError("gateway config: not a JSON object") from None
+    if not isinstance(values, dict):
+        raise AdmissionPolicyError("gateway config: not a JSON object")
+    try:
+        section = _section(values)
+    except GatewayConfigError as exc:
+        raise AdmissionPolicyError(str(exc)) from None
+    admission = AdmissionPolicy.from_json(section.get("admission"))
+    verify_logged(admission, section.get("admission_endorsement"), trust.translog)
+    return admission

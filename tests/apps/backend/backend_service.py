@@ -1,0 +1,55 @@
+"""A backend for the gateway tests: one XX port that accepts only the gateway its config names.
+
+Config (operator-signed)::
+
+    {"backend": {"trust": {<trust file>}, "gateway_pcr0": ["<hex>", ...]}}
+
+The same code is built under several manifest names (services ``alpha`` and ``beta``, and
+a modified ``alpha`` the admission policy does not admit). Methods: ``echo`` (the argument
+and who answered), ``big`` (a result of N bytes, to overflow the gateway's limit) and
+``forged`` (a result shaped like the gateway's own answer, with a made-up receipt).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hermetic.channel.session import VerifyEvidence
+from hermetic.client import ClientTrust, ServicePolicy, VerifiedPeer, verify_evidence
+from hermetic.enclave import App
+from hermetic.enclave.app import EnclaveContext
+from hermetic.errors import ConfigError
+
+app = App()
+
+
+@app.xx_port(5001)
+def verify_gateway(context: EnclaveContext) -> VerifyEvidence:
+    """Only a gateway release whose PCR0 the config lists may call."""
+    if context.config is None:
+        raise ConfigError("config: expected a signed runtime config")
+    section = context.config.values["backend"]
+    trust = ClientTrust.from_json(section["trust"])
+    policy = ServicePolicy(
+        services=frozenset({"gateway"}), pcr0s=frozenset(section["gateway_pcr0"])
+    )
+
+    def verify(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> VerifiedPeer:
+        return verify_evidence(bundle, handshake_hash, remote_static, trust, policy)
+
+    return verify
+
+
+@app.method("echo")
+async def echo(arg: object) -> dict[str, Any]:
+    return {"arg": arg, "cid": app.context.cid}
+
+
+@app.method("big")
+async def big(size: int) -> bytes:
+    return b"\x00" * int(size)
+
+
+@app.method("forged")
+async def forged(_: object = None) -> dict[str, Any]:
+    return {"result": "not from me", "receipt": b"\x00" * 64}

@@ -1,0 +1,457 @@
+"""The gateway's parts without enclaves: admission policy, settings, receipts (offline, as
+``hermetic receipts verify`` checks them), backend admission against hostile backends, and
+the parent's dialer.
+
+Evidence comes from emulated NSMs of the test's dev PKI, releases and policies from a dev
+log, exactly as in the enclave tests; backends are served the way the runtime serves an
+``xx_port`` (:func:`hermetic.enclave.runtime.serve_session`), over the real backend dialer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from helpers import act_as_enclave
+from hermetic.channel import aio
+from hermetic.channel.noise import StaticKeypair
+from hermetic.client import ClientTrust, ServicePolicy, verify_evidence
+from hermetic.enclave import App
+from hermetic.enclave.runtime import serve_session
+from hermetic.errors import (
+    AdmissionPolicyError,
+    BackendHintError,
+    BackendRefusedError,
+    DebugModeError,
+    NonceMismatchError,
+    PublicKeyMismatchError,
+    ReceiptFormatError,
+    ReceiptKeyError,
+    ReceiptMismatchError,
+    ReceiptNotAdmittedError,
+    ReceiptSessionError,
+    ReceiptSignatureError,
+    ReleaseNotAcceptedError,
+)
+from hermetic.evidence import make_evidence_provider
+from hermetic.gateway.admission import ADMISSION_V1, AdmissionPolicy
+from hermetic.gateway.backends import BackendHint, attest_backend
+from hermetic.gateway.dialer import BackendDialer
+from hermetic.gateway.receipt import (
+    Exchange,
+    Receipt,
+    ReceiptsFile,
+    check_receipt,
+    request_digest,
+    response_digest,
+    verify_receipt_file,
+)
+from hermetic.gateway.service import ReceiptSigner
+from hermetic.gateway.settings import GatewaySettings
+from hermetic.image.pcrs import Measurements
+from hermetic.launcher.devrelease import DevLog
+from hermetic.nsm import DevPKI, EmulatedNSM, NSMClient
+from hermetic.translog.release import GATEWAY_POLICY_V1, PolicyStatement, utc_timestamp
+from hermetic.transport import egress, vsock
+from hermetic.transport.tcp import HostPort
+
+
+def _pcrs(name: str) -> dict[int, bytes]:
+    return {n: hashlib.sha384(f"{name} {n}".encode()).digest() for n in (0, 1, 2)}
+
+
+ALPHA, GATEWAY, ROGUE = _pcrs("alpha"), _pcrs("gateway"), _pcrs("rogue")
+
+
+def _admission(**alpha: Any) -> dict[str, Any]:
+    return {
+        "type": ADMISSION_V1,
+        "gateway": "gw-test",
+        "services": {"alpha": alpha or {"pcr0": [ALPHA[0].hex()]}, "beta": {"versions": ["1.0.0"]}},
+    }
+
+
+@dataclass
+class World:
+    """A dev log with releases of alpha, a rogue alpha and the gateway, and its trust."""
+
+    directory: Path
+    log: DevLog
+    trust: ClientTrust
+    trust_json: dict[str, Any]
+
+    def release(self, pcrs: dict[int, bytes], service: str, version: str = "1.0.0") -> Any:
+        return self.log.publish(
+            Measurements("hermetic", pcrs[0], pcrs[1], pcrs[2], None, service, version)
+        )
+
+    def provider(
+        self, pcrs: dict[int, bytes], service: str | None, config_digest: bytes | None = None
+    ) -> Callable[[bytes, bytes], bytes]:
+        endorsement = self.release(pcrs, service) if service is not None else None
+        nsm = NSMClient(EmulatedNSM(pcrs, pki=DevPKI(), debug=service is None))
+        return make_evidence_provider(nsm, endorsement, config_digest)
+
+    def logged_config(self, admission: dict[str, Any], *, log_digest: str | None = None) -> bytes:
+        digest = log_digest or AdmissionPolicy.from_json(admission).digest.hex()
+        endorsement = self.log.publish_statement(
+            PolicyStatement(GATEWAY_POLICY_V1, "gateway/gw-test", digest, "1", utc_timestamp())
+        )
+        values = {
+            "gateway": {
+                "admission": admission,
+                "admission_endorsement": endorsement.to_json(),
+                "peers": self.trust_json,
+            }
+        }
+        return json.dumps(values).encode()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    log = DevLog(tmp_path / "dev-log")
+    trust = log.write_trust(tmp_path / "trust.json")
+    return World(tmp_path, log, trust, json.loads((tmp_path / "trust.json").read_text()))
+
+
+# --- the admission policy and the config --------------------------------------------------
+
+
+def test_admission_policy_parses_strictly_and_has_one_digest() -> None:
+    policy = AdmissionPolicy.from_json(_admission())
+    reordered = json.loads(json.dumps(_admission())[::1])
+    assert AdmissionPolicy.from_json(reordered).digest == policy.digest
+    assert policy.admits("alpha", "9.9", ALPHA[0].hex(), False)
+    assert not policy.admits("alpha", "1.0.0", ROGUE[0].hex(), False)
+    assert not policy.admits("alpha", None, "00" * 48, True)  # debug not allowed
+    assert not policy.admits("gamma", "1.0.0", ALPHA[0].hex(), False)
+    assert policy.service_policy("beta").versions == frozenset({"1.0.0"})
+    bad = [
+        {**_admission(), "extra": 1},
+        {**_admission(), "type": "other"},
+        _admission(pcr0=["not hex"]),
+        _admission(versions=[]),
+        _admission(pcr0=[ALPHA[0].hex()], allow_debug=True),  # debug has no release to match
+        _admission(colour="red"),
+        {**_admission(), "services": {"Bad Name": {}}},
+    ]
+    for value in bad:
+        with pytest.raises(AdmissionPolicyError):
+            AdmissionPolicy.from_json(value)
+
+
+def test_gateway_refuses_to_start_with_an_admission_policy_that_is_not_the_logged_one(
+    world: World,
+) -> None:
+    logged = json.loads(world.logged_config(_admission()))
+    assert (
+        GatewaySettings.from_config(logged).admission.digest
+        == AdmissionPolicy.from_json(_admission()).digest
+    )
+    # the operator changed the policy after logging it: the endorsement names another digest
+    changed = json.loads(world.logged_config(_admission()))
+    changed["gateway"]["admission"] = _admission(pcr0=[ROGUE[0].hex()])
+    with pytest.raises(AdmissionPolicyError, match="names 'gateway/gw-test' digest"):
+        GatewaySettings.from_config(changed)
+    # an endorsement of the right digest from a log nobody trusts
+    other = DevLog(world.directory / "other-log")
+    foreign = json.loads(world.logged_config(_admission()))
+    digest = AdmissionPolicy.from_json(_admission()).digest.hex()
+    foreign["gateway"]["admission_endorsement"] = other.publish_statement(
+        PolicyStatement(GATEWAY_POLICY_V1, "gateway/gw-test", digest, "1", utc_timestamp())
+    ).to_json()
+    with pytest.raises(AdmissionPolicyError, match="endorsement"):
+        GatewaySettings.from_config(foreign)
+
+
+# --- receipts: the offline check (acceptance 5) -------------------------------------------
+
+
+@dataclass
+class Issued:
+    signer: ReceiptSigner
+    session: bytes
+    config: bytes
+    policy: AdmissionPolicy
+
+    def receipt(self, *, pcr0: bytes = ALPHA[0], arg: Any = "hi", **changes: Any) -> Exchange:
+        request = request_digest("alpha", "echo", arg)
+        response = response_digest({"arg": arg})
+        fields: dict[str, Any] = {
+            "session": self.session, "time_ms": 1_764_650_000_000, "service": "alpha",
+            "method": "echo", "request": request, "response": response,
+            "policy": self.policy.digest, "backend_version": "1.0.0", "backend_pcr0": pcr0,
+            "backend_debug": False, "backend_module": "i-0123456789abcdef0-enc0123456789abcdef",
+            "backend_session": b"\x07" * 32,
+        }  # fmt: skip
+        fields.update(changes)
+        return Exchange(self.signer.sign(Receipt(**fields)), request, response)
+
+    def file(self, *exchanges: Exchange) -> ReceiptsFile:
+        return ReceiptsFile(self.session, self.signer.binding, exchanges)
+
+
+@pytest.fixture
+def issued(world: World) -> Issued:
+    """A gateway's receipt key bound to its attestation (a logged gateway release and a
+    config with a logged admission policy), as the gateway makes it at boot."""
+    config = world.logged_config(_admission())
+    provider = world.provider(GATEWAY, "gateway", hashlib.sha256(config).digest())
+    return Issued(
+        ReceiptSigner(provider, config),
+        b"\x01" * 32,
+        config,
+        AdmissionPolicy.from_json(_admission()),
+    )
+
+
+def test_saved_receipts_verify_offline(world: World, issued: Issued) -> None:
+    verified = verify_receipt_file(
+        issued.file(issued.receipt(), issued.receipt(arg="again")),
+        world.trust,
+        ServicePolicy(services=frozenset({"gateway"})),
+    )
+    assert verified.gateway.service == "gateway"
+    assert verified.gateway.pcrs[0] == GATEWAY[0]
+    assert [r.backend_pcr0 for r in verified.receipts] == [ALPHA[0], ALPHA[0]]
+    round_trip = ReceiptsFile.loads(issued.file(issued.receipt()).dumps())
+    assert verify_receipt_file(round_trip, world.trust).receipts[0].service == "alpha"
+
+
+def test_receipts_verify_rejects_a_flipped_byte_anywhere_in_a_receipt(
+    world: World, issued: Issued
+) -> None:
+    exchange = issued.receipt()
+    for position in range(0, len(exchange.receipt), 7):
+        data = bytearray(exchange.receipt)
+        data[position] ^= 0x01
+        flipped = Exchange(bytes(data), exchange.request, exchange.response)
+        with pytest.raises((ReceiptSignatureError, ReceiptFormatError)):
+            verify_receipt_file(issued.file(flipped), world.trust)
+
+
+def test_receipts_verify_rejects_a_receipt_from_another_session(
+    world: World, issued: Issued
+) -> None:
+    other = issued.receipt(session=b"\x02" * 32)
+    with pytest.raises(ReceiptSessionError, match="another session"):
+        verify_receipt_file(issued.file(issued.receipt(), other), world.trust)
+
+
+def test_receipts_verify_rejects_a_release_outside_the_logged_policy(
+    world: World, issued: Issued
+) -> None:
+    # Signed by the genuine receipt key, so only the policy check can catch it: a gateway
+    # whose code were wrong could not make it pass.
+    rogue = issued.receipt(pcr0=ROGUE[0])
+    with pytest.raises(ReceiptNotAdmittedError, match="not admitted by the logged admission"):
+        verify_receipt_file(issued.file(rogue), world.trust)
+    debug = issued.receipt(pcr0=b"\x00" * 48, backend_debug=True, backend_version=None)
+    with pytest.raises(ReceiptNotAdmittedError):
+        verify_receipt_file(issued.file(debug), world.trust)
+    other_policy = issued.receipt(policy=b"\x09" * 32)
+    with pytest.raises(ReceiptNotAdmittedError, match="logged policy"):
+        verify_receipt_file(issued.file(other_policy), world.trust)
+
+
+def test_receipts_verify_rejects_receipts_for_other_requests_or_keys(
+    world: World, issued: Issued
+) -> None:
+    exchange = issued.receipt()
+    swapped = Exchange(
+        exchange.receipt, request_digest("alpha", "echo", "other"), exchange.response
+    )
+    with pytest.raises(ReceiptMismatchError, match="another request"):
+        verify_receipt_file(issued.file(swapped), world.trust)
+    # a key the evidence does not name
+    forger = ed25519.Ed25519PrivateKey.generate()
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    binding = issued.signer.binding
+    forged_key = forger.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    from hermetic.gateway.receipt import GatewayKey
+
+    stolen = ReceiptsFile(
+        issued.session, GatewayKey(forged_key, binding.key_evidence, binding.config), (exchange,)
+    )
+    with pytest.raises(ReceiptKeyError, match=r"PublicKeyMismatchError|NonceMismatchError"):
+        verify_receipt_file(stolen, world.trust)
+    # another config than the one the evidence names (a different admission policy)
+    other_config = world.logged_config(_admission(pcr0=[ROGUE[0].hex()]))
+    relabelled = ReceiptsFile(
+        issued.session,
+        GatewayKey(binding.receipt_key, binding.key_evidence, other_config),
+        (exchange,),
+    )
+    with pytest.raises(ReceiptKeyError, match="config"):
+        verify_receipt_file(relabelled, world.trust)
+    # a key evidence made by a gateway release nobody logged
+    rogue_config = issued.config
+    unlogged = ReceiptSigner(
+        make_evidence_provider(
+            NSMClient(EmulatedNSM(ROGUE, pki=DevPKI())), None, hashlib.sha256(rogue_config).digest()
+        ),
+        rogue_config,
+    )
+    with pytest.raises(ReceiptKeyError, match="EndorsementMissingError"):
+        verify_receipt_file(ReceiptsFile(issued.session, unlogged.binding, ()), world.trust)
+
+
+def test_a_receipt_is_checked_against_the_service_the_client_asked_for(issued: Issued) -> None:
+    exchange = issued.receipt()
+    with pytest.raises(ReceiptMismatchError, match="request was for 'beta'"):
+        check_receipt(
+            exchange.receipt, public_key=issued.signer.binding.receipt_key,
+            session=issued.session, request=exchange.request, response=exchange.response,
+            policy=issued.policy, service="beta",
+        )  # fmt: skip
+
+
+# --- backend admission against hostile backends (hints are untrusted) ---------------------
+
+
+async def _backend(
+    cid: int, provider: Callable[[bytes, bytes], bytes], verify: Any
+) -> vsock.VsockListener:
+    """A backend served on vsock ``cid``:5001 as the runtime serves an ``xx_port``."""
+    act_as_enclave(cid)
+    app = App()
+    static = StaticKeypair.generate()
+
+    async def on_stream(stream: vsock.VsockStream) -> None:
+        await serve_session(app, 5001, stream, provider, {}, static, verify)
+
+    return await vsock.listen(cid, 5001, on_stream)
+
+
+async def _attest(world: World, cid: int, gateway_provider: Any, service: str = "alpha") -> Any:
+    """The gateway's admission of ``service`` at vsock ``cid`` through the real dialer."""
+    admission = AdmissionPolicy.from_json(_admission())
+    async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
+        assert dialer.address is not None
+        address = dialer.address
+
+        async def dial(hint: BackendHint) -> aio.MessagePipe:
+            reader, writer = await asyncio.open_connection(address.host, address.port)
+            writer.write(egress.encode_connect(HostPort(hint.host, hint.port)))
+            await writer.drain()
+            assert egress.decode_reply(await reader.readline()) is None
+            return aio.StreamPipe(reader, writer)
+
+        return await attest_backend(
+            BackendHint.parse(service, f"vsock://{cid}:5001"), admission, world.trust, dial,
+            static=StaticKeypair.generate(), make_evidence=gateway_provider, timeout=10,
+        )  # fmt: skip
+
+
+def _accepts_gateway(world: World) -> Any:
+    policy = ServicePolicy(services=frozenset({"gateway"}), pcr0s=frozenset({GATEWAY[0].hex()}))
+    return lambda b, h, rs: verify_evidence(b, h, rs, world.trust, policy)
+
+
+def _cause(error: BackendRefusedError) -> type[BaseException]:
+    assert error.__cause__ is not None
+    return type(error.__cause__)
+
+
+async def test_an_admitted_backend_gets_a_session_and_an_unadmitted_one_is_refused(
+    world: World,
+) -> None:
+    gateway = world.provider(GATEWAY, "gateway")
+    listeners = [
+        await _backend(60, world.provider(ALPHA, "alpha"), _accepts_gateway(world)),
+        await _backend(61, world.provider(ROGUE, "alpha"), _accepts_gateway(world)),
+        await _backend(62, world.provider(ALPHA, None), _accepts_gateway(world)),
+    ]
+    try:
+        session = await _attest(world, 60, gateway)
+        assert session.peer.service == "alpha"
+        assert session.peer.pcrs[0] == ALPHA[0]
+        await session.close()
+        with pytest.raises(BackendRefusedError) as caught:
+            await _attest(world, 61, gateway)
+        assert _cause(caught.value) is ReleaseNotAcceptedError
+        with pytest.raises(BackendRefusedError) as caught:
+            await _attest(world, 62, gateway)
+        assert _cause(caught.value) is DebugModeError
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def test_a_backend_replaying_or_relaying_another_backends_evidence_is_refused(
+    world: World,
+) -> None:
+    genuine = world.provider(ALPHA, "alpha")
+    recorded = genuine(b"\x05" * 32, StaticKeypair.generate().public)  # another session's
+
+    def replay(handshake_hash: bytes, static_public: bytes) -> bytes:
+        return recorded
+
+    def relay(handshake_hash: bytes, static_public: bytes) -> bytes:
+        # a fresh document for this session, but for the key of the enclave it relays for
+        return genuine(handshake_hash, StaticKeypair.generate().public)
+
+    listeners = [
+        await _backend(63, replay, _accepts_gateway(world)),
+        await _backend(64, relay, _accepts_gateway(world)),
+    ]
+    try:
+        gateway = world.provider(GATEWAY, "gateway")
+        with pytest.raises(BackendRefusedError) as caught:
+            await _attest(world, 63, gateway)
+        assert _cause(caught.value) is NonceMismatchError
+        with pytest.raises(BackendRefusedError) as caught:
+            await _attest(world, 64, gateway)
+        assert _cause(caught.value) is PublicKeyMismatchError
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def test_a_backend_that_refuses_the_gateway_is_refused_promptly(world: World) -> None:
+    other = ServicePolicy(services=frozenset({"gateway"}), pcr0s=frozenset({"00" * 48}))
+    listener = await _backend(
+        65, world.provider(ALPHA, "alpha"),
+        lambda b, h, rs: verify_evidence(b, h, rs, world.trust, other),
+    )  # fmt: skip
+    try:
+        with pytest.raises(BackendRefusedError, match="refused the gateway's evidence"):
+            await asyncio.wait_for(_attest(world, 65, world.provider(GATEWAY, "gateway")), 20)
+    finally:
+        await listener.aclose()
+
+
+async def test_the_dialer_relays_to_enclave_cids_only() -> None:
+    async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
+        assert dialer.address is not None
+        for line in (b"CONNECT 3:9000\n", b"CONNECT 2:1\n", b"CONNECT example.com:80\n",
+                     b"GET / HTTP/1.1\n", b"CONNECT 99:5001\n"):  # fmt: skip
+            reader, writer = await asyncio.open_connection(dialer.address.host, dialer.address.port)
+            writer.write(line)
+            await writer.drain()
+            reply = await reader.readline()
+            assert reply.startswith(b"ERR "), (line, reply)
+            writer.close()
+        assert dialer.refused == 5
+        assert dialer.relayed == 0
+
+
+def test_backend_hints_are_parsed_strictly() -> None:
+    assert BackendHint.parse("alpha", "vsock://17:5001").address == "vsock://17:5001"
+    assert BackendHint.parse("alpha", "tcp://10.0.0.1:443").scheme == "tcp"
+    bad: list[tuple[str, object]] = [
+        ("Alpha", "vsock://17:5001"), ("alpha", "ws://x:1/"), ("alpha", "vsock://x:1"),
+        ("alpha", 17), ("alpha", "unix:///s"),
+    ]  # fmt: skip
+    for service, address in bad:
+        with pytest.raises(BackendHintError):
+            BackendHint.parse(service, address)

@@ -1,0 +1,454 @@
+"""The enclave gateway on real (emulated) enclaves: one attestation, receipts, admission.
+
+Real parts only: ``hermetic build`` of a copy of ``services/gateway`` and of a test backend
+(``tests/apps/backend``) under the names ``alpha`` and ``beta`` (and a modified ``alpha``
+the admission policy does not admit), all released to one dev log; ``hermetic run`` for
+the backends (three instances of each service, plus an unadmitted one, a debug one and one
+whose policy names another gateway); ``hermetic gateway up`` for the gateway, which runs
+the backend dialer and the proxy; hints handed over its parent port by ``hermetic gateway
+add`` and at start; clients through the proxy with the SDK and ``hermetic connect``;
+``hermetic receipts verify`` on the receipts they saved.
+
+One module-scoped stack (every enclave boots once); tests read its state or change only
+the hints, and put back what they removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from apps.probe.harness import stop_all
+from helpers import free_port, hermetic, stop_process
+from hermetic.client import ClientTrust
+from hermetic.enclave.config import sign_config
+from hermetic.errors import (
+    RequestTooLargeError,
+    RPCError,
+    UnknownServiceError,
+)
+from hermetic.gateway import AdmissionPolicy, connect_gateway
+from hermetic.gateway.admission import ADMISSION_V1
+from hermetic.image import open_image
+from hermetic.launcher.devrelease import DevLog
+from hermetic.nsm import DevPKI
+from hermetic.translog.release import GATEWAY_POLICY_V1, PolicyStatement, utc_timestamp
+
+pytestmark = pytest.mark.timeout(300)
+ROOT = Path(__file__).resolve().parents[1]
+GATEWAY_SOURCE = ROOT / "services" / "gateway"
+BACKEND_SOURCE = Path(__file__).resolve().parent / "apps" / "backend"
+MAX_REQUEST = 65536
+FIRST_BACKEND_CID = 40
+
+
+@dataclass(frozen=True)
+class Built:
+    path: Path
+    pcr0: str
+    endorsement: Path
+
+
+@dataclass
+class Stack:
+    work: Path
+    trust: Path
+    gateway: Built
+    images: dict[str, Built]
+    backends: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Booted backends by role: ``hermetic run`` JSON (EnclaveID, EnclaveCID)."""
+    up: dict[str, Any] = field(default_factory=dict)
+    process: subprocess.Popen[str] | None = None
+
+    def url(self) -> str:
+        return f"tcp://{self.up['tcp']}"
+
+    def address(self, role: str, n: int = 0) -> str:
+        return f"vsock://{self.backends[role][n]['EnclaveCID']}:5001"
+
+    def gateway_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return hermetic(
+            "gateway", *args, "--gateway", self.up["parent"], "--trust", str(self.trust)
+        )
+
+    def backends_state(self) -> dict[str, list[dict[str, Any]]]:
+        done = self.gateway_cli("backends")
+        assert done.returncode == 0, done.stderr
+        state: dict[str, list[dict[str, Any]]] = json.loads(done.stdout)
+        return state
+
+
+def _operator_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _build(
+    work: Path, log: DevLog, source: Path, name: str, operator: ed25519.Ed25519PrivateKey,
+    *, manifest_name: str | None = None, change: str = "",
+) -> Built:  # fmt: skip
+    app = work / "apps" / name
+    shutil.copytree(source, app)
+    (app / "operator.pub.pem").write_bytes(_operator_pem(operator))
+    if manifest_name is not None:
+        (app / "hermetic.toml").write_text(
+            f'name = "{manifest_name}"\nversion = "1.0.0"\nentry = "backend_service:app"\n'
+            'cpus = 1\nmemory_mib = 256\nports = [5001]\noperator_key = "operator.pub.pem"\n'
+        )
+    if change:
+        module = next(app.glob("*_service.py"))
+        module.write_text(module.read_text() + change)
+    image = work / f"{name}.img"
+    done = hermetic("build", str(app), "-o", str(image))
+    assert done.returncode == 0, done.stderr
+    measurements = open_image(image).measurements
+    endorsement = work / f"{name}.endorsement.json"
+    endorsement.write_bytes(log.publish(measurements).dumps())
+    return Built(image, measurements.pcr0.hex(), endorsement)
+
+
+def _bundle(work: Path, key: ed25519.Ed25519PrivateKey, name: str, values: dict[str, Any]) -> Path:
+    path = work / f"{name}.bundle"
+    path.write_bytes(sign_config(json.dumps(values).encode(), key))
+    return path
+
+
+def _boot_backends(specs: list[tuple[str, Built, Path, bool, int]]) -> list[dict[str, Any]]:
+    """``hermetic run`` every backend at once (each with its own CID), return their JSON."""
+    processes = []
+    for _, built, bundle, debug, cid in specs:
+        args = [sys.executable, "-m", "hermetic", "run", str(built.path), "--config", str(bundle),
+                "--endorsement", str(built.endorsement), "--cid", str(cid)]  # fmt: skip
+        if debug:
+            args.append("--debug")
+        processes.append(
+            subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    started = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        started.append(json.loads(out))
+    return started
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("gateway-enclave")
+    saved = os.environ.get("HERMETIC_STATE_DIR")
+    os.environ["HERMETIC_STATE_DIR"] = str(work / "state")
+    process: subprocess.Popen[str] | None = None
+    try:
+        DevPKI().root(datetime.now(UTC))
+        log = DevLog(work / "dev-log")
+        trust = work / "trust.json"
+        log.write_trust(trust)
+        trust_json = json.loads(trust.read_text())
+        operator = ed25519.Ed25519PrivateKey.generate()
+        gateway = _build(work, log, GATEWAY_SOURCE, "gateway", operator)
+        images = {
+            "alpha": _build(work, log, BACKEND_SOURCE, "alpha", operator, manifest_name="alpha"),
+            "beta": _build(work, log, BACKEND_SOURCE, "beta", operator, manifest_name="beta"),
+            "rogue": _build(
+                work, log, BACKEND_SOURCE, "rogue", operator, manifest_name="alpha",
+                change="\n# one modified line: another release of alpha\n",
+            ),
+        }  # fmt: skip
+        admission = {
+            "type": ADMISSION_V1,
+            "gateway": "gw-test",
+            "services": {
+                "alpha": {"pcr0": [images["alpha"].pcr0]},
+                "beta": {"versions": ["1.0.0"]},
+            },
+        }
+        digest = AdmissionPolicy.from_json(admission).digest.hex()
+        endorsement = log.publish_statement(
+            PolicyStatement(GATEWAY_POLICY_V1, "gateway/gw-test", digest, "1", utc_timestamp())
+        )
+        dialer = f"127.0.0.1:{free_port()}"
+        gateway_bundle = _bundle(work, operator, "gateway", {
+            "gateway": {"admission": admission, "admission_endorsement": endorsement.to_json(),
+                        "peers": trust_json, "dialer": dialer, "max_request": MAX_REQUEST},
+        })  # fmt: skip
+        accepts = _bundle(work, operator, "backend", {
+            "backend": {"trust": trust_json, "gateway_pcr0": [gateway.pcr0]}})  # fmt: skip
+        other = _bundle(work, operator, "backend-other", {
+            "backend": {"trust": trust_json, "gateway_pcr0": ["00" * 48]}})  # fmt: skip
+        roles = (
+            [("alpha", images["alpha"], accepts, False)] * 3
+            + [("beta", images["beta"], accepts, False)] * 3
+            + [("rogue", images["rogue"], accepts, False),
+               ("debug", images["alpha"], accepts, True),
+               ("refuser", images["alpha"], other, False)]
+        )  # fmt: skip
+        specs = [(r, b, c, d, FIRST_BACKEND_CID + i) for i, (r, b, c, d) in enumerate(roles)]
+        stack = Stack(work, trust, gateway, images)
+        for spec, started in zip(specs, _boot_backends(specs), strict=True):
+            stack.backends.setdefault(spec[0], []).append(started)
+        hints = [f"{role}={stack.address(role, n)}" for role in ("alpha", "beta")
+                 for n in range(3)]  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hermetic", "gateway", "up", str(gateway.path),
+             "--config", str(gateway_bundle), "--endorsement", str(gateway.endorsement),
+             "--trust", str(trust), "--listen", "127.0.0.1:0",
+             *(a for h in hints for a in ("--backend", h))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        stack.process = process
+        assert process.stdout is not None
+        text = ""
+        while True:
+            line = process.stdout.readline()
+            assert line, f"gateway up exited: {process.stderr.read() if process.stderr else ''}"
+            text += line
+            try:
+                stack.up = json.loads(text)
+                break
+            except ValueError:
+                continue
+        yield stack
+    finally:
+        if process is not None:
+            stop_process(process)
+        stop_all()
+        if saved is None:
+            os.environ.pop("HERMETIC_STATE_DIR", None)
+        else:
+            os.environ["HERMETIC_STATE_DIR"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _use_module_state(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HERMETIC_STATE_DIR", str(stack.work / "state"))
+
+
+def _modules(stack: Stack, role: str) -> set[str]:
+    """The NSM module ids of a role's enclaves (``module_id`` is the enclave ID)."""
+    return {b["EnclaveID"] for b in stack.backends[role]}
+
+
+# --- acceptance 1: one attestation, two services of three instances, verified receipts ---
+
+
+def test_a_client_reaches_two_services_of_three_instances_with_one_attestation(
+    stack: Stack,
+) -> None:
+    assert [b["state"] for b in stack.up["backends"]] == ["admitted"] * 6
+
+    async def run() -> tuple[int, dict[str, list[Any]]]:
+        trust = ClientTrust.load(stack.trust)
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            assert session.verified.service == "gateway"
+            assert session.verified.pcrs[0].hex() == stack.gateway.pcr0
+            replies: dict[str, list[Any]] = {}
+            for service in ("alpha", "beta"):
+                calls = [session.call(service, "echo", f"{service} {i}") for i in range(12)]
+                replies[service] = list(await asyncio.gather(*calls))
+            return session.attestations, replies
+
+    attestations, replies = asyncio.run(run())
+    assert attestations == 1
+    for service in ("alpha", "beta"):
+        receipts = [r.receipt for r in replies[service]]
+        assert {r.service for r in receipts} == {service}
+        assert {r.backend_pcr0.hex() for r in receipts} == {stack.images[service].pcr0}
+        assert {r.backend_version for r in receipts} == {"1.0.0"}
+        assert not any(r.backend_debug for r in receipts)
+        # every instance answered, and each answer's receipt names the instance that did
+        assert {r.backend_module for r in receipts} == _modules(stack, service)
+        cids = {b["EnclaveID"]: b["EnclaveCID"] for b in stack.backends[service]}
+        for reply in replies[service]:
+            assert reply.result["cid"] == cids[reply.receipt.backend_module]
+        assert [r.result["arg"] for r in replies[service]] == [f"{service} {i}" for i in range(12)]
+
+
+def test_connect_json_through_the_gateway_and_receipts_verify_offline(stack: Stack) -> None:
+    saved = [stack.work / f"receipts-{n}.json" for n in (1, 2)]
+    for path in saved:
+        done = hermetic(
+            "connect", stack.url(), "--trust", str(stack.trust), "--gateway", "beta",
+            "--call", "echo", "--json-args", '"hi"', "--json", "--receipts-out", str(path),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        shown = json.loads(done.stdout)
+        assert shown["verified"]["service"] == "gateway"
+        assert shown["attestations"] == 1
+        assert shown["result"]["arg"] == "hi"
+        assert shown["receipt"]["service"] == "beta"
+        assert shown["receipt"]["backend"]["pcr0"] == stack.images["beta"].pcr0
+        assert shown["receipt"]["backend"]["release"] == "1.0.0"
+    checked = hermetic("receipts", "verify", str(saved[0]), "--trust", str(stack.trust))
+    assert checked.returncode == 0, checked.stderr
+    report = json.loads(checked.stdout)
+    assert report["verified"] is True
+    assert [r["backend"]["pcr0"] for r in report["receipts"]] == [stack.images["beta"].pcr0]
+
+    # acceptance 5: a flipped byte, and a receipt from another session
+    first = json.loads(saved[0].read_text())
+    receipt = bytearray(base64.b64decode(first["exchanges"][0]["receipt"]))
+    receipt[len(receipt) // 2] ^= 0x01
+    flipped = dict(
+        first,
+        exchanges=[dict(first["exchanges"][0], receipt=base64.b64encode(bytes(receipt)).decode())],
+    )
+    (stack.work / "flipped.json").write_text(json.dumps(flipped))
+    done = hermetic(
+        "receipts", "verify", str(stack.work / "flipped.json"), "--trust", str(stack.trust)
+    )
+    assert done.returncode in (1, 2), done.stdout
+    assert "Receipt" in done.stderr
+    assert "Traceback" not in done.stderr
+    second = json.loads(saved[1].read_text())
+    swapped = dict(first, exchanges=second["exchanges"])
+    (stack.work / "swapped.json").write_text(json.dumps(swapped))
+    done = hermetic(
+        "receipts", "verify", str(stack.work / "swapped.json"), "--trust", str(stack.trust)
+    )
+    assert done.returncode == 1
+    assert "ReceiptSessionError" in done.stderr
+    assert "another session" in done.stderr
+
+
+# --- acceptance 2: hostile hints are attested and refused, never routed to ---------------
+
+
+def test_unadmitted_debug_refusing_and_misnamed_backends_are_refused_and_counted(
+    stack: Stack,
+) -> None:
+    attempts = {
+        "rogue": ("alpha", stack.address("rogue")),
+        "debug": ("alpha", stack.address("debug")),
+        "refuser": ("alpha", stack.address("refuser")),
+        "misnamed": ("alpha", stack.address("beta", 0)),  # a beta instance claimed as alpha
+        "nobody": ("beta", "vsock://99:5001"),
+    }
+    results = {}
+    for name, (service, address) in attempts.items():
+        done = stack.gateway_cli("add", service, address)
+        assert done.returncode == 1, done.stdout
+        results[name] = json.loads(done.stdout)
+    assert results["rogue"]["state"] == "refused"
+    assert "ReleaseNotAcceptedError" in results["rogue"]["reason"]
+    assert results["debug"]["state"] == "refused"
+    assert "DebugModeError" in results["debug"]["reason"]
+    assert results["refuser"]["state"] == "refused"
+    assert "refused the gateway's evidence" in results["refuser"]["reason"]
+    assert results["misnamed"]["state"] == "refused"
+    assert "ServiceNotAcceptedError" in results["misnamed"]["reason"]
+    assert results["nobody"]["state"] == "unreachable"
+
+    done = stack.gateway_cli("metrics")
+    assert done.returncode == 0, done.stderr
+    metrics = done.stdout
+    for reason in ("ReleaseNotAcceptedError", "DebugModeError", "ServiceNotAcceptedError",
+                   "BackendRefusedError"):  # fmt: skip
+        assert (
+            f'hermetic_gateway_backend_refusals_total{{reason="{reason}",service="alpha"}} 1.0'
+            in metrics
+        )
+    assert 'hermetic_gateway_backends{service="alpha",state="refused"} 4.0' in metrics
+    assert "vsock://" not in metrics  # no hint address in a label
+
+    async def calls() -> list[Any]:
+        trust = ClientTrust.load(stack.trust)
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            return list(
+                await asyncio.gather(*(session.call("alpha", "echo", i) for i in range(30)))
+            )
+
+    replies = asyncio.run(calls())
+    assert {r.receipt.backend_module for r in replies} == _modules(stack, "alpha")
+    try:
+        for service, address in attempts.values():
+            assert stack.gateway_cli("remove", service, address).returncode == 0
+    finally:
+        state = stack.backends_state()
+        assert {i["address"] for i in state["alpha"]} == {
+            stack.address("alpha", n) for n in range(3)
+        }
+
+
+def test_backends_are_removed_and_added_without_restarting_the_gateway(stack: Stack) -> None:
+    keep = stack.address("alpha", 0)
+    removed = [stack.address("alpha", 1), stack.address("alpha", 2)]
+    trust = ClientTrust.load(stack.trust)
+
+    async def modules(n: int) -> set[str]:
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            replies = await asyncio.gather(*(session.call("alpha", "echo", i) for i in range(n)))
+            return {r.receipt.backend_module for r in replies}
+
+    try:
+        for address in removed:
+            done = stack.gateway_cli("remove", "alpha", address)
+            assert done.returncode == 0
+            assert json.loads(done.stdout) == {"removed": True}
+        only = stack.backends["alpha"][0]["EnclaveID"]
+        assert asyncio.run(modules(12)) == {only}
+        assert [i["address"] for i in stack.backends_state()["alpha"]] == [keep]
+    finally:
+        for address in removed:
+            done = stack.gateway_cli("add", "alpha", address)
+            assert done.returncode == 0, done.stdout
+    assert asyncio.run(modules(12)) == _modules(stack, "alpha")
+    assert stack.process is not None
+    assert stack.process.poll() is None
+
+
+# --- hostile clients and backends --------------------------------------------------------
+
+
+def test_hostile_client_requests_are_refused_with_typed_errors(stack: Stack) -> None:
+    async def run() -> None:
+        trust = ClientTrust.load(stack.trust)
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            with pytest.raises(RequestTooLargeError, match="limit is 65536"):
+                await session.call("alpha", "echo", b"\x00" * (MAX_REQUEST + 1))
+            with pytest.raises(UnknownServiceError):
+                await session.call("gamma", "echo", 1)
+            raw = session._session
+            malformed: list[object] = [
+                "not a map", {"service": "alpha"}, {"service": 1, "method": "echo", "args": 0},
+                {"service": "alpha", "method": "echo", "args": 0, "extra": 1},
+            ]  # fmt: skip
+            for bad in malformed:
+                with pytest.raises(RPCError) as caught:
+                    await raw.call("call", bad)
+                assert caught.value.code == "invalid_request"
+            # the parent's methods are not served on the client port
+            for method in ("add_backend", "remove_backend", "backends", "metrics"):
+                with pytest.raises(RPCError) as caught:
+                    await raw.call(method, {"service": "alpha", "address": "vsock://99:1"})
+                assert caught.value.code == "invalid_request"
+            # a backend's oversized result and its own errors are the backend's, typed
+            with pytest.raises(RPCError) as caught:
+                await session.call("alpha", "big", 2 * 1024 * 1024)
+            assert caught.value.code == "backend_error"
+            assert "response_too_large" in caught.value.remote_message
+            with pytest.raises(RPCError) as caught:
+                await session.call("alpha", "no_such_method", None)
+            assert caught.value.code == "backend_error"
+            # a backend that imitates the gateway's answer gets it wrapped, with a true receipt
+            reply = await session.call("beta", "forged", None)
+            assert reply.result == {"result": "not from me", "receipt": b"\x00" * 64}
+            assert reply.receipt.backend_pcr0.hex() == stack.images["beta"].pcr0
+            # the session still works after all of it
+            assert (await session.call("alpha", "echo", "still")).result["arg"] == "still"
+
+    asyncio.run(run())
