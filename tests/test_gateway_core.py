@@ -40,6 +40,7 @@ from hermetic.errors import (
     ReceiptSessionError,
     ReceiptSignatureError,
     ReleaseNotAcceptedError,
+    ServiceNotAcceptedError,
 )
 from hermetic.evidence import make_evidence_provider
 from hermetic.gateway.admission import ADMISSION_V1, AdmissionPolicy
@@ -332,9 +333,15 @@ async def _backend(
     return await vsock.listen(cid, 5001, on_stream)
 
 
-async def _attest(world: World, cid: int, gateway_provider: Any, service: str = "alpha") -> Any:
+async def _attest(
+    world: World,
+    cid: int,
+    gateway_provider: Any,
+    service: str = "alpha",
+    admission: AdmissionPolicy | None = None,
+) -> Any:
     """The gateway's admission of ``service`` at vsock ``cid`` through the real dialer."""
-    admission = AdmissionPolicy.from_json(_admission())
+    admission = admission or AdmissionPolicy.from_json(_admission())
     async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
         assert dialer.address is not None
         address = dialer.address
@@ -382,6 +389,27 @@ async def test_an_admitted_backend_gets_a_session_and_an_unadmitted_one_is_refus
         with pytest.raises(BackendRefusedError) as caught:
             await _attest(world, 62, gateway)
         assert _cause(caught.value) is DebugModeError
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+
+
+async def test_a_rule_that_allows_debug_backends_still_holds_releases_to_its_service(
+    world: World,
+) -> None:
+    listeners = [
+        await _backend(66, world.provider(ALPHA, None), _accepts_gateway(world)),
+        await _backend(67, world.provider(_pcrs("beta"), "beta"), _accepts_gateway(world)),
+    ]
+    admission = AdmissionPolicy.from_json(_admission(allow_debug=True))
+    try:
+        gateway = world.provider(GATEWAY, "gateway")
+        debug = await _attest(world, 66, gateway, admission=admission)
+        assert debug.peer.debug
+        await debug.close()
+        with pytest.raises(BackendRefusedError) as caught:
+            await _attest(world, 67, gateway, admission=admission)  # a beta release as alpha
+        assert _cause(caught.value) is ServiceNotAcceptedError
     finally:
         for listener in listeners:
             await listener.aclose()

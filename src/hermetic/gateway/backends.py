@@ -47,6 +47,7 @@ from hermetic.errors import (
     EvidenceRejectedError,
     HermeticError,
     RPCError,
+    ServiceNotAcceptedError,
     ServiceURLError,
     UnknownServiceError,
 )
@@ -151,7 +152,14 @@ async def attest_backend(
     policy = admission.service_policy(hint.service)
 
     def verify(bundle: bytes, handshake_hash: bytes, remote_static: bytes) -> VerifiedPeer:
-        return verify_evidence(bundle, handshake_hash, remote_static, peers, policy)
+        peer = verify_evidence(bundle, handshake_hash, remote_static, peers, policy)
+        if not peer.debug and peer.service != hint.service:
+            # A rule that allows debug backends names no service in its verifier policy
+            # (a debug peer has none), so a production release is held to the name here.
+            raise ServiceNotAcceptedError(
+                f"service: {peer.service!r} is not accepted (the hint says {hint.service!r})"
+            )
+        return peer
 
     try:
         pipe = await asyncio.wait_for(dial(hint), timeout)
