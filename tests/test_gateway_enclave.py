@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -452,3 +453,38 @@ def test_hostile_client_requests_are_refused_with_typed_errors(stack: Stack) -> 
             assert (await session.call("alpha", "echo", "still")).result["arg"] == "still"
 
     asyncio.run(run())
+
+
+def test_a_backend_that_dies_is_marked_failed_and_gets_no_further_request(stack: Stack) -> None:
+    """Its own extra instance, so the shared ones stay up; failover of a request in flight
+    (issue 11 item 5) is not built, so the test kills it between requests."""
+    accepts = stack.work / "backend.bundle"
+    (extra,) = _boot_backends(
+        [("alpha", stack.images["alpha"], accepts, False, FIRST_BACKEND_CID + 30)]
+    )
+    address = f"vsock://{extra['EnclaveCID']}:5001"
+    trust = ClientTrust.load(stack.trust)
+
+    async def modules(n: int) -> set[str]:
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            replies = await asyncio.gather(*(session.call("alpha", "echo", i) for i in range(n)))
+            return {r.receipt.backend_module for r in replies}
+
+    try:
+        done = stack.gateway_cli("add", "alpha", address)
+        assert done.returncode == 0, done.stdout
+        assert extra["EnclaveID"] in asyncio.run(modules(16))
+        assert hermetic("stop", extra["EnclaveID"]).returncode == 0
+        deadline = time.monotonic() + 30
+        while True:
+            (state,) = [i for i in stack.backends_state()["alpha"] if i["address"] == address]
+            if state["state"] == "failed" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert state["state"] == "failed", state
+        assert state["reason"].startswith("session lost: ")
+        assert asyncio.run(modules(16)) == _modules(stack, "alpha")  # none failed, none to it
+        metrics = stack.gateway_cli("metrics").stdout
+        assert 'hermetic_gateway_backends{service="alpha",state="failed"} 1.0' in metrics
+    finally:
+        assert stack.gateway_cli("remove", "alpha", address).returncode == 0

@@ -114,4 +114,5 @@ async def backends(_: object = None) -> dict[str, Any]:
 @app.method("metrics")
 async def metrics(_: object = None) -> str:
     gateway, _ = await _gateway(PARENT_PORT)
+    gateway.backends.describe()  # brings the per-state gauge up to date
     return gateway.metrics.text()

@@ -441,6 +441,12 @@ class ClientChannel(Channel):
     def start(self) -> None:
         self._reader = asyncio.get_running_loop().create_task(self._read_replies())
 
+    @property
+    def failure(self) -> HermeticError | None:
+        """Why the session ended (the peer closed it, the transport failed), or None while
+        it is open: a caller keeping sessions for reuse can skip a dead one before a call."""
+        return self._failure
+
     async def call(self, method: str, args: Any = None) -> Any:
         """Call ``method`` on the service; raises RPCError with the remote code on failure."""
         if self._failure is not None:

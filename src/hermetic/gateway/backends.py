@@ -57,6 +57,7 @@ from hermetic.gateway.metrics import GatewayMetrics
 PROBE_METHOD = "hermetic.gateway.probe"
 """The method of the admission round trip: no app defines it, any answer will do."""
 CONNECT_TIMEOUT = 15.0
+INSTANCE_STATES = ("attesting", "admitted", "refused", "unreachable", "failed")
 MAX_INSTANCES = 64
 """Instances (hints) per service: a parent cannot grow the gateway's memory without bound."""
 
@@ -115,6 +116,10 @@ class BackendSession:
 
     @property
     def usable(self) -> bool:
+        """False once the session failed: a call on it failed, or its reader saw the
+        backend close or die (between requests too)."""
+        if self.failed is None and self._channel.failure is not None:
+            self.failed = self._channel.failure
         return self.failed is None
 
     async def call(self, method: str, args: Any) -> Any:
@@ -211,10 +216,23 @@ class Instance:
     session: BackendSession | None = None
     attempts: int = 0
 
+    @property
+    def current(self) -> str:
+        """The state, with ``failed`` for an admitted instance whose session went away
+        (it gets no request; adding its address again re-attests it)."""
+        session = self.session
+        if self.state == "admitted" and session is not None and not session.usable:
+            return "failed"
+        return self.state
+
     def to_json(self) -> dict[str, Any]:
-        value: dict[str, Any] = {**self.hint.to_json(), "state": self.state}
-        if self.reason is not None:
-            value["reason"] = self.reason
+        value: dict[str, Any] = {**self.hint.to_json(), "state": self.current}
+        reason = self.reason
+        if self.current == "failed" and self.session is not None:
+            failed = self.session.failed
+            reason = f"session lost: {type(failed).__name__}: {failed}"
+        if reason is not None:
+            value["reason"] = reason
         if self.session is not None:
             peer = self.session.peer
             value["release"] = peer.version
@@ -334,6 +352,7 @@ class Backends:
         return True
 
     def describe(self) -> dict[str, list[dict[str, Any]]]:
+        self._gauges()
         return {
             name: [i.to_json() for i in pool.instances.values()]
             for name, pool in sorted(self.pools.items())
@@ -341,8 +360,8 @@ class Backends:
 
     def _gauges(self) -> None:
         for name, pool in self.pools.items():
-            for state in ("attesting", "admitted", "refused", "unreachable"):
-                count = sum(1 for i in pool.instances.values() if i.state == state)
+            for state in INSTANCE_STATES:
+                count = sum(1 for i in pool.instances.values() if i.current == state)
                 self.metrics.backends.labels(name, state).set(count)
 
     async def aclose(self) -> None:
