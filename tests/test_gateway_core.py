@@ -320,7 +320,10 @@ def test_a_receipt_is_checked_against_the_service_the_client_asked_for(issued: I
 
 
 async def _backend(
-    cid: int, provider: Callable[[bytes, bytes], bytes], verify: Any
+    cid: int,
+    provider: Callable[[bytes, bytes], bytes],
+    verify: Any,
+    handlers: dict[str, Any] | None = None,
 ) -> vsock.VsockListener:
     """A backend served on vsock ``cid``:5001 as the runtime serves an ``xx_port``."""
     act_as_enclave(cid)
@@ -328,9 +331,24 @@ async def _backend(
     static = StaticKeypair.generate()
 
     async def on_stream(stream: vsock.VsockStream) -> None:
-        await serve_session(app, 5001, stream, provider, {}, static, verify)
+        await serve_session(app, 5001, stream, provider, handlers or {}, static, verify)
 
     return await vsock.listen(cid, 5001, on_stream)
+
+
+def _dial_through(dialer: BackendDialer) -> Any:
+    """The gateway's dial, straight to the dialer (the egress's part is the proxy's)."""
+    assert dialer.address is not None
+    address = dialer.address
+
+    async def dial(hint: BackendHint) -> aio.MessagePipe:
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(egress.encode_connect(HostPort(hint.host, hint.port)))
+        await writer.drain()
+        assert egress.decode_reply(await reader.readline()) is None
+        return aio.StreamPipe(reader, writer)
+
+    return dial
 
 
 async def _attest(
@@ -343,18 +361,9 @@ async def _attest(
     """The gateway's admission of ``service`` at vsock ``cid`` through the real dialer."""
     admission = admission or AdmissionPolicy.from_json(_admission())
     async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
-        assert dialer.address is not None
-        address = dialer.address
-
-        async def dial(hint: BackendHint) -> aio.MessagePipe:
-            reader, writer = await asyncio.open_connection(address.host, address.port)
-            writer.write(egress.encode_connect(HostPort(hint.host, hint.port)))
-            await writer.drain()
-            assert egress.decode_reply(await reader.readline()) is None
-            return aio.StreamPipe(reader, writer)
-
         return await attest_backend(
-            BackendHint.parse(service, f"vsock://{cid}:5001"), admission, world.trust, dial,
+            BackendHint.parse(service, f"vsock://{cid}:5001"), admission, world.trust,
+            _dial_through(dialer),
             static=StaticKeypair.generate(), make_evidence=gateway_provider, timeout=10,
         )  # fmt: skip
 
@@ -483,3 +492,56 @@ def test_backend_hints_are_parsed_strictly() -> None:
     for service, address in bad:
         with pytest.raises(BackendHintError):
             BackendHint.parse(service, address)
+
+
+async def test_reattesting_swaps_in_a_fresh_session_and_drains_the_old_one(world: World) -> None:
+    from hermetic.errors import BackendUnavailableError
+    from hermetic.gateway.backends import Backends
+    from hermetic.gateway.metrics import GatewayMetrics
+
+    refuse = {"now": False}
+    accepts = _accepts_gateway(world)
+
+    def verify(bundle: bytes, h: bytes, remote_static: bytes) -> Any:
+        if refuse["now"]:
+            raise ReleaseNotAcceptedError("this backend's policy no longer names the gateway")
+        return accepts(bundle, h, remote_static)
+
+    async def slow(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "finished"
+
+    listener = await _backend(68, world.provider(ALPHA, "alpha"), verify, {"slow": slow})
+    try:
+        async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
+            backends = Backends(
+                AdmissionPolicy.from_json(_admission()), world.trust, _dial_through(dialer),
+                make_evidence=world.provider(GATEWAY, "gateway"), metrics=GatewayMetrics(),
+            )  # fmt: skip
+            hint = BackendHint.parse("alpha", "vsock://68:5001")
+            assert (await backends.add(hint)).state == "admitted"
+            pool = backends.pools["alpha"]
+            first = pool.pick()
+            in_flight = asyncio.ensure_future(first.call("slow", 0.5))
+            await asyncio.sleep(0.05)
+            assert await backends.reattest(3600) == 0  # not due yet
+            assert await backends.reattest(0) == 1
+            second = pool.pick()
+            assert second is not first
+            assert second.handshake_hash != first.handshake_hash
+            assert await in_flight == "finished"  # the old session finished its request
+            for _ in range(100):
+                if not first.usable:
+                    break
+                await asyncio.sleep(0.05)
+            assert not first.usable  # then it was closed
+            # the backend stops accepting the gateway: the next re-attestation takes it out
+            refuse["now"] = True
+            await backends.reattest(0)
+            instance = pool.instances[hint.address]
+            assert instance.state == "refused"
+            with pytest.raises(BackendUnavailableError):
+                pool.pick()
+            await backends.aclose()
+    finally:
+        await listener.aclose()

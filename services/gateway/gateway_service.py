@@ -19,11 +19,12 @@ Config::
 
     {"gateway": {"admission": {...}, "admission_endorsement": {...},
                  "peers": {...trust file...}, "dialer": "127.0.0.1:7100",
-                 "max_request": 1048576, "max_response": 1048576}}
+                 "max_request": 1048576, "max_response": 1048576, "reattest": 240}}
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from hermetic.enclave import App
@@ -56,7 +57,11 @@ async def boot() -> Gateway:
         metrics=metrics,
     )
     signer = ReceiptSigner(context.evidence, context.config.data)
-    return Gateway(settings, backends, signer, metrics)
+    gateway = Gateway(settings, backends, signer, metrics)
+    # Sessions are re-attested before the backend's document ages out; the task runs until
+    # the enclave stops.
+    gateway.keeper = asyncio.ensure_future(backends.keep_attested(settings.reattest))
+    return gateway
 
 
 async def _gateway(port: int) -> tuple[Gateway, bytes]:

@@ -58,6 +58,8 @@ PROBE_METHOD = "hermetic.gateway.probe"
 """The method of the admission round trip: no app defines it, any answer will do."""
 CONNECT_TIMEOUT = 15.0
 INSTANCE_STATES = ("attesting", "admitted", "refused", "unreachable", "failed")
+DRAIN_TIMEOUT = 60.0
+"""How long a replaced session may finish its requests in flight before it is closed."""
 MAX_INSTANCES = 64
 """Instances (hints) per service: a parent cannot grow the gateway's memory without bound."""
 
@@ -289,6 +291,7 @@ class Backends:
         self._make_evidence = make_evidence
         self._static = static if static is not None else StaticKeypair.generate()
         self.pools = {name: BackendPool(name) for name in admission.services}
+        self._retiring: set[asyncio.Task[None]] = set()
         self._gauges()
 
     def pool(self, service: str) -> BackendPool:
@@ -300,8 +303,13 @@ class Backends:
         return pool
 
     async def add(self, hint: BackendHint) -> Instance:
-        """Attest the instance a hint points at; it gets traffic only if admitted. Adding
-        a known address again re-attests it (a new session replaces the old one)."""
+        """Attest the instance a hint points at; it gets traffic only if admitted.
+
+        Adding a known address again re-attests it: the old session keeps serving while
+        the new one is attested, then the new one takes the traffic and the old one is
+        closed once its requests in flight are answered (:meth:`_retire`). If the instance
+        no longer passes, it gets no further request either way.
+        """
         pool = self.pool(hint.service)
         instance = pool.instances.get(hint.address)
         if instance is None:
@@ -312,8 +320,9 @@ class Backends:
                 )
             instance = pool.instances[hint.address] = Instance(hint)
         instance.attempts += 1
-        instance.state, instance.reason = "attesting", None
-        old, instance.session = instance.session, None
+        old = instance.session
+        if old is None or not old.usable:
+            instance.state, instance.reason = "attesting", None
         self._gauges()
         try:
             session = await attest_backend(
@@ -322,23 +331,63 @@ class Backends:
             )  # fmt: skip
         except BackendRefusedError as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, HermeticError) else exc
-            reason = type(cause).__name__
-            self.metrics.refusals.labels(hint.service, reason).inc()
+            self.metrics.refusals.labels(hint.service, type(cause).__name__).inc()
             instance.state, instance.reason = "refused", f"{type(exc).__name__}: {exc}"
+            instance.session = None
         except BackendUnavailableError as exc:
             self.metrics.refusals.labels(hint.service, type(exc).__name__).inc()
             instance.state, instance.reason = "unreachable", f"{type(exc).__name__}: {exc}"
+            instance.session = None
         else:
             if pool.instances.get(hint.address) is instance:
-                instance.state, instance.session = "admitted", session
+                instance.state, instance.reason, instance.session = "admitted", None, session
                 self.metrics.admissions.labels(hint.service).inc()
             else:  # removed while it was being attested
                 await session.close()
         finally:
-            if old is not None:
-                await old.close()
+            if old is not None and old is not instance.session:
+                self._retire(old)
             self._gauges()
         return instance
+
+    def _retire(self, session: BackendSession) -> None:
+        """Close a replaced session once its requests in flight are answered (at most
+        :data:`DRAIN_TIMEOUT` seconds); it gets no new request meanwhile."""
+
+        async def drain() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + DRAIN_TIMEOUT
+            while session.outstanding and session.usable and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            await session.close()
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def reattest(self, max_age: float) -> int:
+        """Re-attest every admitted instance whose session is older than ``max_age``
+        seconds (a fresh document from the backend, checked against the policy again);
+        returns how many were re-attested."""
+        now = time.monotonic()
+        due = [
+            instance.hint
+            for pool in self.pools.values()
+            for instance in pool.instances.values()
+            if instance.state == "admitted"
+            and instance.session is not None
+            and now - instance.session.opened_at >= max_age
+        ]
+        for hint in due:
+            await self.add(hint)
+        return len(due)
+
+    async def keep_attested(self, max_age: float) -> None:
+        """Run :meth:`reattest` for ever, so no session outlives ``max_age`` by much (the
+        gateway starts it at boot with the config's ``reattest``)."""
+        while True:
+            await asyncio.sleep(max(max_age / 4, 0.5))
+            await self.reattest(max_age)
 
     async def remove(self, service: str, address: str) -> bool:
         """Forget an instance: no new request goes to it; its session is closed."""
@@ -365,6 +414,8 @@ class Backends:
                 self.metrics.backends.labels(name, state).set(count)
 
     async def aclose(self) -> None:
+        for task in list(self._retiring):
+            task.cancel()
         for pool in self.pools.values():
             for instance in pool.instances.values():
                 if instance.session is not None:

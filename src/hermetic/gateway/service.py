@@ -16,6 +16,7 @@ of the gateway's refusals (``unavailable`` could make a client try elsewhere).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ class Gateway:
         self.signer = signer
         self.metrics = metrics
         self._clock = clock
+        self.keeper: asyncio.Future[None] | None = None
+        """The task that re-attests backend sessions (started by the enclave app)."""
 
     def parse(self, request: object) -> ClientRequest:
         """The request's shape and size, or the RPC error the client gets."""

@@ -6,14 +6,16 @@
                  "admission_endorsement": {<its hermetic.endorsement/v1 JSON>},
                  "peers": {<trust file: nitro_root, log, publishers>},
                  "dialer": "127.0.0.1:7100",
-                 "max_request": 1048576, "max_response": 1048576}}
+                 "max_request": 1048576, "max_response": 1048576, "reattest": 240}}
 
 ``peers`` is what backends' evidence and the admission policy's endorsement are verified
 against. ``dialer`` is the parent-side relay to backends' vsock ports
 (:mod:`hermetic.gateway.dialer`), reached through the proxy's egress; it is untrusted, like
 everything the parent runs (absent: only ``tcp://`` hints can be used). ``max_request`` and
 ``max_response`` bound a client's request and a backend's result in bytes (canonical CBOR),
-default 1 MiB each.
+default 1 MiB each. ``reattest`` (seconds, default 240, below the 300 s a backend's
+document may be old when its session opens) is how long a backend session serves before
+the gateway attests that instance again with a fresh document.
 
 The config carries no secret, so the gateway shows it to clients (``describe``), who check
 its digest against their verified session and the policy's endorsement against their own
@@ -34,9 +36,12 @@ from hermetic.transport.tcp import HostPort, parse_hostport
 
 DEFAULT_LIMIT = 1024 * 1024
 MAX_LIMIT = 8 * 1024 * 1024
+DEFAULT_REATTEST = 240
+MAX_REATTEST = 86400
 _FIELDS = frozenset(
-    {"admission", "admission_endorsement", "peers", "dialer", "max_request", "max_response"}
-)
+    {"admission", "admission_endorsement", "peers", "dialer", "max_request", "max_response",
+     "reattest"}
+)  # fmt: skip
 
 
 def _section(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,6 +74,7 @@ class GatewaySettings:
     dialer: HostPort | None
     max_request: int
     max_response: int
+    reattest: int = DEFAULT_REATTEST
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> GatewaySettings:
@@ -92,7 +98,17 @@ class GatewaySettings:
             except HermeticError as exc:
                 raise GatewayConfigError(str(exc)) from None
         limits = _limit(section, "max_request"), _limit(section, "max_response")
-        return cls(admission, peers, dialer, *limits)
+        reattest = section.get("reattest", DEFAULT_REATTEST)
+        if (
+            isinstance(reattest, bool)
+            or not isinstance(reattest, int)
+            or not (1 <= reattest <= MAX_REATTEST)
+        ):
+            raise GatewayConfigError(
+                f"config gateway.reattest: expected seconds between 1 and {MAX_REATTEST},"
+                f" got {reattest!r:.40}"
+            )
+        return cls(admission, peers, dialer, *limits, reattest)
 
 
 def admission_from_config(config: bytes, trust: ClientTrust) -> AdmissionPolicy:
