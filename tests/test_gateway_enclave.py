@@ -38,6 +38,7 @@ from helpers import free_port, hermetic, stop_process
 from hermetic.client import ClientTrust
 from hermetic.enclave.config import sign_config
 from hermetic.errors import (
+    GatewayOverloadedError,
     RequestTooLargeError,
     RPCError,
     UnknownServiceError,
@@ -54,6 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_SOURCE = ROOT / "services" / "gateway"
 BACKEND_SOURCE = Path(__file__).resolve().parent / "apps" / "backend"
 MAX_REQUEST = 65536
+PER_CLIENT = 32
+CONCURRENCY = 48
 FIRST_BACKEND_CID = 40
 
 
@@ -185,7 +188,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         dialer = f"127.0.0.1:{free_port()}"
         gateway_bundle = _bundle(work, operator, "gateway", {
             "gateway": {"admission": admission, "admission_endorsement": endorsement.to_json(),
-                        "peers": trust_json, "dialer": dialer, "max_request": MAX_REQUEST},
+                        "peers": trust_json, "dialer": dialer, "max_request": MAX_REQUEST,
+                        "max_per_client": PER_CLIENT, "max_concurrency": CONCURRENCY},
         })  # fmt: skip
         accepts = _bundle(work, operator, "backend", {
             "backend": {"trust": trust_json, "gateway_pcr0": [gateway.pcr0]}})  # fmt: skip
@@ -488,3 +492,52 @@ def test_a_backend_that_dies_is_marked_failed_and_gets_no_further_request(stack:
         assert 'hermetic_gateway_backends{service="alpha",state="failed"} 1.0' in metrics
     finally:
         assert stack.gateway_cli("remove", "alpha", address).returncode == 0
+
+
+def test_requests_over_the_concurrency_limits_are_overloaded_and_the_gateway_recovers(
+    stack: Stack,
+) -> None:
+    """Requests that never finish (``hold``) fill the limits; the excess is refused at once
+    (never queued), and once the held requests are cancelled everything answers again."""
+    trust = ClientTrust.load(stack.trust)
+
+    async def fill(sessions: list[Any], each: int, refused: int) -> None:
+        calls = [
+            asyncio.ensure_future(s.call("alpha", "hold")) for s in sessions for _ in range(each)
+        ]
+        try:
+            async with asyncio.timeout(60):  # a bound on a broken limit, not a measurement
+                while sum(c.done() for c in calls) < refused:
+                    pending = [c for c in calls if not c.done()]
+                    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            errors = [c.exception() for c in calls if c.done()]
+            assert all(isinstance(e, GatewayOverloadedError) for e in errors), errors
+            # one more request after them all is refused too: the limit is still full
+            with pytest.raises(GatewayOverloadedError, match="nothing was queued"):
+                await sessions[0].call("alpha", "echo", "one more")
+            # the rest are in flight, held by the backends: exactly the limit
+            assert sum(not c.done() for c in calls) == len(calls) - refused
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+
+    async def run() -> None:
+        async with (
+            await connect_gateway(stack.url(), trust=trust, timeout=60) as one,
+            await connect_gateway(stack.url(), trust=trust, timeout=60) as two,
+        ):
+            await fill([one], PER_CLIENT + 8, 8)  # one client over its own limit
+            await fill([one, two], 30, 60 - CONCURRENCY)  # two clients over the total
+            for session in (one, two):
+                assert (await session.call("alpha", "echo", "after")).result["arg"] == "after"
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = stack.gateway_cli("metrics").stdout
+        if "hermetic_gateway_in_flight_requests 0.0" in metrics or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "hermetic_gateway_in_flight_requests 0.0" in metrics
+    assert 'hermetic_gateway_refused_requests_total{reason="overloaded"} 22.0' in metrics

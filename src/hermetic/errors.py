@@ -884,6 +884,11 @@ class RequestTooLargeError(GatewayError):
     """A client's request (or a backend's response) is larger than the gateway's limit."""
 
 
+class GatewayOverloadedError(GatewayError):
+    """The gateway refused a request because this client (or all clients together) already
+    has as many requests in flight as its limits allow; nothing was queued. Try later."""
+
+
 class ReceiptError(GatewayError, VerificationError):
     """A gateway receipt does not verify: signature, session, request or response digest,
     admission policy, or the key binding to the gateway's attestation."""

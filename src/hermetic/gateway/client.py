@@ -96,7 +96,8 @@ class GatewaySession:
         """Call ``method`` of ``service`` through the gateway; the receipt is checked before
         the result is returned. The gateway's refusals raise their typed errors
         (UnknownServiceError, BackendUnavailableError, RequestTooLargeError,
-        GatewayRequestError); a backend's own error is RPCError ``backend_error``."""
+        GatewayRequestError, GatewayOverloadedError); a backend's own error is RPCError
+        ``backend_error``."""
         try:
             answer = await self._session.call(
                 "call", {"service": service, "method": method, "args": args}

@@ -41,6 +41,11 @@ class GatewayMetrics:
             ["service", "reason"],
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "hermetic_gateway_in_flight_requests",
+            "Client requests being routed now (bounded by the config's max_concurrency).",
+            registry=self.registry,
+        )
         self.backends = Gauge(
             "hermetic_gateway_backends",
             "Backend instances known to the gateway, by state.",

@@ -29,6 +29,7 @@ from hermetic.cbor import canonical_dumps
 from hermetic.channel.session import MakeEvidence
 from hermetic.errors import (
     BackendUnavailableError,
+    GatewayOverloadedError,
     GatewayRequestError,
     HermeticError,
     RequestTooLargeError,
@@ -52,6 +53,7 @@ ERROR_CODES: dict[str, type[HermeticError]] = {
     "request_too_large": RequestTooLargeError,
     "unknown_service": UnknownServiceError,
     "unavailable": BackendUnavailableError,
+    "overloaded": GatewayOverloadedError,
 }
 """RPC error code -> the typed error it stands for (both sides use this table)."""
 BACKEND_ERROR = "backend_error"
@@ -105,6 +107,8 @@ class Gateway:
         self.signer = signer
         self.metrics = metrics
         self._clock = clock
+        self._in_flight: dict[bytes, int] = {}
+        self._total = 0
         self.keeper: asyncio.Future[None] | None = None
         """The task that re-attests backend sessions (started by the enclave app)."""
 
@@ -142,6 +146,31 @@ class Gateway:
         """Route one client request; ``session_hash`` is the client session's handshake
         hash (the receipt's ``session``)."""
         checked = self.parse(request)
+        settings = self.settings
+        mine = self._in_flight.get(session_hash, 0)
+        if mine >= settings.max_per_client or self._total >= settings.max_concurrency:
+            self.metrics.refused_requests.labels("overloaded").inc()
+            which = (
+                f"this session has {mine} requests in flight (limit {settings.max_per_client})"
+                if mine >= settings.max_per_client
+                else f"{self._total} requests in flight (limit {settings.max_concurrency})"
+            )
+            raise _refuse("overloaded", f"gateway: {which}; nothing was queued, try later")
+        self._in_flight[session_hash] = mine + 1
+        self._total += 1
+        self.metrics.in_flight.set(self._total)
+        try:
+            return await self._route(session_hash, checked)
+        finally:
+            self._total -= 1
+            left = self._in_flight[session_hash] - 1
+            if left:
+                self._in_flight[session_hash] = left
+            else:
+                del self._in_flight[session_hash]
+            self.metrics.in_flight.set(self._total)
+
+    async def _route(self, session_hash: bytes, checked: ClientRequest) -> dict[str, Any]:
         pool = self.backends.pools[checked.service]
         try:
             backend = pool.pick()

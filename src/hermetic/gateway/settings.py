@@ -6,7 +6,8 @@
                  "admission_endorsement": {<its hermetic.endorsement/v1 JSON>},
                  "peers": {<trust file: nitro_root, log, publishers>},
                  "dialer": "127.0.0.1:7100",
-                 "max_request": 1048576, "max_response": 1048576, "reattest": 240}}
+                 "max_request": 1048576, "max_response": 1048576, "reattest": 240,
+                 "max_concurrency": 256, "max_per_client": 32}}
 
 ``peers`` is what backends' evidence and the admission policy's endorsement are verified
 against. ``dialer`` is the parent-side relay to backends' vsock ports
@@ -15,7 +16,10 @@ everything the parent runs (absent: only ``tcp://`` hints can be used). ``max_re
 ``max_response`` bound a client's request and a backend's result in bytes (canonical CBOR),
 default 1 MiB each. ``reattest`` (seconds, default 240, below the 300 s a backend's
 document may be old when its session opens) is how long a backend session serves before
-the gateway attests that instance again with a fresh document.
+the gateway attests that instance again with a fresh document. ``max_concurrency``
+(default 256) and ``max_per_client`` (default 32, per client session) bound the requests in
+flight; one over either is refused at once with ``overloaded`` (nothing is queued, so
+memory stays bounded by the limits times the message sizes).
 
 The config carries no secret, so the gateway shows it to clients (``describe``), who check
 its digest against their verified session and the policy's endorsement against their own
@@ -37,10 +41,13 @@ from hermetic.transport.tcp import HostPort, parse_hostport
 DEFAULT_LIMIT = 1024 * 1024
 MAX_LIMIT = 8 * 1024 * 1024
 DEFAULT_REATTEST = 240
+DEFAULT_CONCURRENCY = 256
+DEFAULT_PER_CLIENT = 32
+MAX_CONCURRENCY = 65536
 MAX_REATTEST = 86400
 _FIELDS = frozenset(
     {"admission", "admission_endorsement", "peers", "dialer", "max_request", "max_response",
-     "reattest"}
+     "reattest", "max_concurrency", "max_per_client"}
 )  # fmt: skip
 
 
@@ -65,6 +72,15 @@ def _limit(section: dict[str, Any], name: str) -> int:
     return value
 
 
+def _count(section: dict[str, Any], name: str, default: int) -> int:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+        raise GatewayConfigError(
+            f"config gateway.{name}: expected 1 to {MAX_CONCURRENCY}, got {value!r:.40}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """The checked ``gateway`` section: the logged admission policy and the limits."""
@@ -75,6 +91,8 @@ class GatewaySettings:
     max_request: int
     max_response: int
     reattest: int = DEFAULT_REATTEST
+    max_concurrency: int = DEFAULT_CONCURRENCY
+    max_per_client: int = DEFAULT_PER_CLIENT
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> GatewaySettings:
@@ -108,7 +126,14 @@ class GatewaySettings:
                 f"config gateway.reattest: expected seconds between 1 and {MAX_REATTEST},"
                 f" got {reattest!r:.40}"
             )
-        return cls(admission, peers, dialer, *limits, reattest)
+        concurrency = [
+            _count(section, name, default)
+            for name, default in (
+                ("max_concurrency", DEFAULT_CONCURRENCY),
+                ("max_per_client", DEFAULT_PER_CLIENT),
+            )
+        ]
+        return cls(admission, peers, dialer, *limits, reattest, *concurrency)
 
 
 def admission_from_config(config: bytes, trust: ClientTrust) -> AdmissionPolicy:

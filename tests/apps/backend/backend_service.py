@@ -7,11 +7,13 @@ Config (operator-signed)::
 The same code is built under several manifest names (services ``alpha`` and ``beta``, and
 a modified ``alpha`` the admission policy does not admit). Methods: ``echo`` (the argument
 and who answered), ``big`` (a result of N bytes, to overflow the gateway's limit) and
-``forged`` (a result shaped like the gateway's own answer, with a made-up receipt).
+``forged`` (a result shaped like the gateway's own answer, with a made-up receipt) and
+``hold`` (never answers, to keep requests in flight).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from hermetic.channel.session import VerifyEvidence
@@ -48,6 +50,12 @@ async def echo(arg: object) -> dict[str, Any]:
 @app.method("big")
 async def big(size: int) -> bytes:
     return b"\x00" * int(size)
+
+
+@app.method("hold")
+async def hold(_: object = None) -> None:
+    """Never answers: a request in flight until its caller cancels it."""
+    await asyncio.Event().wait()
 
 
 @app.method("forged")
