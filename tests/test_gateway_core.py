@@ -545,3 +545,25 @@ async def test_reattesting_swaps_in_a_fresh_session_and_drains_the_old_one(world
             await backends.aclose()
     finally:
         await listener.aclose()
+
+
+def test_the_gateway_config_section_is_checked_field_by_field(world: World) -> None:
+    from hermetic.errors import GatewayConfigError
+
+    good = json.loads(world.logged_config(_admission()))
+    settings = GatewaySettings.from_config(good)
+    assert (settings.max_request, settings.max_per_client, settings.reattest) == (
+        1024 * 1024, 32, 240,
+    )  # fmt: skip
+    assert settings.dialer is None
+    for field, value in (
+        ("surprise", 1), ("max_request", 0), ("max_request", True), ("max_response", 2**40),
+        ("reattest", 0), ("max_concurrency", "many"), ("max_per_client", -1),
+        ("dialer", "no port"), ("dialer", 7100), ("peers", {"log": {}}),
+    ):  # fmt: skip
+        broken = json.loads(json.dumps(good))
+        broken["gateway"][field] = value
+        with pytest.raises((GatewayConfigError, AdmissionPolicyError)):
+            GatewaySettings.from_config(broken)
+    with pytest.raises(GatewayConfigError, match="config gateway: expected an object"):
+        GatewaySettings.from_config({})
