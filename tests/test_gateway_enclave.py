@@ -541,3 +541,66 @@ def test_requests_over_the_concurrency_limits_are_overloaded_and_the_gateway_rec
         time.sleep(0.2)
     assert "hermetic_gateway_in_flight_requests 0.0" in metrics
     assert 'hermetic_gateway_refused_requests_total{reason="overloaded"} 22.0' in metrics
+
+
+def test_a_hint_to_an_impostor_replaying_a_real_backends_evidence_is_refused(
+    stack: Stack,
+) -> None:
+    """The host points the gateway at a listener of its own (this process, standing in
+    for an enclave at CID 90) that replays the evidence a real alpha instance sent in
+    another session: the gateway's own check refuses it."""
+    from helpers import act_as_enclave
+    from hermetic.channel import aio
+    from hermetic.channel.noise import XX, StaticKeypair
+    from hermetic.enclave import App
+    from hermetic.enclave.runtime import serve_session
+    from hermetic.errors import HermeticError
+    from hermetic.evidence import make_evidence_provider
+    from hermetic.nsm import EmulatedNSM, NSMClient
+    from hermetic.transport import vsock
+
+    async def run() -> dict[str, Any]:
+        # 1. a genuine alpha bundle, from a session this process opens to a real instance
+        recorded: list[bytes] = []
+
+        def record(bundle: bytes, h: bytes, remote_static: bytes) -> None:
+            recorded.append(bundle)
+            raise HermeticError("recorded; not continuing")
+
+        stream = await vsock.connect(int(stack.backends["alpha"][0]["EnclaveCID"]), 5001)
+        own = make_evidence_provider(NSMClient(EmulatedNSM({}, pki=DevPKI())), None, None)
+        with pytest.raises(HermeticError):
+            await aio.connect(
+                aio.StreamPipe(stream.reader, stream.writer), record, protocol_name=XX,
+                static=StaticKeypair.generate(), make_evidence=own,
+            )  # fmt: skip
+        assert recorded
+        # 2. the impostor serves that bundle in every session
+        act_as_enclave(90)
+        static = StaticKeypair.generate()
+
+        async def on_stream(incoming: vsock.VsockStream) -> None:
+            await serve_session(
+                App(), 5001, incoming, lambda h, s: recorded[0], {}, static,
+                lambda b, h, rs: None,
+            )  # fmt: skip
+
+        listener = await vsock.listen(90, 5001, on_stream)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hermetic", "gateway", "add", "alpha", "vsock://90:5001",
+                "--gateway", stack.up["parent"], "--trust", str(stack.trust),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(process.communicate(), 90)
+            assert process.returncode == 1, err
+            return dict(json.loads(out))
+        finally:
+            await listener.aclose()
+
+    try:
+        result = asyncio.run(run())
+        assert result["state"] == "refused"
+        assert "NonceMismatchError" in result["reason"]
+    finally:
+        assert stack.gateway_cli("remove", "alpha", "vsock://90:5001").returncode == 0
