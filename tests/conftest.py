@@ -33,16 +33,17 @@ ENCLAVE_MODULES = frozenset(
     }
 )
 """Modules whose tests start sandboxed enclaves. ``make test`` runs the suite on two
-xdist workers with ``--dist loadgroup``, and these all go to one group, so one worker
-runs them one after another while the other takes everything else: enclaves from two
-state directories may get the same CID, hence the same sandbox uid, whose process limit
-the fork-bomb test exhausts on purpose."""
+xdist workers with ``--dist loadgroup``; each of these modules is one group, so its
+module-scoped images and stacks are built once, on one worker, while the two workers
+share the modules between them. Enclaves of parallel tests may have the same CID (each
+test has its own state directory), never the same sandbox uid (leased host-wide,
+:mod:`hermetic.launcher.uids`)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__ in ENCLAVE_MODULES:
-            item.add_marker(pytest.mark.xdist_group("enclaves"))
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

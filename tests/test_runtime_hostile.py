@@ -271,6 +271,34 @@ def test_fork_bomb_stops_at_the_process_limit(hostile: Release) -> None:
     assert int(forked) < sandbox.MAX_PROCESSES, report
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a non-root launcher runs enclaves as itself")
+def test_same_cid_from_two_state_directories_never_shares_a_sandbox_uid(
+    hostile: Release, tmp_path: Path
+) -> None:
+    """CIDs are per state directory, uids host-wide: a second launcher's enclave with the
+    same CID gets another uid, so it can neither exhaust this one's process limit nor own
+    its files."""
+    first = hostile.run()
+    other = {"HERMETIC_STATE_DIR": str(tmp_path / "other-state")}
+    done = hermetic(
+        "run", hostile.image.path, "--endorsement", hostile.endorsement, env=other, check=True
+    )
+    second = json.loads(done.stdout)
+    try:
+
+        def uid_of(enclave: dict[str, Any], env: dict[str, str] | None = None) -> str:
+            listed = json.loads(hermetic("ps", "--json", env=env, check=True).stdout)
+            described = {d["EnclaveID"]: d for d in listed}[enclave["EnclaveID"]]
+            return str(described["Sandbox"]["uid"])
+
+        assert second["EnclaveCID"] == first["EnclaveCID"]
+        assert uid_of(first).endswith("(unprivileged)")
+        assert uid_of(second, other).endswith("(unprivileged)")
+        assert uid_of(first) != uid_of(second, other)
+    finally:
+        hermetic("stop", second["EnclaveID"], env=other, check=True)
+
+
 def test_host_abstract_unix_socket_is_out_of_reach(hostile: Release) -> None:
     started = hostile.run()
     name = f"hermetic-hostile-{os.getpid()}-{time.monotonic_ns()}"

@@ -18,11 +18,12 @@ on), not by namespace code of our own:
 * an address-space limit of the enclave's memory, its CPUs, and death with its
   supervisor.
 
-When the launcher runs as root, the enclave runs as an unprivileged host uid of its own
-(:func:`sandbox_uid`): a privileged bubblewrap builds the namespaces and the file system
-(it can read the Python runtime wherever it lives), ``setpriv`` drops to the enclave's
-uid with no capabilities, and an unprivileged bubblewrap inside adds the user namespace,
-forbids any further one and loads the seccomp filter. Run as an ordinary user, one
+When the launcher runs as root, the enclave runs as an unprivileged host uid of its own,
+leased host-wide (:mod:`hermetic.launcher.uids`): a privileged bubblewrap builds the
+namespaces and the file system (it can read the Python runtime wherever it lives),
+``setpriv`` drops to the enclave's uid with no capabilities, and an unprivileged
+bubblewrap inside adds the user namespace, forbids any further one and loads the seccomp
+filter. Run as an ordinary user, one
 unprivileged bubblewrap does it all and the enclave keeps that user's uid.
 
 The environment the enclave gets is exactly: ``HERMETIC_NSM_SOCKET`` (the emulated
@@ -47,15 +48,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from hermetic.errors import SandboxUnavailableError
+from hermetic.launcher import uids
 from hermetic.launcher.cgroups import EnclaveCgroup, memory_limit_of
 
 INSIDE_IMAGE = PurePosixPath("/enclave")
 EMPTY_FILE = "empty"
 """An empty file in the endpoint directory's ``host/`` half, bound over host facts."""
 INSIDE_VSOCK = PurePosixPath("/run/hermetic/vsock")
-SANDBOX_UID_BASE = 0x6E000000
-"""Host uids of sandboxed enclaves when the launcher is root: base + CID, one per enclave,
-far above any login or subordinate-id range."""
 MAX_PROCESSES = 512
 """RLIMIT_NPROC of a sandbox with its own uid (threads count): no fork bomb reaches the host."""
 
@@ -190,10 +189,6 @@ def enclave_environment(nsm_socket: Path, vsock_root: Path, cid: int) -> dict[st
     }
 
 
-def sandbox_uid(cid: int) -> int:
-    return SANDBOX_UID_BASE + cid
-
-
 def preflight() -> SandboxTools:
     """The sandbox's tools, or :class:`SandboxUnavailableError` naming what is missing."""
     bwrap = shutil.which("bwrap")
@@ -216,7 +211,7 @@ def preflight() -> SandboxTools:
         raise SandboxUnavailableError(
             f"cannot sandbox the enclave: libseccomp is not usable ({exc}), or pass --no-sandbox"
         ) from None
-    as_sandbox_user = sandbox_uid(0) if setpriv else None
+    as_sandbox_user = uids.PROBE_UID if setpriv else None
     probe = subprocess.run(
         [bwrap, "--unshare-user", "--disable-userns", "--ro-bind", "/", "/", "true"],
         capture_output=True,

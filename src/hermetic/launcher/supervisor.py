@@ -35,7 +35,7 @@ from typing import IO, TYPE_CHECKING
 from hermetic.enclave import boot
 from hermetic.errors import FrameFormatError, HermeticError
 from hermetic.image.imagefile import extract, open_image
-from hermetic.launcher import cgroups, records, sandbox
+from hermetic.launcher import cgroups, records, sandbox, uids
 from hermetic.launcher.records import EnclaveRecord
 from hermetic.nsm.emulator import EmulatedNSM
 from hermetic.nsm.server import start_server
@@ -122,7 +122,11 @@ class Supervisor:
             nsm = EmulatedNSM(
                 measurements.pcrs(), debug=self.record.debug, module_id=self.record.id
             )
-            uid = sandbox.sandbox_uid(cid) if tools is not None and os.geteuid() == 0 else None
+            uid = None
+            if tools is not None and os.geteuid() == 0:
+                lease = uids.lease()
+                cleanup.append(lease)
+                uid = lease.uid
             self._cgroup = cgroups.create(
                 f"hermetic-{self.record.id}",
                 self.record.memory_mib * 1024 * 1024,
@@ -151,7 +155,9 @@ class Supervisor:
         finally:
             await self._terminate_child()
             for item in reversed(cleanup):
-                if isinstance(item, vsock.VsockListener):
+                if isinstance(item, uids.UidLease):
+                    item.release()  # the enclave's processes are gone: its uid may serve again
+                elif isinstance(item, vsock.VsockListener):
                     await item.aclose()
                 elif isinstance(item, asyncio.Server):
                     item.close()
