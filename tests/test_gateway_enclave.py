@@ -298,6 +298,14 @@ def test_connect_json_through_the_gateway_and_receipts_verify_offline(stack: Sta
         assert shown["receipt"]["service"] == "beta"
         assert shown["receipt"]["backend"]["pcr0"] == stack.images["beta"].pcr0
         assert shown["receipt"]["backend"]["release"] == "1.0.0"
+    steps = hermetic(
+        "connect", stack.url(), "--trust", str(stack.trust), "--gateway", "alpha",
+        "--call", "echo", "--json-args", '"hi"',
+    )  # fmt: skip
+    assert steps.returncode == 0, steps.stderr
+    assert "✓ receipt" in steps.stdout
+    assert f"release '1.0.0' pcr0 {stack.images['alpha'].pcr0[:32]}" in steps.stdout
+    assert "1 attestation verification(s)" in steps.stdout
     checked = hermetic("receipts", "verify", str(saved[0]), "--trust", str(stack.trust))
     assert checked.returncode == 0, checked.stderr
     report = json.loads(checked.stdout)
