@@ -38,6 +38,7 @@ from helpers import free_port, hermetic, stop_process
 from hermetic.client import ClientTrust
 from hermetic.enclave.config import sign_config
 from hermetic.errors import (
+    BackendUnavailableError,
     GatewayOverloadedError,
     RequestTooLargeError,
     RPCError,
@@ -612,3 +613,71 @@ def test_a_hint_to_an_impostor_replaying_a_real_backends_evidence_is_refused(
         assert "NonceMismatchError" in result["reason"]
     finally:
         assert stack.gateway_cli("remove", "alpha", "vsock://90:5001").returncode == 0
+
+
+def test_an_idempotent_request_is_retried_elsewhere_when_its_backend_dies_and_others_fail(
+    stack: Stack,
+) -> None:
+    """A victim instance of its own holds requests of both kinds; killed, its idempotent
+    ones (``stall``) are answered by another instance, the others (``stall_once``) fail
+    with a clear error instead of maybe running twice."""
+    accepts = stack.work / "backend.bundle"
+    (victim,) = _boot_backends(
+        [("alpha", stack.images["alpha"], accepts, False, FIRST_BACKEND_CID + 31)]
+    )
+    address = f"vsock://{victim['EnclaveCID']}:5001"
+    cid = int(victim["EnclaveCID"])
+    trust = ClientTrust.load(stack.trust)
+
+    async def on_victim() -> int:
+        """Requests in flight on the victim, as the gateway counts them."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hermetic", "gateway", "backends",
+            "--gateway", stack.up["parent"], "--trust", str(stack.trust),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        (instance,) = [i for i in json.loads(out)["alpha"] if i["address"] == address]
+        return int(instance["outstanding"])
+
+    async def run() -> tuple[list[Any], list[BaseException]]:
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            calls: dict[str, list[asyncio.Future[Any]]] = {"stall": [], "stall_once": []}
+
+            def pending(method: str) -> list[asyncio.Future[Any]]:
+                return [c for c in calls[method] if not c.done()]
+
+            async with asyncio.timeout(90):  # a bound, not a measurement
+                while True:
+                    # Every request elsewhere answers; once the ones not answered are as
+                    # many as the victim holds, they are exactly the victim's.
+                    held = len(pending("stall")) + len(pending("stall_once"))
+                    if held == await on_victim() and pending("stall") and pending("stall_once"):
+                        break
+                    if held == await on_victim():
+                        for method, started in calls.items():
+                            started += [asyncio.ensure_future(session.call("alpha", method, cid))
+                                        for _ in range(4)]  # fmt: skip
+                    await asyncio.sleep(0.1)
+            stalled, once = pending("stall"), pending("stall_once")
+            assert hermetic("stop", victim["EnclaveID"]).returncode == 0
+            retried = await asyncio.gather(*stalled)
+            failed = await asyncio.gather(*once, return_exceptions=True)
+            return retried, failed
+
+    try:
+        done = stack.gateway_cli("add", "alpha", address)
+        assert done.returncode == 0, done.stdout
+        retried, failed = asyncio.run(run())
+        assert retried
+        assert failed
+        for reply in retried:  # answered by a surviving instance, and its receipt says so
+            assert reply.result != cid
+            assert reply.receipt.backend_module in _modules(stack, "alpha")
+        for error in failed:
+            assert isinstance(error, BackendUnavailableError), error
+            assert "not declared idempotent" in str(error)
+        metrics = stack.gateway_cli("metrics").stdout
+        assert f'hermetic_gateway_retries_total{{service="alpha"}} {float(len(retried))}' in metrics
+    finally:
+        assert stack.gateway_cli("remove", "alpha", address).returncode == 0

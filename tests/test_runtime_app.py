@@ -332,3 +332,19 @@ def test_xx_port_outside_the_manifest_refuses_to_start() -> None:
         peer_verifiers(app, cast(EnclaveContext, None), manifest)
     with pytest.raises(UsageError, match="registered twice"):
         app.xx_port(6000)(lambda context: None)  # type: ignore[arg-type,return-value]
+
+
+def test_methods_declare_idempotency_and_hermetic_names_are_reserved() -> None:
+    app = App()
+
+    @app.method("get", idempotent=True)
+    async def get(_: Any) -> None:
+        return None
+
+    @app.method("put")
+    async def put(_: Any) -> None:
+        return None
+
+    assert app.describe_methods() == {"methods": ["get", "put"], "idempotent": ["get"]}
+    with pytest.raises(UsageError, match="reserved"):
+        app.method("hermetic.methods")

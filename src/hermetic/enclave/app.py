@@ -78,6 +78,12 @@ class RuntimeConfig:
     digest: bytes
 
 
+RESERVED_PREFIX = "hermetic."
+METHODS_METHOD = "hermetic.methods"
+"""Answered by the runtime on every port: ``{"methods": [...], "idempotent": [...]}``."""
+RUNTIME_METHODS = (METHODS_METHOD,)
+
+
 @dataclass(frozen=True)
 class SessionInfo:
     """The attested session a call came on: the enclave port it was accepted on and the
@@ -128,6 +134,7 @@ class App:
 
     def __init__(self) -> None:
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {}
+        self._idempotent: set[str] = set()
         self._context: EnclaveContext | None = None
         self._on_ready: Callable[[], Awaitable[object]] | None = None
         self._started: asyncio.Task[object] | None = None
@@ -138,15 +145,26 @@ class App:
             f"hermetic-session-{id(self)}", default=None
         )
 
-    def method(self, name: str) -> Callable[[HandlerT], HandlerT]:
-        """Register the decorated ``async def`` as the handler of ``name``."""
+    def method(self, name: str, *, idempotent: bool = False) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated ``async def`` as the handler of ``name``.
+
+        ``idempotent=True`` declares that running it twice with the same argument has the
+        effect of running it once, so a caller (the gateway) may send it again to another
+        instance when the one running it dies mid-request; without it, such a request
+        fails instead of perhaps running twice. Names starting ``hermetic.`` are the
+        runtime's (:data:`RUNTIME_METHODS`).
+        """
         if not isinstance(name, str) or not name:
             raise UsageError(f"method name: expected non-empty text, got {name!r}")
+        if name.startswith(RESERVED_PREFIX):
+            raise UsageError(f"method {name!r}: names starting {RESERVED_PREFIX!r} are reserved")
 
         def register(handler: HandlerT) -> HandlerT:
             if name in self._methods:
                 raise UsageError(f"method {name!r}: registered twice")
             self._methods[name] = handler
+            if idempotent:
+                self._idempotent.add(name)
             return handler
 
         return register
@@ -154,6 +172,16 @@ class App:
     @property
     def methods(self) -> tuple[str, ...]:
         return tuple(sorted(self._methods))
+
+    @property
+    def idempotent_methods(self) -> tuple[str, ...]:
+        """The methods registered with ``idempotent=True``."""
+        return tuple(sorted(self._idempotent))
+
+    def describe_methods(self) -> dict[str, list[str]]:
+        """What the runtime answers to ``hermetic.methods``: every method, and which are
+        idempotent."""
+        return {"methods": list(self.methods), "idempotent": list(self.idempotent_methods)}
 
     def xx_port(
         self, port: int

@@ -45,7 +45,14 @@ from hermetic.channel.noise import NX, XX, StaticKeypair
 from hermetic.channel.session import MakeEvidence, VerifyEvidence
 from hermetic.client.server import dispatch_handlers
 from hermetic.enclave import boot
-from hermetic.enclave.app import App, BoundNSM, EnclaveContext, RuntimeConfig, SessionInfo
+from hermetic.enclave.app import (
+    METHODS_METHOD,
+    App,
+    BoundNSM,
+    EnclaveContext,
+    RuntimeConfig,
+    SessionInfo,
+)
 from hermetic.enclave.config import verify_bundle
 from hermetic.enclave.kmsaccess import EnclaveKMS, KMSSettings, start_kms
 from hermetic.enclave.manifest import Manifest, load_manifest
@@ -243,6 +250,11 @@ async def run(app_dir: Path) -> int:
     )
     app.bind(context)
     handlers = dispatch_handlers(app.call, app.methods)
+
+    async def describe_methods(_: object) -> dict[str, list[str]]:
+        return app.describe_methods()
+
+    handlers[METHODS_METHOD] = describe_methods
     try:
         verifiers = peer_verifiers(app, context, manifest)
     except HermeticError as exc:

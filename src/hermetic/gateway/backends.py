@@ -54,8 +54,10 @@ from hermetic.errors import (
 from hermetic.gateway.admission import AdmissionPolicy, check_name
 from hermetic.gateway.metrics import GatewayMetrics
 
-PROBE_METHOD = "hermetic.gateway.probe"
-"""The method of the admission round trip: no app defines it, any answer will do."""
+PROBE_METHOD = "hermetic.methods"
+"""The method of the admission round trip, which the runtime answers with the app's
+methods and which of them are idempotent (any answer shows the backend accepted us)."""
+MAX_DECLARED = 1024
 CONNECT_TIMEOUT = 15.0
 INSTANCE_STATES = ("attesting", "admitted", "refused", "unreachable", "failed")
 DRAIN_TIMEOUT = 60.0
@@ -107,9 +109,17 @@ Dial = Callable[[BackendHint], Awaitable[aio.MessagePipe]]
 class BackendSession:
     """One attested, admitted XX session to one backend instance, shared by its requests."""
 
-    def __init__(self, hint: BackendHint, channel: aio.ClientChannel, peer: VerifiedPeer) -> None:
+    def __init__(
+        self,
+        hint: BackendHint,
+        channel: aio.ClientChannel,
+        peer: VerifiedPeer,
+        idempotent: frozenset[str] = frozenset(),
+    ) -> None:
         self.hint = hint
         self.peer = peer
+        self.idempotent = idempotent
+        """The methods the backend's app declares idempotent (safe to send again)."""
         self.handshake_hash = channel.handshake_hash
         self.opened_at = time.monotonic()
         self.outstanding = 0
@@ -192,9 +202,11 @@ async def attest_backend(
         ) from None
     peer = channel.peer_info
     assert isinstance(peer, VerifiedPeer)
+    idempotent: frozenset[str] = frozenset()
     try:
         async with asyncio.timeout(timeout):
-            await channel.call(PROBE_METHOD, None)
+            described = await channel.call(PROBE_METHOD, None)
+        idempotent = _declared(described)
     except RPCError:
         pass  # any answer: the backend verified our evidence and serves us
     except (HermeticError, TimeoutError) as exc:
@@ -205,7 +217,19 @@ async def attest_backend(
             f" evidence verified ({type(exc).__name__}): it refused the gateway's evidence"
             " (its policy does not name this gateway's release) or it died"
         ) from None
-    return BackendSession(hint, channel, peer)
+    return BackendSession(hint, channel, peer, idempotent)
+
+
+def _declared(described: object) -> frozenset[str]:
+    """The idempotent methods in a ``hermetic.methods`` answer; nothing if it is not one.
+    The backend is an admitted release (its code is the logged one), so what it declares
+    is believed; bounded so an answer cannot grow the gateway's memory."""
+    if not isinstance(described, dict):
+        return frozenset()
+    names = described.get("idempotent")
+    if not isinstance(names, list) or len(names) > MAX_DECLARED:
+        return frozenset()
+    return frozenset(n for n in names if isinstance(n, str) and 0 < len(n) <= 128)
 
 
 @dataclass
@@ -254,11 +278,14 @@ class BackendPool:
     instances: dict[str, Instance] = field(default_factory=dict)
     _turn: int = 0
 
-    def pick(self) -> BackendSession:
+    def pick(self, exclude: frozenset[BackendSession] = frozenset()) -> BackendSession:
         sessions = [
             i.session
             for i in self.instances.values()
-            if i.state == "admitted" and i.session is not None and i.session.usable
+            if i.state == "admitted"
+            and i.session is not None
+            and i.session.usable
+            and i.session not in exclude
         ]
         if not sessions:
             raise BackendUnavailableError(

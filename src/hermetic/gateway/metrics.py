@@ -41,6 +41,12 @@ class GatewayMetrics:
             ["service", "reason"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "hermetic_gateway_retries_total",
+            "Idempotent requests sent again to another instance after one died mid-request.",
+            ["service"],
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "hermetic_gateway_in_flight_requests",
             "Client requests being routed now (bounded by the config's max_concurrency).",

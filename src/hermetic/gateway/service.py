@@ -36,7 +36,7 @@ from hermetic.errors import (
     RPCError,
     UnknownServiceError,
 )
-from hermetic.gateway.backends import Backends
+from hermetic.gateway.backends import Backends, BackendSession
 from hermetic.gateway.metrics import GatewayMetrics
 from hermetic.gateway.receipt import (
     GatewayKey,
@@ -57,6 +57,8 @@ ERROR_CODES: dict[str, type[HermeticError]] = {
 }
 """RPC error code -> the typed error it stands for (both sides use this table)."""
 BACKEND_ERROR = "backend_error"
+MAX_ATTEMPTS = 3
+"""Instances an idempotent request is sent to at most when the one running it dies."""
 _MAX_NAME = 128
 
 
@@ -172,22 +174,40 @@ class Gateway:
 
     async def _route(self, session_hash: bytes, checked: ClientRequest) -> dict[str, Any]:
         pool = self.backends.pools[checked.service]
-        try:
-            backend = pool.pick()
-            result = await backend.call(checked.method, checked.args)
-        except BackendUnavailableError as exc:
-            self.metrics.requests.labels(checked.service, "unavailable").inc()
-            raise _refuse("unavailable", str(exc)) from None
-        except RPCError as exc:
-            self.metrics.requests.labels(checked.service, "backend_error").inc()
-            raise _refuse(BACKEND_ERROR, f"{exc.code:.40}: {exc.remote_message:.2000}") from None
-        except HermeticError as exc:
-            self.metrics.requests.labels(checked.service, "unavailable").inc()
-            raise _refuse(
-                "unavailable",
-                f"service {checked.service!r}: the backend went away mid-request"
-                f" ({type(exc).__name__})",
-            ) from None
+        tried: frozenset[BackendSession] = frozenset()
+        while True:
+            try:
+                backend = pool.pick(exclude=tried)
+            except BackendUnavailableError as exc:
+                self.metrics.requests.labels(checked.service, "unavailable").inc()
+                raise _refuse("unavailable", str(exc)) from None
+            try:
+                result = await backend.call(checked.method, checked.args)
+                break
+            except RPCError as exc:
+                self.metrics.requests.labels(checked.service, "backend_error").inc()
+                raise _refuse(
+                    BACKEND_ERROR, f"{exc.code:.40}: {exc.remote_message:.2000}"
+                ) from None
+            except HermeticError as exc:
+                tried |= {backend}
+                if checked.method in backend.idempotent and len(tried) < MAX_ATTEMPTS:
+                    # Declared idempotent by the backend's (admitted) release: sending it
+                    # again to another instance cannot make it take effect twice.
+                    self.metrics.retries.labels(checked.service).inc()
+                    continue
+                self.metrics.requests.labels(checked.service, "unavailable").inc()
+                why = (
+                    f"not retried: {checked.method!r} is not declared idempotent, so it may"
+                    " have run"
+                    if checked.method not in backend.idempotent
+                    else f"given up after {len(tried)} instances"
+                )
+                raise _refuse(
+                    "unavailable",
+                    f"service {checked.service!r}: the backend went away mid-request"
+                    f" ({type(exc).__name__}); {why}",
+                ) from None
         try:
             encoded = canonical_dumps(result, what="response", error=GatewayRequestError)
         except GatewayRequestError:

@@ -8,7 +8,8 @@ The same code is built under several manifest names (services ``alpha`` and ``be
 a modified ``alpha`` the admission policy does not admit). Methods: ``echo`` (the argument
 and who answered), ``big`` (a result of N bytes, to overflow the gateway's limit) and
 ``forged`` (a result shaped like the gateway's own answer, with a made-up receipt) and
-``hold`` (never answers, to keep requests in flight).
+``hold`` (never answers, to keep requests in flight), ``stall`` (idempotent) and
+``stall_once`` (not), which never answer on one chosen instance.
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ async def big(size: int) -> bytes:
 async def hold(_: object = None) -> None:
     """Never answers: a request in flight until its caller cancels it."""
     await asyncio.Event().wait()
+
+
+@app.method("stall", idempotent=True)
+async def stall(cid: int) -> int:
+    """Never answers on the instance at CID ``cid``; answers with its CID elsewhere.
+    Declared idempotent, so the gateway may send it again to another instance."""
+    if app.context.cid == cid:
+        await asyncio.Event().wait()
+    return app.context.cid
+
+
+@app.method("stall_once")
+async def stall_once(cid: int) -> int:
+    """The same, not declared idempotent: never sent twice."""
+    return await stall(cid)
 
 
 @app.method("forged")
