@@ -42,6 +42,7 @@ from hermetic.errors import (
     GatewayOverloadedError,
     RequestTooLargeError,
     RPCError,
+    SessionClosedError,
     UnknownServiceError,
 )
 from hermetic.gateway import AdmissionPolicy, connect_gateway
@@ -464,6 +465,12 @@ def test_hostile_client_requests_are_refused_with_typed_errors(stack: Stack) -> 
             assert reply.receipt.backend_pcr0.hex() == stack.images["beta"].pcr0
             # the session still works after all of it
             assert (await session.call("alpha", "echo", "still")).result["arg"] == "still"
+        # a message beyond the client port's limit closes that session, before reassembly
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            with pytest.raises(SessionClosedError):
+                await session.call("alpha", "echo", b"\x00" * (3 * 1024 * 1024))
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+            assert (await session.call("alpha", "echo", "next")).result["arg"] == "next"
 
     asyncio.run(run())
 

@@ -348,3 +348,13 @@ def test_methods_declare_idempotency_and_hermetic_names_are_reserved() -> None:
     assert app.describe_methods() == {"methods": ["get", "put"], "idempotent": ["get"]}
     with pytest.raises(UsageError, match="reserved"):
         app.method("hermetic.methods")
+
+
+def test_a_port_message_limit_is_kept_per_port_and_never_below_64_kib() -> None:
+    app = App()
+    assert app.message_limit(7000) is None
+    app.limit_messages(7000, 1 << 20)
+    assert (app.message_limit(7000), app.message_limit(7001)) == (1 << 20, None)
+    for bad in (1024, True, "big"):
+        with pytest.raises(UsageError, match="limit_messages"):
+            app.limit_messages(7000, bad)  # type: ignore[arg-type]

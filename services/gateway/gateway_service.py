@@ -33,13 +33,15 @@ from hermetic.gateway.backends import BackendHint, Backends
 from hermetic.gateway.dialer import egress_dial
 from hermetic.gateway.metrics import GatewayMetrics
 from hermetic.gateway.service import Gateway, ReceiptSigner
-from hermetic.gateway.settings import GatewaySettings
+from hermetic.gateway.settings import MAX_LIMIT, MESSAGE_SLACK, GatewaySettings
 
 CLIENT_PORT = 7000
 PARENT_PORT = 7001
 START_TIMEOUT = 30.0
 
 app = App()
+# Until the config is read, the client port takes what the largest allowed limits need.
+app.limit_messages(CLIENT_PORT, MAX_LIMIT + MESSAGE_SLACK)
 
 
 @app.on_ready
@@ -48,6 +50,7 @@ async def boot() -> Gateway:
     if context.config is None or context.evidence is None:
         raise GatewayConfigError("config: expected a signed runtime config, got none")
     settings = GatewaySettings.from_config(context.config.values)
+    app.limit_messages(CLIENT_PORT, settings.message_limit)
     metrics = GatewayMetrics()
     backends = Backends(
         settings.admission,

@@ -135,6 +135,7 @@ class App:
     def __init__(self) -> None:
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {}
         self._idempotent: set[str] = set()
+        self._message_limits: dict[int, int] = {}
         self._context: EnclaveContext | None = None
         self._on_ready: Callable[[], Awaitable[object]] | None = None
         self._started: asyncio.Task[object] | None = None
@@ -210,6 +211,19 @@ class App:
             return make
 
         return register
+
+    def limit_messages(self, port: int, max_size: int) -> None:
+        """Sessions accepted on ``port`` from now on take application messages of at most
+        ``max_size`` bytes either way (the channel's default is 16 MiB); a peer that sends
+        a larger one has its session closed before the message is reassembled. A service
+        whose requests are small keeps what one client can make it hold small."""
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 65536:
+            raise UsageError(f"limit_messages: expected at least 65536 bytes, got {max_size!r}")
+        self._message_limits[port] = max_size
+
+    def message_limit(self, port: int) -> int | None:
+        """The limit set with :meth:`limit_messages`, or None for the channel's default."""
+        return self._message_limits.get(port)
 
     @property
     def xx_ports(self) -> dict[int, Callable[[EnclaveContext], VerifyEvidence]]:

@@ -189,9 +189,11 @@ async def serve_session(
     pipe = aio.StreamPipe(stream.reader, stream.writer)
     protocol = XX if verify is not None else NX
     try:
+        limit = app.message_limit(port)
         channel = await aio.accept(
-            pipe, static, provider, protocol_name=protocol, verify_evidence=verify
-        )
+            pipe, static, provider, protocol_name=protocol, verify_evidence=verify,
+            **({"max_message_size": limit} if limit is not None else {}),
+        )  # fmt: skip
         session = SessionInfo(port, channel.handshake_hash, channel.peer_info)
         with app.serving_session(session):
             await aio.serve_rpc(channel, handlers)

@@ -37,7 +37,7 @@ from typing import Any
 
 from hermetic.channel import aio
 from hermetic.channel.noise import XX, StaticKeypair
-from hermetic.channel.session import MakeEvidence
+from hermetic.channel.session import DEFAULT_MAX_MESSAGE_SIZE, MakeEvidence
 from hermetic.client.trust import ClientTrust
 from hermetic.client.verify import VerifiedPeer, verify_evidence
 from hermetic.errors import (
@@ -163,6 +163,7 @@ async def attest_backend(
     static: StaticKeypair,
     make_evidence: MakeEvidence,
     timeout: float = CONNECT_TIMEOUT,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
 ) -> BackendSession:
     """Steps 1-3 of the module docstring; BackendRefusedError naming the failed check, or
     BackendUnavailableError when nothing answers at the address."""
@@ -187,7 +188,7 @@ async def attest_backend(
     try:
         channel = await aio.connect(
             pipe, verify, protocol_name=XX, static=static, make_evidence=make_evidence,
-            handshake_timeout=timeout,
+            handshake_timeout=timeout, max_message_size=max_message_size,
         )  # fmt: skip
     except EvidenceRejectedError as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, HermeticError) else exc
@@ -310,6 +311,7 @@ class Backends:
         make_evidence: MakeEvidence,
         metrics: GatewayMetrics,
         static: StaticKeypair | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.admission = admission
         self.peers = peers
@@ -317,6 +319,7 @@ class Backends:
         self._dial = dial
         self._make_evidence = make_evidence
         self._static = static if static is not None else StaticKeypair.generate()
+        self._max_message_size = max_message_size
         self.pools = {name: BackendPool(name) for name in admission.services}
         self._retiring: set[asyncio.Task[None]] = set()
         self._gauges()
@@ -355,6 +358,7 @@ class Backends:
             session = await attest_backend(
                 hint, self.admission, self.peers, self._dial,
                 static=self._static, make_evidence=self._make_evidence,
+                max_message_size=self._max_message_size,
             )  # fmt: skip
         except BackendRefusedError as exc:
             cause = exc.__cause__ if isinstance(exc.__cause__, HermeticError) else exc

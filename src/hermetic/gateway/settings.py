@@ -7,7 +7,7 @@
                  "peers": {<trust file: nitro_root, log, publishers>},
                  "dialer": "127.0.0.1:7100",
                  "max_request": 1048576, "max_response": 1048576, "reattest": 240,
-                 "max_concurrency": 256, "max_per_client": 32}}
+                 "max_concurrency": 64, "max_per_client": 32}}
 
 ``peers`` is what backends' evidence and the admission policy's endorsement are verified
 against. ``dialer`` is the parent-side relay to backends' vsock ports
@@ -17,7 +17,7 @@ everything the parent runs (absent: only ``tcp://`` hints can be used). ``max_re
 default 1 MiB each. ``reattest`` (seconds, default 240, below the 300 s a backend's
 document may be old when its session opens) is how long a backend session serves before
 the gateway attests that instance again with a fresh document. ``max_concurrency``
-(default 256) and ``max_per_client`` (default 32, per client session) bound the requests in
+(default 64) and ``max_per_client`` (default 32, per client session) bound the requests in
 flight; one over either is refused at once with ``overloaded`` (nothing is queued, so
 memory stays bounded by the limits times the message sizes).
 
@@ -39,9 +39,10 @@ from hermetic.gateway.admission import AdmissionPolicy, verify_logged
 from hermetic.transport.tcp import HostPort, parse_hostport
 
 DEFAULT_LIMIT = 1024 * 1024
+MESSAGE_SLACK = 64 * 1024
 MAX_LIMIT = 8 * 1024 * 1024
 DEFAULT_REATTEST = 240
-DEFAULT_CONCURRENCY = 256
+DEFAULT_CONCURRENCY = 64
 DEFAULT_PER_CLIENT = 32
 MAX_CONCURRENCY = 65536
 MAX_REATTEST = 86400
@@ -93,6 +94,16 @@ class GatewaySettings:
     reattest: int = DEFAULT_REATTEST
     max_concurrency: int = DEFAULT_CONCURRENCY
     max_per_client: int = DEFAULT_PER_CLIENT
+
+    @property
+    def message_limit(self) -> int:
+        """The largest channel message either way on the client port: the larger size
+        limit plus room for the envelope and the receipt. A client that sends a larger one
+        has its session closed before the message is reassembled, so what a client makes
+        the gateway hold is bounded by the limits. (Backend sessions keep the channel's
+        16 MiB: backends are admitted releases, and an oversized result is refused as
+        ``response_too_large`` without losing the instance.)"""
+        return max(self.max_request, self.max_response) + MESSAGE_SLACK
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> GatewaySettings:
