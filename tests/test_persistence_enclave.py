@@ -961,6 +961,7 @@ def test_up_runs_the_service_with_the_root_key_the_run_enclave_keeps(stack: Stac
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "enclave", "AWS_SECRET_ACCESS_KEY": "x"}
     process, addresses = start_cli(
         stack.background, "up", str(stack.image.path), "--listen", "127.0.0.1:0",
+        "--forward", "5001=127.0.0.1:0",
         "--config", str(stack.image.bundle(stack.config())), "--aws-credentials-env",
         "--egress-allow", f"127.0.0.1:{stack.kms_port}",
         "--egress-allow", stack.store.url.removeprefix("http://"),
@@ -977,6 +978,22 @@ def test_up_runs_the_service_with_the_root_key_the_run_enclave_keeps(stack: Stac
             return status, await session.call("describe", {"tenant": "via-up"})
 
     status, described = asyncio.run(scenario())
+    # --forward exposes the XX service port too: an attested caller reaches its policy.
+    from hermetic.translog.release import Endorsement
+
+    async def forwarded() -> list[Any]:
+        nsm = NSMClient(EmulatedNSM(REPORTING, pki=DevPKI()))
+        evidence = make_evidence_provider(nsm, Endorsement.loads(stack.policy.caller), None)
+        async with await connect(
+            f"tcp://{addresses['forwards']['5001']}", trust=ClientTrust.load(trust),
+            policy=ServicePolicy(services=frozenset({"persistence"})), protocol_name=XX,
+            static=StaticKeypair.generate(), make_evidence=evidence, timeout=60,
+        ) as session:  # fmt: skip
+            return await _calls(session, (("get_key", {"tenant": "via-up", "name": "k"}),))
+
+    (refused,) = asyncio.run(forwarded())
+    assert isinstance(refused, RPCError)
+    assert "AccessDeniedError" in str(refused), refused
     assert status["state"] == "ready"
     assert status["root_key"] == "decrypted"
     # The up enclave opened the keyring the run enclave wrote (the same root key).

@@ -257,6 +257,13 @@ def _addresses(proxy: ServiceProxy) -> dict[str, Any]:
 
 
 _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
+_forward_option = click.option(
+    "--forward",
+    "forwards",
+    multiple=True,
+    help="Also relay TCP clients of HOST:PORT to the enclave's vsock PORT, as "
+    "PORT=HOST:PORT (repeatable; port 0 picks a free port).",
+)
 
 
 @click.command()
@@ -270,13 +277,7 @@ _LISTEN_HELP = "Client TCP ingress, HOST:PORT (port 0 picks a free port)."
     help="Service vsock port (default: the enclave's first port).",
 )
 @click.option("--listen", default=None, help=_LISTEN_HELP)
-@click.option(
-    "--forward",
-    "forwards",
-    multiple=True,
-    help="Also relay TCP clients of HOST:PORT to the enclave's vsock PORT, as "
-    "PORT=HOST:PORT (repeatable; port 0 picks a free port).",
-)
+@_forward_option
 @click.option(
     "--ws-listen",
     default=None,
@@ -362,6 +363,7 @@ def proxy(
 @click.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, help=_LISTEN_HELP)
+@_forward_option
 @click.option("--ws-listen", default=None, help="Also accept WebSocket clients on HOST:PORT.")
 @click.option("--metrics", default=None, help="Serve Prometheus /metrics on HOST:PORT.")
 @click.option(
@@ -391,6 +393,7 @@ def proxy(
 def up(
     source: Path,
     listen: str,
+    forwards: tuple[str, ...],
     ws_listen: str | None,
     metrics: str | None,
     egress_allow: tuple[str, ...],
@@ -404,7 +407,8 @@ def up(
     """Build (if SOURCE is an app directory), release, run and expose a service until Ctrl-C.
 
     Like `docker run -p`: the enclave runs in the foreground, a proxy listens on --listen
-    and forwards to the service's first port, and Ctrl-C or SIGTERM stops both.
+    and forwards to the service's first port (--forward exposes more of its ports), and
+    Ctrl-C or SIGTERM stops both.
 
     So that clients can verify it with no other command, the image's measured PCRs are
     published as a release to a local dev transparency log (under the state directory,
@@ -425,6 +429,7 @@ def up(
     from hermetic.launcher.devrelease import DevLog
 
     credentials = boot.credentials_from_environment(os.environ) if forward_credentials else None
+    forward_to = tuple(parse_forward(f) for f in forwards)  # refused before anything starts
 
     if endorsement is not None and trust_out is not None:
         raise UsageError(
@@ -482,6 +487,7 @@ def up(
             cid=record.cid,
             service_port=record.ports[0],
             listen=_hostport(listen, "--listen"),
+            forwards=forward_to,
             ws_listen=_hostport(ws_listen, "--ws-listen"),
             egress_allow=frozenset(parse_hostport(a, field="--egress-allow") for a in allow),
             metrics=_hostport(metrics, "--metrics"),
