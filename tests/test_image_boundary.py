@@ -327,8 +327,12 @@ def test_any_change_to_padding_a_tar_reader_skips_is_rejected(
     changed = data.draw(st.lists(st.sampled_from(ignored), min_size=1, max_size=4, unique=True))
     for at in changed:
         layer[at] = data.draw(st.integers(1, 255))
-    assert _names(bytes(layer)) == _names(original)  # invisible to a tar reader
-    expected = LayerTrailingDataError if min(changed) >= end else LayerFormatError
+    # Mostly invisible to a tar reader; bytes written into the first end block can make
+    # Python's tarfile read a member there (seen in CI: '\udc80\udc81\udcff'). Visible or
+    # not, the layer must be refused.
+    invisible = _names(bytes(layer)) == _names(original)
+    trailing = invisible and min(changed) >= end
+    expected = LayerTrailingDataError if trailing else LayerFormatError
     with pytest.raises(expected):
         read_layer(bytes(layer), "app layer")
 
