@@ -97,13 +97,18 @@ def up(
     Prints one JSON document (EnclaveID, EnclaveCID, tcp, parent, dialer, release, trust,
     backends) once the client port is reachable and the hints were attested.
     """
-    from hermetic.cli.launcher import _addresses, _hostport, _until_signal
+    from hermetic.cli.launcher import (
+        _addresses,
+        _hostport,
+        built_image,
+        publish_to_dev_log,
+        serve_in_foreground,
+    )
     from hermetic.enclave.config import parse_bundle, parse_values
     from hermetic.gateway.dialer import BackendDialer
-    from hermetic.image import build_image, open_image
+    from hermetic.image import open_image
     from hermetic.launcher import emulated
     from hermetic.launcher.devrelease import DevLog
-    from hermetic.paths import state_dir
     from hermetic.proxy.server import ProxyOptions, ServiceProxy
     from hermetic.transport.tcp import parse_hostport
 
@@ -115,25 +120,14 @@ def up(
     if not isinstance(dialer_text, str):
         raise UsageError("--config: its gateway section names no dialer (gateway.dialer)")
     dialer_address = parse_hostport(dialer_text, field="config gateway.dialer")
-    image = source
-    if source.is_dir():
-        builds = state_dir() / "builds"
-        builds.mkdir(parents=True, exist_ok=True)
-        image = build_image(source, builds / f"{source.resolve().name}.img").path
+    image = built_image(source)
     measurements = open_image(image).measurements
     release: dict[str, Any] | None = None
     if endorsement is not None:
         served = read_input(endorsement, "--endorsement")
     else:
         dev_log = DevLog()
-        published = dev_log.publish(measurements)
-        served = published.dumps()
-        release = {
-            "service": measurements.service,
-            "version": measurements.version,
-            "pcr0": measurements.pcr0.hex(),
-            "log_index": published.index,
-        }
+        served, release = publish_to_dev_log(dev_log, measurements)
         if trust_out is not None:
             dev_log.write_trust(trust_out)
         if trust_file is None and trust_out is not None:
@@ -147,40 +141,30 @@ def up(
 
     async def main() -> int:
         async with BackendDialer(dialer_address) as dialer:
-            supervisor, task = await emulated.start_in_process(record, bundle)
             options = ProxyOptions(
                 cid=record.cid,
                 service_port=CLIENT_PORT,
                 listen=_hostport(listen, "--listen"),
                 egress_allow=frozenset({dialer_address}),
-                enclave_state=lambda: supervisor.record.state,
             )
-            try:
-                async with ServiceProxy(options) as running:
-                    parent = f"vsock://{record.cid}:{PARENT_PORT}"
-                    added: list[Any] = []
-                    if hints:
-                        assert trust_file is not None
-                        calls = [("add_backend", {"service": s, "address": a}) for s, a in hints]
-                        added = await _parent_call(parent, trust_file, calls)
-                    echo_json(
-                        {
-                            "EnclaveID": record.id,
-                            "EnclaveCID": record.cid,
-                            **_addresses(running),
-                            "parent": parent,
-                            "dialer": str(dialer.address),
-                            "release": release,
-                            "trust": str(trust_out) if trust_out is not None else None,
-                            "backends": added,
-                        }
-                    )
-                    sys.stdout.flush()
-                    await _until_signal(task)
-            finally:
-                supervisor.stopping.set()
-                status = await task
-        return 0 if supervisor.record.reason == "stopped by the operator" else max(status, 1)
+
+            async def ready(running: ServiceProxy) -> dict[str, Any]:
+                parent = f"vsock://{record.cid}:{PARENT_PORT}"
+                added: list[Any] = []
+                if hints:
+                    assert trust_file is not None
+                    calls = [("add_backend", {"service": s, "address": a}) for s, a in hints]
+                    added = await _parent_call(parent, trust_file, calls)
+                return {
+                    **_addresses(running),
+                    "parent": parent,
+                    "dialer": str(dialer.address),
+                    "release": release,
+                    "trust": str(trust_out) if trust_out is not None else None,
+                    "backends": added,
+                }
+
+            return await serve_in_foreground(record, bundle, None, options, ready)
 
     sys.exit(asyncio.run(main()))
 

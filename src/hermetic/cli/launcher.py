@@ -13,8 +13,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +26,12 @@ from hermetic.errors import UsageError
 from hermetic.launcher import nitro, records
 from hermetic.proxy.server import ProxyOptions, ServiceProxy, enclave_state_of, parse_forward
 from hermetic.transport.tcp import HostPort, parse_hostport
+
+if TYPE_CHECKING:
+    from hermetic.image.pcrs import Measurements
+    from hermetic.kms.client import KMSCredentials
+    from hermetic.launcher.devrelease import DevLog
+    from hermetic.launcher.records import EnclaveRecord
 
 no_sandbox_option = click.option(
     "--no-sandbox",
@@ -436,15 +444,7 @@ def up(
             "--trust-out pins the dev log, which did not log --endorsement; write the trust "
             "file for your log with `hermetic release trust`"
         )
-    image = source
-    if source.is_dir():
-        from hermetic.image import build_image
-        from hermetic.paths import state_dir
-
-        builds = state_dir() / "builds"
-        builds.mkdir(parents=True, exist_ok=True)
-        result = build_image(source, builds / f"{source.resolve().name}.img")
-        image = result.path
+    image = built_image(source)
     measurements = open_image(image).measurements
     served = _read_file(endorsement, "--endorsement")
     release: dict[str, Any] | None = None
@@ -457,15 +457,7 @@ def up(
             err=True,
         )
     elif dev_log is not None:
-        published = dev_log.publish(measurements)
-        served = published.dumps()
-        release = {
-            "service": measurements.service,
-            "version": measurements.version,
-            "pcr0": measurements.pcr0.hex(),
-            "log": published.origin,
-            "log_index": published.index,
-        }
+        served, release = publish_to_dev_log(dev_log, measurements)
     record = emulated.prepare(
         image,
         debug=debug,
@@ -481,34 +473,71 @@ def up(
     allow = {*record.egress, *egress_allow}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s up %(levelname)s %(message)s")
 
-    async def main() -> int:
-        supervisor, task = await emulated.start_in_process(record, bundle, credentials)
-        options = ProxyOptions(
-            cid=record.cid,
-            service_port=record.ports[0],
-            listen=_hostport(listen, "--listen"),
-            forwards=forward_to,
-            ws_listen=_hostport(ws_listen, "--ws-listen"),
-            egress_allow=frozenset(parse_hostport(a, field="--egress-allow") for a in allow),
-            metrics=_hostport(metrics, "--metrics"),
-            enclave_state=lambda: supervisor.record.state,
-        )
-        try:
-            async with ServiceProxy(options) as running:
-                echo_json(
-                    {
-                        "EnclaveID": record.id,
-                        "EnclaveCID": record.cid,
-                        **_addresses(running),
-                        "release": release,
-                        "trust": str(trust_out) if trust_out is not None else None,
-                    }
-                )
-                sys.stdout.flush()
-                await _until_signal(task)
-        finally:
-            supervisor.stopping.set()
-            status = await task
-        return 0 if supervisor.record.reason == "stopped by the operator" else max(status, 1)
+    options = ProxyOptions(
+        cid=record.cid,
+        service_port=record.ports[0],
+        listen=_hostport(listen, "--listen"),
+        forwards=forward_to,
+        ws_listen=_hostport(ws_listen, "--ws-listen"),
+        egress_allow=frozenset(parse_hostport(a, field="--egress-allow") for a in allow),
+        metrics=_hostport(metrics, "--metrics"),
+    )
 
-    sys.exit(asyncio.run(main()))
+    async def ready(running: ServiceProxy) -> dict[str, Any]:
+        trust = str(trust_out) if trust_out is not None else None
+        return {**_addresses(running), "release": release, "trust": trust}
+
+    sys.exit(asyncio.run(serve_in_foreground(record, bundle, credentials, options, ready)))
+
+
+def built_image(source: Path) -> Path:
+    """SOURCE itself if it is an image file, else the image built from the app directory
+    into the state directory's ``builds/`` (what ``up`` and ``gateway up`` run)."""
+    if not source.is_dir():
+        return source
+    from hermetic.image import build_image
+    from hermetic.paths import state_dir
+
+    builds = state_dir() / "builds"
+    builds.mkdir(parents=True, exist_ok=True)
+    return build_image(source, builds / f"{source.resolve().name}.img").path
+
+
+def publish_to_dev_log(dev_log: DevLog, measurements: Measurements) -> tuple[bytes, dict[str, Any]]:
+    """Publish ``measurements`` to the dev log: the endorsement to serve, and the release
+    as ``up`` prints it."""
+    published = dev_log.publish(measurements)
+    release = {
+        "service": measurements.service,
+        "version": measurements.version,
+        "pcr0": measurements.pcr0.hex(),
+        "log": published.origin,
+        "log_index": published.index,
+    }
+    return published.dumps(), release
+
+
+async def serve_in_foreground(
+    record: EnclaveRecord,
+    bundle: bytes | None,
+    credentials: KMSCredentials | None,
+    options: ProxyOptions,
+    ready: Callable[[ServiceProxy], Awaitable[dict[str, Any]]],
+) -> int:
+    """Run ``record``'s enclave in this process behind a proxy (``options``, whose enclave
+    state is the supervisor's) until Ctrl-C or SIGTERM, printing the enclave's ID and CID
+    with what ``ready`` returns once the proxy listens; the exit status."""
+    from hermetic.launcher import emulated
+
+    supervisor, task = await emulated.start_in_process(record, bundle, credentials)
+    options = replace(options, enclave_state=lambda: supervisor.record.state)
+    try:
+        async with ServiceProxy(options) as running:
+            shown = await ready(running)
+            echo_json({"EnclaveID": record.id, "EnclaveCID": record.cid, **shown})
+            sys.stdout.flush()
+            await _until_signal(task)
+    finally:
+        supervisor.stopping.set()
+        status = await task
+    return 0 if supervisor.record.reason == "stopped by the operator" else max(status, 1)
