@@ -191,3 +191,20 @@ def load_file(
     return loads(
         data, what=f"{what} {path}", error=error, max_depth=max_depth, allow_floats=allow_floats
     )
+
+
+def typed_document(
+    value: object, *, where: str, type_: str, fields: set[str], error: ErrorFactory
+) -> dict[str, Any]:
+    """``value`` as a JSON object with exactly ``fields``, whose ``type`` is ``type_``.
+
+    The head every versioned policy document (access, admission) is checked with before
+    its own fields; ``error`` builds the document's own error from the message.
+    """
+    if not isinstance(value, dict):
+        raise error(f"{where}: expected an object, got {type(value).__name__}")
+    if set(value) != fields:
+        raise error(f"{where}: expected fields {sorted(fields)}, got {sorted(map(str, value))}")
+    if value["type"] != type_:
+        raise error(f"{where}.type: expected {type_!r}, got {value['type']!r:.80}")
+    return value

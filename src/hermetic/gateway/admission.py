@@ -37,6 +37,7 @@ from typing import Any
 
 from hermetic.client.trust import ServicePolicy
 from hermetic.errors import AdmissionPolicyError, HermeticError
+from hermetic.jsontext import typed_document
 from hermetic.translog.release import (
     GATEWAY_POLICY_V1,
     Endorsement,
@@ -126,17 +127,10 @@ class AdmissionPolicy:
     @classmethod
     def from_json(cls, value: object) -> AdmissionPolicy:
         where = "admission policy"
-        if not isinstance(value, dict):
-            raise AdmissionPolicyError(f"{where}: expected an object, got {type(value).__name__}")
         fields = {"type", "gateway", "services"}
-        if set(value) != fields:
-            raise AdmissionPolicyError(
-                f"{where}: expected fields {sorted(fields)}, got {sorted(map(str, value))}"
-            )
-        if value["type"] != ADMISSION_V1:
-            raise AdmissionPolicyError(
-                f"{where}.type: expected {ADMISSION_V1!r}, got {value['type']!r:.80}"
-            )
+        value = typed_document(
+            value, where=where, type_=ADMISSION_V1, fields=fields, error=AdmissionPolicyError
+        )
         gateway = check_name(value["gateway"], f"{where}.gateway")
         raw = value["services"]
         if not isinstance(raw, dict) or not 1 <= len(raw) <= MAX_SERVICES:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hermetic.errors import AccessPolicyError, HermeticError
+from hermetic.jsontext import typed_document
 from hermetic.persistence.keys import check_key_name, check_store_id, check_tenant
 
 __all__ = ["ACCESS_POLICY_V1", "AccessPolicy", "AccessRule", "key_class_matches"]
@@ -112,17 +113,10 @@ class AccessPolicy:
     @classmethod
     def from_json(cls, value: object) -> AccessPolicy:
         where = "access policy"
-        if not isinstance(value, dict):
-            raise AccessPolicyError(f"{where}: expected an object, got {type(value).__name__}")
         fields = {"type", "store_id", "rules"}
-        if set(value) != fields:
-            raise AccessPolicyError(
-                f"{where}: expected fields {sorted(fields)}, got {sorted(map(str, value))}"
-            )
-        if value["type"] != ACCESS_POLICY_V1:
-            raise AccessPolicyError(
-                f"{where}.type: expected {ACCESS_POLICY_V1!r}, got {value['type']!r:.80}"
-            )
+        value = typed_document(
+            value, where=where, type_=ACCESS_POLICY_V1, fields=fields, error=AccessPolicyError
+        )
         try:
             store_id = check_store_id(value["store_id"], field=f"{where}.store_id")
         except HermeticError as exc:
