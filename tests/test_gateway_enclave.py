@@ -18,14 +18,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from apps.probe.harness import stop_all
+from apps.probe.harness import module_state
 from helpers import free_port, hermetic, stop_process
 from hermetic.client import ClientTrust
 from hermetic.enclave.config import sign_config
@@ -156,88 +154,83 @@ def _boot_backends(specs: list[tuple[str, Built, Path, bool, int]]) -> list[dict
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("gateway-enclave")
-    saved = os.environ.get("HERMETIC_STATE_DIR")
-    os.environ["HERMETIC_STATE_DIR"] = str(work / "state")
     process: subprocess.Popen[str] | None = None
-    try:
-        DevPKI().root(datetime.now(UTC))
-        log = DevLog(work / "dev-log")
-        trust = work / "trust.json"
-        log.write_trust(trust)
-        trust_json = json.loads(trust.read_text())
-        operator = ed25519.Ed25519PrivateKey.generate()
-        gateway = _build(work, log, GATEWAY_SOURCE, "gateway", operator)
-        images = {
-            "alpha": _build(work, log, BACKEND_SOURCE, "alpha", operator, manifest_name="alpha"),
-            "beta": _build(work, log, BACKEND_SOURCE, "beta", operator, manifest_name="beta"),
-            "rogue": _build(
-                work, log, BACKEND_SOURCE, "rogue", operator, manifest_name="alpha",
-                change="\n# one modified line: another release of alpha\n",
-            ),
-        }  # fmt: skip
-        admission = {
-            "type": ADMISSION_V1,
-            "gateway": "gw-test",
-            "services": {
-                "alpha": {"pcr0": [images["alpha"].pcr0]},
-                "beta": {"versions": ["1.0.0"]},
-            },
-        }
-        digest = AdmissionPolicy.from_json(admission).digest.hex()
-        endorsement = log.publish_statement(
-            PolicyStatement(GATEWAY_POLICY_V1, "gateway/gw-test", digest, "1", utc_timestamp())
-        )
-        dialer = f"127.0.0.1:{free_port()}"
-        gateway_bundle = _bundle(work, operator, "gateway", {
-            "gateway": {"admission": admission, "admission_endorsement": endorsement.to_json(),
-                        "peers": trust_json, "dialer": dialer, "max_request": MAX_REQUEST,
-                        "max_per_client": PER_CLIENT, "max_concurrency": CONCURRENCY},
-        })  # fmt: skip
-        accepts = _bundle(work, operator, "backend", {
-            "backend": {"trust": trust_json, "gateway_pcr0": [gateway.pcr0]}})  # fmt: skip
-        other = _bundle(work, operator, "backend-other", {
-            "backend": {"trust": trust_json, "gateway_pcr0": ["00" * 48]}})  # fmt: skip
-        roles = (
-            [("alpha", images["alpha"], accepts, False)] * 3
-            + [("beta", images["beta"], accepts, False)] * 3
-            + [("rogue", images["rogue"], accepts, False),
-               ("debug", images["alpha"], accepts, True),
-               ("refuser", images["alpha"], other, False)]
-        )  # fmt: skip
-        specs = [(r, b, c, d, FIRST_BACKEND_CID + i) for i, (r, b, c, d) in enumerate(roles)]
-        stack = Stack(work, trust, gateway, images)
-        for spec, started in zip(specs, _boot_backends(specs), strict=True):
-            stack.backends.setdefault(spec[0], []).append(started)
-        hints = [f"{role}={stack.address(role, n)}" for role in ("alpha", "beta")
-                 for n in range(3)]  # fmt: skip
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hermetic", "gateway", "up", str(gateway.path),
-             "--config", str(gateway_bundle), "--endorsement", str(gateway.endorsement),
-             "--trust", str(trust), "--listen", "127.0.0.1:0",
-             *(a for h in hints for a in ("--backend", h))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        stack.process = process
-        assert process.stdout is not None
-        text = ""
-        while True:
-            line = process.stdout.readline()
-            assert line, f"gateway up exited: {process.stderr.read() if process.stderr else ''}"
-            text += line
-            try:
-                stack.up = json.loads(text)
-                break
-            except ValueError:
-                continue
-        yield stack
-    finally:
-        if process is not None:
-            stop_process(process)
-        stop_all()
-        if saved is None:
-            os.environ.pop("HERMETIC_STATE_DIR", None)
-        else:
-            os.environ["HERMETIC_STATE_DIR"] = saved
+    with module_state(work / "state"):
+        try:
+            log = DevLog(work / "dev-log")
+            trust = work / "trust.json"
+            log.write_trust(trust)
+            trust_json = json.loads(trust.read_text())
+            operator = ed25519.Ed25519PrivateKey.generate()
+            gateway = _build(work, log, GATEWAY_SOURCE, "gateway", operator)
+            images = {
+                "alpha": _build(
+                    work, log, BACKEND_SOURCE, "alpha", operator, manifest_name="alpha"
+                ),
+                "beta": _build(work, log, BACKEND_SOURCE, "beta", operator, manifest_name="beta"),
+                "rogue": _build(
+                    work, log, BACKEND_SOURCE, "rogue", operator, manifest_name="alpha",
+                    change="\n# one modified line: another release of alpha\n",
+                ),
+            }  # fmt: skip
+            admission = {
+                "type": ADMISSION_V1,
+                "gateway": "gw-test",
+                "services": {
+                    "alpha": {"pcr0": [images["alpha"].pcr0]},
+                    "beta": {"versions": ["1.0.0"]},
+                },
+            }
+            digest = AdmissionPolicy.from_json(admission).digest.hex()
+            endorsement = log.publish_statement(
+                PolicyStatement(GATEWAY_POLICY_V1, "gateway/gw-test", digest, "1", utc_timestamp())
+            )
+            dialer = f"127.0.0.1:{free_port()}"
+            gateway_bundle = _bundle(work, operator, "gateway", {
+                "gateway": {"admission": admission, "admission_endorsement": endorsement.to_json(),
+                            "peers": trust_json, "dialer": dialer, "max_request": MAX_REQUEST,
+                            "max_per_client": PER_CLIENT, "max_concurrency": CONCURRENCY},
+            })  # fmt: skip
+            accepts = _bundle(work, operator, "backend", {
+                "backend": {"trust": trust_json, "gateway_pcr0": [gateway.pcr0]}})  # fmt: skip
+            other = _bundle(work, operator, "backend-other", {
+                "backend": {"trust": trust_json, "gateway_pcr0": ["00" * 48]}})  # fmt: skip
+            roles = (
+                [("alpha", images["alpha"], accepts, False)] * 3
+                + [("beta", images["beta"], accepts, False)] * 3
+                + [("rogue", images["rogue"], accepts, False),
+                   ("debug", images["alpha"], accepts, True),
+                   ("refuser", images["alpha"], other, False)]
+            )  # fmt: skip
+            specs = [(r, b, c, d, FIRST_BACKEND_CID + i) for i, (r, b, c, d) in enumerate(roles)]
+            stack = Stack(work, trust, gateway, images)
+            for spec, started in zip(specs, _boot_backends(specs), strict=True):
+                stack.backends.setdefault(spec[0], []).append(started)
+            hints = [f"{role}={stack.address(role, n)}" for role in ("alpha", "beta")
+                     for n in range(3)]  # fmt: skip
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hermetic", "gateway", "up", str(gateway.path),
+                 "--config", str(gateway_bundle), "--endorsement", str(gateway.endorsement),
+                 "--trust", str(trust), "--listen", "127.0.0.1:0",
+                 *(a for h in hints for a in ("--backend", h))],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            stack.process = process
+            assert process.stdout is not None
+            text = ""
+            while True:
+                line = process.stdout.readline()
+                assert line, f"gateway up exited: {process.stderr.read() if process.stderr else ''}"
+                text += line
+                try:
+                    stack.up = json.loads(text)
+                    break
+                except ValueError:
+                    continue
+            yield stack
+        finally:
+            if process is not None:
+                stop_process(process)
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import pytest
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from apps.probe import harness
 from apps.probe.harness import (
     OperatorImage,
     build_operator_image,
@@ -42,7 +42,6 @@ from hermetic.client import AttestedSession, ClientTrust, ServicePolicy, connect
 from hermetic.errors import RPCError
 from hermetic.launcher import records
 from hermetic.launcher.devrelease import DevLog
-from hermetic.nsm import DevPKI
 from hermetic.paths import state_dir
 
 pytestmark = pytest.mark.timeout(180)
@@ -104,16 +103,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def module_state(work: Path) -> Iterator[Path]:
     """One state directory for the module (the per-test one would lose the KMS and images)."""
-    saved = os.environ.get("HERMETIC_STATE_DIR")
-    state = work / "state"
-    os.environ["HERMETIC_STATE_DIR"] = str(state)
-    DevPKI().root(datetime.now(UTC))  # the root `kms serve` pins and the launcher's NSM uses
-    yield state
-    stop_all()
-    if saved is None:
-        os.environ.pop("HERMETIC_STATE_DIR", None)
-    else:
-        os.environ["HERMETIC_STATE_DIR"] = saved
+    with harness.module_state(work / "state") as state:
+        yield state
 
 
 @pytest.fixture(autouse=True)

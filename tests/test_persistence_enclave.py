@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,8 @@ from apps.probe.harness import (
     OperatorImage,
     build_operator_image,
     hermetic,
+    module_state,
     start_cli,
-    stop_all,
 )
 from helpers import free_port, stop_process, wait_port
 from hermetic.channel.noise import XX, StaticKeypair
@@ -404,15 +403,8 @@ def _trail(stack: Stack, served: Served, admin: Admin) -> list[AuditEntry]:
 def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One state directory for the module (images, dev PKI and enclaves outlive a test)."""
     directory = tmp_path_factory.mktemp("persistence-enclave")
-    saved = os.environ.get("HERMETIC_STATE_DIR")
-    os.environ["HERMETIC_STATE_DIR"] = str(directory / "state")
-    DevPKI().root(datetime.now(UTC))  # the root `kms serve` pins and the launcher's NSM uses
-    yield directory
-    stop_all()
-    if saved is None:
-        os.environ.pop("HERMETIC_STATE_DIR", None)
-    else:
-        os.environ["HERMETIC_STATE_DIR"] = saved
+    with module_state(directory / "state"):
+        yield directory
 
 
 @pytest.fixture(autouse=True)

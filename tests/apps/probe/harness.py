@@ -3,6 +3,7 @@ through the attested channel, clean up enclaves."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -10,8 +11,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from hermetic.image import build_image
 from hermetic.image.build import BuildResult
 from hermetic.launcher import emulated, records
 from hermetic.launcher.devrelease import DevLog
+from hermetic.nsm import DevPKI
 from hermetic.paths import state_dir
 
 HERE = Path(__file__).parent
@@ -153,6 +156,25 @@ def stop_all() -> None:
     for record in records.all_records():
         if record.state in records.LIVE_STATES:
             emulated.terminate(record.id)
+
+
+@contextlib.contextmanager
+def module_state(state: Path) -> Iterator[Path]:
+    """``state`` as the state directory of a whole test module (its KMS, log, images and
+    enclaves outlive one test's own directory), with the dev PKI root that `kms serve`
+    pins and the launcher's NSM uses; its enclaves stopped and the previous directory
+    back afterwards."""
+    saved = os.environ.get("HERMETIC_STATE_DIR")
+    os.environ["HERMETIC_STATE_DIR"] = str(state)
+    try:
+        DevPKI().root(datetime.now(UTC))
+        yield state
+    finally:
+        stop_all()
+        if saved is None:
+            os.environ.pop("HERMETIC_STATE_DIR", None)
+        else:
+            os.environ["HERMETIC_STATE_DIR"] = saved
 
 
 def refused(image: Path, bundle: Path, expected: str) -> None:
