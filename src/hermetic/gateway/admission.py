@@ -27,7 +27,6 @@ The gateway refuses to start unless the endorsement verifies and names this dige
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from hermetic.translog.release import (
     PolicyStatement,
     TrustBundle,
     VerifiedRelease,
+    canonical_json,
     verify_endorsement,
 )
 
@@ -171,10 +171,8 @@ class AdmissionPolicy:
         }
 
     def canonical(self) -> bytes:
-        """Sorted keys, no whitespace, UTF-8: the bytes the digest covers."""
-        return json.dumps(
-            self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        ).encode("utf-8")
+        """The log's canonical JSON of the document: the bytes the digest covers."""
+        return canonical_json(self.to_json())
 
     @property
     def digest(self) -> bytes:

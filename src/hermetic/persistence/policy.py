@@ -27,13 +27,13 @@ edge checks that; this module has no log code, to stay in the base layer).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from hermetic.errors import AccessPolicyError, HermeticError
 from hermetic.jsontext import typed_document
 from hermetic.persistence.keys import check_key_name, check_store_id, check_tenant
+from hermetic.translog.release import canonical_json
 
 __all__ = ["ACCESS_POLICY_V1", "AccessPolicy", "AccessRule", "key_class_matches"]
 
@@ -158,11 +158,8 @@ class AccessPolicy:
         }
 
     def canonical(self) -> bytes:
-        """Sorted keys, no whitespace, UTF-8: the bytes the digest covers. The document holds
-        only objects, lists and strings, so this is the log's canonical JSON too."""
-        return json.dumps(
-            self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        ).encode("utf-8")
+        """The log's canonical JSON of the document: the bytes the digest covers."""
+        return canonical_json(self.to_json())
 
     @property
     def digest(self) -> bytes:
