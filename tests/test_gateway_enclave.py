@@ -531,24 +531,32 @@ def test_requests_over_the_concurrency_limits_are_overloaded_and_the_gateway_rec
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
 
+    def drained() -> str:
+        """The gateway's metrics once its requests in flight are gone: a cancelled call
+        reaches the gateway after the client let go of it, so the next fill must wait."""
+        deadline = time.monotonic() + 30
+        while True:
+            metrics = stack.gateway_cli("metrics").stdout
+            if "hermetic_gateway_in_flight_requests 0.0" in metrics:
+                return metrics
+            if time.monotonic() > deadline:
+                raise AssertionError(f"requests still in flight after 30 s:\n{metrics}")
+            time.sleep(0.2)
+
     async def run() -> None:
         async with (
             await connect_gateway(stack.url(), trust=trust, timeout=60) as one,
             await connect_gateway(stack.url(), trust=trust, timeout=60) as two,
         ):
             await fill([one], PER_CLIENT + 8, 8)  # one client over its own limit
+            await asyncio.to_thread(drained)
             await fill([one, two], 30, 60 - CONCURRENCY)  # two clients over the total
+            await asyncio.to_thread(drained)
             for session in (one, two):
                 assert (await session.call("alpha", "echo", "after")).result["arg"] == "after"
 
     asyncio.run(run())
-    deadline = time.monotonic() + 30
-    while True:
-        metrics = stack.gateway_cli("metrics").stdout
-        if "hermetic_gateway_in_flight_requests 0.0" in metrics or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert "hermetic_gateway_in_flight_requests 0.0" in metrics
+    metrics = drained()
     assert 'hermetic_gateway_refused_requests_total{reason="overloaded"} 22.0' in metrics
 
 
