@@ -9,7 +9,9 @@ a modified ``alpha`` the admission policy does not admit). Methods: ``echo`` (th
 and who answered), ``big`` (a result of N bytes, to overflow the gateway's limit) and
 ``forged`` (a result shaped like the gateway's own answer, with a made-up receipt) and
 ``hold`` (never answers, to keep requests in flight), ``stall`` (idempotent) and
-``stall_once`` (not), which never answer on one chosen instance.
+``stall_once`` (not), which never answer on one chosen instance, and ``whoami``
+(idempotent: the argument, this instance's CID and PCR0, so a caller can check that the
+receipt names the instance that answered).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hermetic.enclave.app import EnclaveContext
 from hermetic.errors import ConfigError
 
 app = App()
+_PCR0: list[str] = []
 
 
 @app.xx_port(5001)
@@ -46,6 +49,15 @@ def verify_gateway(context: EnclaveContext) -> VerifyEvidence:
 @app.method("echo")
 async def echo(arg: object) -> dict[str, Any]:
     return {"arg": arg, "cid": app.context.cid}
+
+
+@app.method("whoami", idempotent=True)
+async def whoami(arg: object) -> dict[str, Any]:
+    """Who answered, in the instance's own words (its CID and its NSM's PCR0, read once)."""
+    context = app.context
+    if not _PCR0:
+        _PCR0.append(context.nsm.describe_pcr(0).value.hex())
+    return {"arg": arg, "cid": context.cid, "pcr0": _PCR0[0]}
 
 
 @app.method("big")
