@@ -2,11 +2,15 @@
 
 Every step runs the same ``hermetic`` command a user would type (printed before it runs),
 against real local servers started here: the transparency log (SQLite), a witness, the
-emulated Nitro launcher and service proxy, and the local KMS. Nothing is mocked; the only
-emulated part is the Nitro hardware itself (the dev PKI stands in for AWS's root).
+emulated Nitro launcher and service proxy, the local KMS and the parent's record store.
+Nothing is mocked; the only emulated part is the Nitro hardware itself (the dev PKI stands
+in for AWS's root). The few steps that have no command of their own (a tenant admin's
+signed requests, logging the persistence service's access policy) run in this process
+with the library calls a client would make, and say so (``>>>`` instead of ``$``).
 
 It stops at the first failed step with that step's error, so a newcomer sees exactly
-which check failed and why.
+which check failed and why, and stops everything it started (enclaves, servers, the
+temporary directory) on success, failure, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -112,23 +117,70 @@ class Demo:
             raise DemoStepError(f"{title}: exited {proc.returncode}; see {log}")
         click.echo(f"  {title} running (log: {log})")
 
-    def _spawn(self, title: str, args: Sequence[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        """Start ``hermetic ARGS`` in its own session, its output in ``TITLE.log``."""
-        click.secho(f"\n$ hermetic {shlex.join(args)} &", fg="cyan")
-        log = self.work / f"{title.replace(' ', '-')}.log"
-        with log.open("wb") as out:
+    def start_service(
+        self,
+        title: str,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float = 120.0,
+    ) -> dict[str, Any]:
+        """Start a long-running ``hermetic`` command that prints one JSON document once it
+        serves (``up``: the enclave, its addresses, its release); that document."""
+        out = self.log_path(title).with_suffix(".json")
+        proc, log = self._spawn(title, args, env=env, stdout=out)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = out.read_text() if out.exists() else ""
+            with contextlib.suppress(ValueError):
+                document = json.loads(text)
+                if isinstance(document, dict):
+                    return document
+            if proc.poll() is not None:
+                raise DemoStepError(
+                    f"{title}: exited {proc.returncode} before serving:\n{_tail(log)}"
+                )
+            if time.monotonic() > deadline:
+                raise DemoStepError(f"{title}: not serving within {timeout:.0f} s; see {log}")
+            time.sleep(0.1)
+
+    def log_path(self, title: str) -> Path:
+        """Where the output of the server started as ``title`` goes."""
+        return self.work / f"{title.replace(' ', '-')}.log"
+
+    def _spawn(
+        self,
+        title: str,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        stdout: Path | None = None,
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Start ``hermetic ARGS`` in its own session, its output in ``TITLE.log`` (its
+        stdout in ``stdout``, if given)."""
+        shown_env = "".join(f"{k}={v} " for k, v in (env or {}).items() if "SECRET" not in k)
+        click.secho(f"\n$ {shown_env}hermetic {shlex.join(args)} &", fg="cyan")
+        log = self.log_path(title)
+        with contextlib.ExitStack() as files:
+            err = files.enter_context(log.open("wb"))
+            out = files.enter_context(stdout.open("wb")) if stdout is not None else err
             proc = subprocess.Popen(
                 [sys.executable, "-m", "hermetic", *args],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=self.work,
+                stdin=subprocess.DEVNULL,
                 stdout=out,
-                stderr=subprocess.STDOUT,
+                stderr=err,
                 start_new_session=True,
             )
         self.started.append(proc)
         return proc, log
 
     def stop_all(self) -> None:
+        """Stop the enclaves, then every server in reverse order of starting: SIGTERM to
+        the server itself (``up`` then stops its enclave as ``stop`` would), SIGKILL to
+        its whole process group after 20 s or once it is gone (nothing it started may
+        outlive it)."""
         for enclave_id in self.enclaves:
             subprocess.run(
                 [sys.executable, "-m", "hermetic", "stop", enclave_id],
@@ -140,13 +192,22 @@ class Demo:
         for proc in reversed(self.started):
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=5)
+                    os.kill(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+def _tail(path: Path, lines: int = 12) -> str:
+    """The last lines of a server's log, indented, for an error message."""
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return f"  (no log at {path})"
+    return "\n".join(f"  {line}" for line in text[-lines:])
 
 
 def free_port() -> int:
@@ -156,16 +217,17 @@ def free_port() -> int:
         return port
 
 
-def find_example(name: str) -> Path:
-    """``examples/NAME`` from the working directory or the source checkout."""
+def find_example(name: str, folder: str = "examples") -> Path:
+    """``FOLDER/NAME`` (an app directory: ``examples/echo``, ``services/persistence``) from
+    the working directory or the source checkout."""
     candidates = [
-        Path.cwd() / "examples" / name,
-        Path(__file__).resolve().parents[3] / "examples" / name,
+        Path.cwd() / folder / name,
+        Path(__file__).resolve().parents[3] / folder / name,
     ]
     for candidate in candidates:
         if (candidate / "hermetic.toml").is_file():
             return candidate
-    raise UsageError(f"examples/{name} not found (looked in {', '.join(map(str, candidates))})")
+    raise UsageError(f"{folder}/{name} not found (looked in {', '.join(map(str, candidates))})")
 
 
 def heading(number: int, text: str) -> None:
@@ -303,7 +365,13 @@ def steps(demo: Demo) -> None:
         expect_failure=True,
     )
 
-    kms_step(demo, trust_file="trust.json", log_url=log_url)
+    kms_port = kms_step(demo, trust_file="trust.json", log_url=log_url)
+
+    from hermetic.cli.demo_persistence import persistence_step
+
+    persistence_step(
+        demo, log_url=log_url, log_vkey=log_vkey, witness_vkey=witness_vkey, kms_port=kms_port
+    )
 
 
 ENCLAVE_ROLE = "arn:aws:iam::111122223333:role/enclave"
@@ -318,7 +386,8 @@ ADMIN_CREDENTIALS = {
 }
 
 
-def kms_step(demo: Demo, *, trust_file: str, log_url: str) -> None:
+def kms_step(demo: Demo, *, trust_file: str, log_url: str) -> int:
+    """Step 5; the local KMS's port (it keeps serving, for step 6)."""
     work = demo.work
     heading(5, "Release a KMS key only to the measured code (examples/vault)")
     kms_port = free_port()
@@ -502,6 +571,7 @@ def kms_step(demo: Demo, *, trust_file: str, log_url: str) -> None:
             env=credentials,
             expect_failure=True,
         )
+    return kms_port
 
 
 @contextlib.contextmanager
@@ -512,6 +582,41 @@ def demo_workspace(workdir: Path | None) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="hermetic-demo-") as tmp:
         yield Path(tmp)
+
+
+class DemoInterrupted(BaseException):
+    """SIGTERM arrived: unwinds the demo like Ctrl-C, so that it stops what it started."""
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise DemoInterrupted(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _state_dir(state: Path) -> Iterator[None]:
+    """This process's own state directory is the demo's too, for the steps that run here
+    (the dev log, the dev PKI the trust file pins): nothing outside the workspace."""
+    before = os.environ.get("HERMETIC_STATE_DIR")
+    os.environ["HERMETIC_STATE_DIR"] = str(state)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HERMETIC_STATE_DIR", None)
+        else:
+            os.environ["HERMETIC_STATE_DIR"] = before
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while the demo stops what it started (at most a minute or
+    so, each stop has a timeout), so a second Ctrl-C cannot leave an enclave running."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @click.command()
@@ -525,14 +630,24 @@ def demo(workdir: Path | None) -> None:
     """Walk through the trust core end to end with real local servers.
 
     Build and log a release of examples/echo, run it in the emulated enclave, connect and
-    verify it step by step, and release a KMS key to it.
+    verify it step by step, release a KMS key to it, then keep a tenant's key in the
+    persistence service and let examples/keyreader fetch it with no client connected.
     """
-    with demo_workspace(workdir) as work:
-        env = dict(os.environ)
-        env["HERMETIC_STATE_DIR"] = str(work / "state")
-        session = Demo(work=work.resolve(), env=env)
-        try:
-            steps(session)
-        finally:
-            session.stop_all()
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        with demo_workspace(workdir) as work:
+            env = dict(os.environ)
+            env["HERMETIC_STATE_DIR"] = str(work / "state")
+            session = Demo(work=work.resolve(), env=env)
+            try:
+                with _state_dir(work / "state"):
+                    steps(session)
+            except (KeyboardInterrupt, DemoInterrupted):
+                click.secho("\nInterrupted: stopping what the demo started.", fg="yellow")
+                raise click.exceptions.Abort() from None
+            finally:
+                with _signals_held():
+                    session.stop_all()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.secho("\nDemo complete: every step above was checked, none was skipped.", bold=True)
