@@ -556,10 +556,12 @@ def test_the_gateway_config_section_is_checked_field_by_field(world: World) -> N
         1024 * 1024, 32, 240,
     )  # fmt: skip
     assert settings.dialer is None
+    assert (settings.health_interval, settings.health_timeout) == (5, 2)
     for field, value in (
         ("surprise", 1), ("max_request", 0), ("max_request", True), ("max_response", 2**40),
         ("reattest", 0), ("max_concurrency", "many"), ("max_per_client", -1),
         ("dialer", "no port"), ("dialer", 7100), ("peers", {"log": {}}),
+        ("health_interval", 0), ("health_interval", 1.5), ("health_timeout", 61),
     ):  # fmt: skip
         broken = json.loads(json.dumps(good))
         broken["gateway"][field] = value
@@ -567,3 +569,98 @@ def test_the_gateway_config_section_is_checked_field_by_field(world: World) -> N
             GatewaySettings.from_config(broken)
     with pytest.raises(GatewayConfigError, match="config gateway: expected an object"):
         GatewaySettings.from_config({})
+
+
+async def test_a_backend_that_stops_answering_is_drained_and_readmitted_once_it_answers(
+    world: World,
+) -> None:
+    """Health checks (issue 11 item 4): one of two instances stops answering with its
+    session still open (a hung process); after one missed check it still serves, after two
+    it is drained, its session closed, so the idempotent request it held is answered by the
+    other instance instead of waiting; once it answers again it is re-attested on a fresh
+    session and gets traffic again."""
+    from hermetic.errors import BackendUnavailableError
+    from hermetic.gateway.backends import Backends
+    from hermetic.gateway.metrics import GatewayMetrics
+    from hermetic.gateway.service import Gateway
+
+    answering = asyncio.Event()
+    answering.set()
+
+    def handlers(name: str, hangs: bool) -> dict[str, Any]:
+        async def methods(_: object) -> dict[str, list[str]]:
+            if hangs:
+                await answering.wait()
+            return {"methods": ["work"], "idempotent": ["work"]}
+
+        async def work(arg: object) -> list[object]:
+            if hangs:
+                await answering.wait()
+            return [arg, name]
+
+        return {"hermetic.methods": methods, "work": work}
+
+    listeners = [
+        await _backend(69, world.provider(ALPHA, "alpha"), _accepts_gateway(world),
+                       handlers("hangs", True)),
+        await _backend(70, world.provider(ALPHA, "alpha"), _accepts_gateway(world),
+                       handlers("steady", False)),
+    ]  # fmt: skip
+    config = world.logged_config(_admission())
+    settings = GatewaySettings.from_config(json.loads(config))
+    provider = world.provider(GATEWAY, "gateway", hashlib.sha256(config).digest())
+    metrics = GatewayMetrics()
+    try:
+        async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
+            backends = Backends(
+                settings.admission, world.trust, _dial_through(dialer),
+                make_evidence=provider, metrics=metrics,
+            )  # fmt: skip
+            gateway = Gateway(settings, backends, ReceiptSigner(provider, config), metrics)
+            hung, steady = (BackendHint.parse("alpha", f"vsock://{c}:5001") for c in (69, 70))
+            for hint in (hung, steady):
+                assert (await backends.add(hint)).state == "admitted"
+            instances = backends.pools["alpha"].instances
+            first = instances[hung.address].session
+            assert await backends.check_health(0.5) == {
+                "ok": 2, "missed": 0, "drained": 0, "readmitting": 0,
+            }  # fmt: skip
+
+            answering.clear()
+            request = {"service": "alpha", "method": "work", "args": 0}
+            calls = [asyncio.ensure_future(gateway.forward(b"\x01" * 32, request)) for _ in "ab"]
+            done, held = await asyncio.wait(calls, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            assert (len(done), len(held)) == (1, 1)  # the steady one's; the hung one holds one
+            assert (await backends.check_health(0.5))["missed"] == 1
+            assert instances[hung.address].current == "admitted"  # one miss is not enough
+            assert (await backends.check_health(0.5))["drained"] == 1
+            drained = instances[hung.address]
+            assert drained.current == "unhealthy"
+            assert "2 health checks in a row" in (drained.to_json()["reason"] or "")
+            answers = await asyncio.wait_for(asyncio.gather(*calls), 10)  # none failed
+            assert [a["result"] for a in answers] == [[0, "steady"], [0, "steady"]]
+            for _ in range(4):  # drained: no request goes to it
+                picked = backends.pools["alpha"].pick()
+                assert picked.hint.address == steady.address
+            assert 'hermetic_gateway_drains_total{service="alpha"} 1.0' in metrics.text()
+            assert 'state="unhealthy"} 1.0' in metrics.text()
+
+            answering.set()  # it answers again: re-attested on a fresh session
+            readmission = drained.readmitting
+            assert readmission is not None  # started by the round that drained it
+            await asyncio.wait_for(readmission, 15)
+            assert drained.current == "admitted"
+            assert first is not None
+            assert drained.session is not None
+            assert drained.session.handshake_hash != first.handshake_hash
+            answered = {
+                (await gateway.forward(b"\x02" * 32, request))["result"][1] for _ in range(4)
+            }
+            assert answered == {"hangs", "steady"}
+            assert 'outcome="readmitted",service="alpha"} 1.0' in metrics.text()
+            with pytest.raises(BackendUnavailableError):
+                backends.pools["beta"].pick()
+            await backends.aclose()
+    finally:
+        for listener in listeners:
+            await listener.aclose()

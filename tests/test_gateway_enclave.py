@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +71,8 @@ PER_CLIENT = 32
 CONCURRENCY = 64
 """Above the churn test's 50 clients, each with one request in flight."""
 FIRST_BACKEND_CID = 40
+HEALTH_TIMEOUT = 2
+"""Seconds a backend has to answer a health check (checks every second, two misses drain)."""
 
 
 @dataclass
@@ -138,7 +142,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             gateway_bundle = _bundle(work, operator, "gateway", {
                 "gateway": {"admission": admission, "admission_endorsement": endorsement.to_json(),
                             "peers": trust_json, "dialer": dialer, "max_request": MAX_REQUEST,
-                            "max_per_client": PER_CLIENT, "max_concurrency": CONCURRENCY},
+                            "max_per_client": PER_CLIENT, "max_concurrency": CONCURRENCY,
+                            "health_interval": 1, "health_timeout": HEALTH_TIMEOUT},
             })  # fmt: skip
             accepts = _bundle(work, operator, "backend", {
                 "backend": {"trust": trust_json, "gateway_pcr0": [gateway.pcr0]}})  # fmt: skip
@@ -189,15 +194,18 @@ def _use_module_state(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _overloaded(metrics: str) -> float:
     """The gateway's count of requests refused as overloaded, from its metrics text."""
-    name = 'hermetic_gateway_refused_requests_total{reason="overloaded"} '
-    lines = [line for line in metrics.splitlines() if line.startswith(name)]
-    return float(lines[0][len(name) :]) if lines else 0.0
+    return _counter(metrics, 'refused_requests_total{reason="overloaded"}')
 
 
 def _retries(metrics: str) -> float:
-    name = 'hermetic_gateway_retries_total{service="alpha"} '
-    lines = [line for line in metrics.splitlines() if line.startswith(name)]
-    return float(lines[0][len(name) :]) if lines else 0.0
+    return _counter(metrics, 'retries_total{service="alpha"}')
+
+
+def _counter(metrics: str, name: str) -> float:
+    """The value of ``hermetic_gateway_<name>`` (labels included) in the metrics text."""
+    prefix = f"hermetic_gateway_{name} "
+    lines = [line for line in metrics.splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix) :]) if lines else 0.0
 
 
 def _modules(stack: Stack, role: str) -> set[str]:
@@ -710,3 +718,81 @@ def test_killing_an_instance_every_few_seconds_under_50_clients_fails_no_request
     assert len(report.answered_by) > report.pool
     metrics = stack.gateway_cli("metrics").stdout
     assert _retries(metrics) > _retries(retries_before)  # requests were in flight at kills
+
+
+# --- health checks: a backend that stops answering is drained, and re-admitted ------------
+
+
+def test_a_backend_that_stops_answering_is_drained_without_failing_a_request(
+    stack: Stack,
+) -> None:
+    """Its own extra instance, frozen (SIGSTOP of its app process: its sessions stay open,
+    nothing answers) while clients keep sending ``whoami``: the gateway's health checks
+    drain it, the requests it held are answered elsewhere, none fails; thawed, it is
+    re-attested and answers again."""
+    accepts = stack.work / "backend.bundle"
+    (victim,) = _boot_backends(
+        [("alpha", stack.images["alpha"], accepts, False, FIRST_BACKEND_CID + 32)]
+    )
+    address = f"vsock://{victim['EnclaveCID']}:5001"
+    pid = _parts.app_pid(victim["EnclaveID"])
+    assert pid is not None
+    trust = ClientTrust.load(stack.trust)
+
+    def state() -> dict[str, Any]:
+        (instance,) = [i for i in stack.backends_state()["alpha"] if i["address"] == address]
+        return instance
+
+    async def until(wanted: str) -> dict[str, Any]:
+        async with asyncio.timeout(90):  # a bound on a broken health check, not a figure
+            while (instance := await asyncio.to_thread(state))["state"] != wanted:
+                await asyncio.sleep(0.2)
+        return instance
+
+    async def run() -> tuple[list[str], dict[str, Any], set[str]]:
+        failures: list[str] = []
+        answered: set[str] = set()
+        stop = asyncio.Event()
+        async with await connect_gateway(stack.url(), trust=trust, timeout=60) as session:
+
+            async def client(n: int) -> None:
+                while not stop.is_set():
+                    try:
+                        reply = await session.call("alpha", "whoami", n)
+                        answered.add(reply.receipt.backend_module)
+                    except Exception as exc:
+                        failures.append(f"{type(exc).__name__}: {exc}")
+
+            clients = [asyncio.ensure_future(client(n)) for n in range(8)]
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                drained = await until("unhealthy")
+                os.kill(pid, signal.SIGCONT)
+                await until("admitted")
+                answered.clear()
+                async with asyncio.timeout(60):  # it gets traffic again
+                    while victim["EnclaveID"] not in answered:
+                        await asyncio.sleep(0.1)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+                stop.set()
+                await asyncio.gather(*clients)
+        return failures, drained, answered
+
+    try:
+        done = stack.gateway_cli("add", "alpha", address)
+        assert done.returncode == 0, done.stdout
+        metrics = stack.gateway_cli("metrics").stdout
+        failures, drained, answered = asyncio.run(run())
+        assert failures == []
+        assert drained["reason"].startswith("drained: 2 health checks in a row")
+        assert victim["EnclaveID"] in answered
+        after = stack.gateway_cli("metrics").stdout
+        drains = 'drains_total{service="alpha"}'
+        assert _counter(after, drains) == _counter(metrics, drains) + 1
+        readmitted = 'health_checks_total{outcome="readmitted",service="alpha"}'
+        assert _counter(after, readmitted) == _counter(metrics, readmitted) + 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        assert stack.gateway_cli("remove", "alpha", address).returncode == 0
+        hermetic("stop", victim["EnclaveID"])

@@ -19,7 +19,9 @@ Config::
 
     {"gateway": {"admission": {...}, "admission_endorsement": {...},
                  "peers": {...trust file...}, "dialer": "127.0.0.1:7100",
-                 "max_request": 1048576, "max_response": 1048576, "reattest": 240}}
+                 "max_request": 1048576, "max_response": 1048576, "reattest": 240,
+                 "max_concurrency": 64, "max_per_client": 32,
+                 "health_interval": 5, "health_timeout": 2}}
 """
 
 from __future__ import annotations
@@ -61,9 +63,14 @@ async def boot() -> Gateway:
     )
     signer = ReceiptSigner(context.evidence, context.config.data)
     gateway = Gateway(settings, backends, signer, metrics)
-    # Sessions are re-attested before the backend's document ages out; the task runs until
-    # the enclave stops.
-    gateway.keeper = asyncio.ensure_future(backends.keep_attested(settings.reattest))
+    # Sessions are re-attested before the backend's document ages out, and instances are
+    # health-checked (drained, re-admitted); the tasks run until the enclave stops.
+    gateway.keeper = asyncio.ensure_future(
+        asyncio.gather(
+            backends.keep_attested(settings.reattest),
+            backends.keep_healthy(settings.health_interval, settings.health_timeout),
+        )
+    )
     return gateway
 
 

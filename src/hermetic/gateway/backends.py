@@ -22,8 +22,9 @@ refused hint is kept with its reason (``describe``, metrics) and never routed to
 
 The :class:`BackendSession` is one attested session, reused for every request routed to
 that instance (calls are concurrent on it); replacing a session re-runs all three steps,
-which is what re-attestation before documents age out, health checks and draining will
-use (issue 11 items 4-5).
+which is what re-attestation before documents age out (:meth:`Backends.reattest`) and the
+re-admission of an instance that died or was drained after missed health checks
+(:meth:`Backends.check_health`) do.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ PROBE_METHOD = "hermetic.methods"
 methods and which of them are idempotent (any answer shows the backend accepted us)."""
 MAX_DECLARED = 1024
 CONNECT_TIMEOUT = 15.0
-INSTANCE_STATES = ("attesting", "admitted", "refused", "unreachable", "failed")
+INSTANCE_STATES = ("attesting", "admitted", "refused", "unreachable", "failed", "unhealthy")
+HEALTH_STRIKES = 2
+"""Health checks in a row an admitted instance may miss before it is drained."""
+CLOSE_TIMEOUT = 5.0
+"""How long closing a session may wait on a backend that no longer reads."""
 DRAIN_TIMEOUT = 60.0
 """How long a replaced session may finish its requests in flight before it is closed."""
 MAX_INSTANCES = 64
@@ -148,10 +153,28 @@ class BackendSession:
         finally:
             self.outstanding -= 1
 
+    async def ping(self, timeout: float) -> bool:
+        """One health check on this session: the runtime's ``hermetic.methods`` (cheap, no
+        app code), answered within ``timeout`` seconds. Not counted as a request in flight
+        (it must not steer the balancing). False if it timed out; a session that ended is
+        marked failed."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._channel.call(PROBE_METHOD, None)
+        except RPCError:
+            return True  # an answer all the same
+        except TimeoutError:
+            return False
+        except HermeticError as exc:
+            self.failed = self.failed or exc
+            return False
+        return True
+
     async def close(self) -> None:
         self.failed = self.failed or BackendUnavailableError("session closed by the gateway")
-        with contextlib.suppress(HermeticError):
-            await self._channel.close()
+        with contextlib.suppress(HermeticError, TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._channel.close()
 
 
 async def attest_backend(
@@ -242,22 +265,34 @@ class Instance:
     reason: str | None = None
     session: BackendSession | None = None
     attempts: int = 0
+    strikes: int = 0
+    """Health checks missed in a row (:data:`HEALTH_STRIKES` drain the instance)."""
+    readmitting: asyncio.Task[None] | None = None
 
     @property
     def current(self) -> str:
         """The state, with ``failed`` for an admitted instance whose session went away
-        (it gets no request; adding its address again re-attests it)."""
+        (it gets no request; the health checks re-attest it, as adding its address again
+        does). ``unhealthy``: drained after missing health checks, re-attested the same
+        way."""
         session = self.session
         if self.state == "admitted" and session is not None and not session.usable:
             return "failed"
         return self.state
+
+    @property
+    def lost(self) -> bool:
+        """Admitted once, now without a usable session: to be re-attested."""
+        return self.current in ("failed", "unhealthy")
 
     def to_json(self) -> dict[str, Any]:
         value: dict[str, Any] = {**self.hint.to_json(), "state": self.current}
         reason = self.reason
         if self.current == "failed" and self.session is not None:
             failed = self.session.failed
-            reason = f"session lost: {type(failed).__name__}: {failed}"
+            reason = f"session lost: {type(failed).__name__}: {failed}" + (
+                f"; {self.reason}" if self.reason else ""
+            )
         if reason is not None:
             value["reason"] = reason
         if self.session is not None:
@@ -372,6 +407,7 @@ class Backends:
         else:
             if pool.instances.get(hint.address) is instance:
                 instance.state, instance.reason, instance.session = "admitted", None, session
+                instance.strikes = 0
                 self.metrics.admissions.labels(hint.service).inc()
             else:  # removed while it was being attested
                 await session.close()
@@ -420,12 +456,117 @@ class Backends:
             await asyncio.sleep(max(max_age / 4, 0.5))
             await self.reattest(max_age)
 
+    async def check_health(self, timeout: float) -> dict[str, int]:
+        """One round of health checks (:meth:`keep_healthy` runs it for ever).
+
+        Every admitted instance is pinged on its session (:meth:`BackendSession.ping`).
+        One that misses :data:`HEALTH_STRIKES` in a row is **drained**: ``unhealthy``, no
+        new request, and its session closed, so the requests it holds fail over as if it
+        had died (the idempotent ones are sent to another instance, the others fail as not
+        retried) instead of waiting on a backend that stopped answering. Every instance
+        that was admitted and is now ``failed`` or ``unhealthy`` is re-attested in the
+        background (one attempt at a time each, a fresh session and document against the
+        policy, as :meth:`add` does); it gets traffic again only once admitted. Returns
+        the round's counts (``ok``, ``missed``, ``drained``, ``readmitting``).
+        """
+        admitted = [
+            (i, i.session)
+            for pool in self.pools.values()
+            for i in pool.instances.values()
+            if i.current == "admitted" and i.session is not None
+        ]
+        answers = await asyncio.gather(*(session.ping(timeout) for _, session in admitted))
+        counts = {"ok": 0, "missed": 0, "drained": 0, "readmitting": 0}
+        for (instance, session), answered in zip(admitted, answers, strict=True):
+            service = instance.hint.service
+            if answered:
+                instance.strikes = 0
+                counts["ok"] += 1
+                self.metrics.health_checks.labels(service, "ok").inc()
+                continue
+            counts["missed"] += 1
+            self.metrics.health_checks.labels(service, "missed").inc()
+            if instance.session is not session or not session.usable:
+                continue  # replaced meanwhile, or it ended (failed: re-attested below)
+            instance.strikes += 1
+            if instance.strikes >= HEALTH_STRIKES:
+                counts["drained"] += 1
+                self.metrics.drains.labels(service).inc()
+                instance.state = "unhealthy"
+                instance.reason = (
+                    f"drained: {instance.strikes} health checks in a row not answered"
+                    f" within {timeout:g} s"
+                )
+                await session.close()
+        for pool in self.pools.values():
+            for instance in pool.instances.values():
+                if instance.lost and instance.readmitting is None:
+                    counts["readmitting"] += 1
+                    instance.readmitting = asyncio.get_running_loop().create_task(
+                        self._readmit(instance)
+                    )
+        self._gauges()
+        return counts
+
+    async def _readmit(self, instance: Instance) -> None:
+        """Re-attest a lost instance; it changes state only when admitted again, or when
+        its evidence is refused (another image there now: ``refused``, not retried). While
+        nothing answers it stays ``failed`` or ``unhealthy`` and is tried again next
+        round."""
+        hint = instance.hint
+        pool = self.pools[hint.service]
+        try:
+            session = await attest_backend(
+                hint, self.admission, self.peers, self._dial,
+                static=self._static, make_evidence=self._make_evidence,
+                max_message_size=self._max_message_size,
+            )  # fmt: skip
+        except BackendRefusedError as exc:
+            if pool.instances.get(hint.address) is instance and instance.lost:
+                cause = exc.__cause__ if isinstance(exc.__cause__, HermeticError) else exc
+                self.metrics.refusals.labels(hint.service, type(cause).__name__).inc()
+                self.metrics.health_checks.labels(hint.service, "readmit_refused").inc()
+                instance.state, instance.reason = "refused", f"{type(exc).__name__}: {exc}"
+                old, instance.session = instance.session, None
+                if old is not None:
+                    await old.close()
+        except BackendUnavailableError as exc:
+            self.metrics.health_checks.labels(hint.service, "readmit_unreachable").inc()
+            if instance.lost:
+                before = (instance.reason or "").split("; re-admission")[0]
+                instance.reason = f"{before}; re-admission: {type(exc).__name__}: {exc}".lstrip(
+                    "; "
+                )
+        else:
+            if pool.instances.get(hint.address) is instance and instance.lost:
+                old = instance.session
+                instance.state, instance.reason, instance.session = "admitted", None, session
+                instance.strikes = 0
+                self.metrics.admissions.labels(hint.service).inc()
+                self.metrics.health_checks.labels(hint.service, "readmitted").inc()
+                if old is not None:
+                    await old.close()
+            else:  # removed, re-added or refused meanwhile
+                await session.close()
+        finally:
+            instance.readmitting = None
+            self._gauges()
+
+    async def keep_healthy(self, interval: float, timeout: float) -> None:
+        """Run :meth:`check_health` every ``interval`` seconds for ever (the gateway starts
+        it at boot with the config's ``health_interval`` and ``health_timeout``)."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.check_health(timeout)
+
     async def remove(self, service: str, address: str) -> bool:
         """Forget an instance: no new request goes to it; its session is closed."""
         hint = BackendHint.parse(service, address)
         instance = self.pool(hint.service).instances.pop(hint.address, None)
         if instance is None:
             return False
+        if instance.readmitting is not None:
+            instance.readmitting.cancel()
         if instance.session is not None:
             await instance.session.close()
         self._gauges()
@@ -449,5 +590,7 @@ class Backends:
             task.cancel()
         for pool in self.pools.values():
             for instance in pool.instances.values():
+                if instance.readmitting is not None:
+                    instance.readmitting.cancel()
                 if instance.session is not None:
                     await instance.session.close()

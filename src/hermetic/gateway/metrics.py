@@ -10,6 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 REQUEST_OUTCOMES = ("ok", "backend_error", "unavailable")
 """Outcomes of a routed request (``hermetic_gateway_requests_total``)."""
+HEALTH_OUTCOMES = ("ok", "missed", "readmitted", "readmit_unreachable", "readmit_refused")
+"""Outcomes of ``hermetic_gateway_health_checks_total``: a ping answered or missed, and a
+lost instance's re-attestation admitted, unanswered or refused."""
 
 
 class GatewayMetrics:
@@ -44,6 +47,18 @@ class GatewayMetrics:
         self.retries = Counter(
             "hermetic_gateway_retries_total",
             "Idempotent requests sent again to another instance after one died mid-request.",
+            ["service"],
+            registry=self.registry,
+        )
+        self.health_checks = Counter(
+            "hermetic_gateway_health_checks_total",
+            "Health checks of backend instances and re-attestations of lost ones, by outcome.",
+            ["service", "outcome"],
+            registry=self.registry,
+        )
+        self.drains = Counter(
+            "hermetic_gateway_drains_total",
+            "Instances drained (taken out, their session closed) after missed health checks.",
             ["service"],
             registry=self.registry,
         )

@@ -7,7 +7,8 @@
                  "peers": {<trust file: nitro_root, log, publishers>},
                  "dialer": "127.0.0.1:7100",
                  "max_request": 1048576, "max_response": 1048576, "reattest": 240,
-                 "max_concurrency": 64, "max_per_client": 32}}
+                 "max_concurrency": 64, "max_per_client": 32,
+                 "health_interval": 5, "health_timeout": 2}}
 
 ``peers`` is what backends' evidence and the admission policy's endorsement are verified
 against. ``dialer`` is the parent-side relay to backends' vsock ports
@@ -19,7 +20,11 @@ document may be old when its session opens) is how long a backend session serves
 the gateway attests that instance again with a fresh document. ``max_concurrency``
 (default 64) and ``max_per_client`` (default 32, per client session) bound the requests in
 flight; one over either is refused at once with ``overloaded`` (nothing is queued, so
-memory stays bounded by the limits times the message sizes).
+memory stays bounded by the limits times the message sizes). Every ``health_interval``
+seconds (default 5) each admitted backend is pinged on its session; one that does not
+answer within ``health_timeout`` seconds (default 2) twice in a row is drained, and a lost
+instance is re-attested until it is admitted again
+(:meth:`hermetic.gateway.backends.Backends.check_health`).
 
 The config carries no secret, so the gateway shows it to clients (``describe``), who check
 its digest against their verified session and the policy's endorsement against their own
@@ -46,9 +51,13 @@ DEFAULT_CONCURRENCY = 64
 DEFAULT_PER_CLIENT = 32
 MAX_CONCURRENCY = 65536
 MAX_REATTEST = 86400
+DEFAULT_HEALTH_INTERVAL = 5
+DEFAULT_HEALTH_TIMEOUT = 2
+MAX_HEALTH_INTERVAL = 3600
+MAX_HEALTH_TIMEOUT = 60
 _FIELDS = frozenset(
     {"admission", "admission_endorsement", "peers", "dialer", "max_request", "max_response",
-     "reattest", "max_concurrency", "max_per_client"}
+     "reattest", "max_concurrency", "max_per_client", "health_interval", "health_timeout"}
 )  # fmt: skip
 
 
@@ -69,6 +78,15 @@ def _limit(section: dict[str, Any], name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
         raise GatewayConfigError(
             f"config gateway.{name}: expected bytes between 1 and {MAX_LIMIT}, got {value!r:.40}"
+        )
+    return value
+
+
+def _seconds(section: dict[str, Any], name: str, default: int, most: int) -> int:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise GatewayConfigError(
+            f"config gateway.{name}: expected seconds between 1 and {most}, got {value!r:.40}"
         )
     return value
 
@@ -94,6 +112,8 @@ class GatewaySettings:
     reattest: int = DEFAULT_REATTEST
     max_concurrency: int = DEFAULT_CONCURRENCY
     max_per_client: int = DEFAULT_PER_CLIENT
+    health_interval: int = DEFAULT_HEALTH_INTERVAL
+    health_timeout: int = DEFAULT_HEALTH_TIMEOUT
 
     @property
     def message_limit(self) -> int:
@@ -127,24 +147,18 @@ class GatewaySettings:
             except HermeticError as exc:
                 raise GatewayConfigError(str(exc)) from None
         limits = _limit(section, "max_request"), _limit(section, "max_response")
-        reattest = section.get("reattest", DEFAULT_REATTEST)
-        if (
-            isinstance(reattest, bool)
-            or not isinstance(reattest, int)
-            or not (1 <= reattest <= MAX_REATTEST)
-        ):
-            raise GatewayConfigError(
-                f"config gateway.reattest: expected seconds between 1 and {MAX_REATTEST},"
-                f" got {reattest!r:.40}"
-            )
-        concurrency = [
-            _count(section, name, default)
-            for name, default in (
-                ("max_concurrency", DEFAULT_CONCURRENCY),
-                ("max_per_client", DEFAULT_PER_CLIENT),
-            )
-        ]
-        return cls(admission, peers, dialer, *limits, reattest, *concurrency)
+        reattest = _seconds(section, "reattest", DEFAULT_REATTEST, MAX_REATTEST)
+        return cls(
+            admission, peers, dialer, *limits, reattest,
+            max_concurrency=_count(section, "max_concurrency", DEFAULT_CONCURRENCY),
+            max_per_client=_count(section, "max_per_client", DEFAULT_PER_CLIENT),
+            health_interval=_seconds(
+                section, "health_interval", DEFAULT_HEALTH_INTERVAL, MAX_HEALTH_INTERVAL
+            ),
+            health_timeout=_seconds(
+                section, "health_timeout", DEFAULT_HEALTH_TIMEOUT, MAX_HEALTH_TIMEOUT
+            ),
+        )  # fmt: skip
 
 
 def admission_from_config(config: bytes, trust: ClientTrust) -> AdmissionPolicy:
