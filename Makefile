@@ -10,6 +10,10 @@ all: test
 
 # System packages the emulator needs: bubblewrap builds every enclave's sandbox. Installed
 # with apt when missing and we are root; otherwise `hermetic run` says what is missing.
+# The PostgreSQL server the suite starts (Debian package `postgresql`) is installed the
+# same way when no /usr/lib/postgresql/*/bin/initdb exists, where pg_bindir() in
+# tests/test_translog_service_support.py looks; without it those tests are skipped, saying
+# why.
 SYSTEM_STAMP := $(VENV)/.system
 
 $(SYSTEM_STAMP):
@@ -19,6 +23,15 @@ $(SYSTEM_STAMP):
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	  else \
 	    echo "warning: bubblewrap (bwrap) is missing: install the 'bubblewrap' package to run enclaves"; \
+	  fi; \
+	fi
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing postgresql (the server the suite's PostgreSQL tests start)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+	      || echo "warning: installing 'postgresql' failed: the PostgreSQL tests will be skipped"; \
+	  else \
+	    echo "warning: no /usr/lib/postgresql/*/bin/initdb: install the 'postgresql' package to run the PostgreSQL tests"; \
 	  fi; \
 	fi
 	@mkdir -p $(VENV) && touch $@

@@ -7,6 +7,11 @@ policy`` pinned to the image's PCR0, ``hermetic run`` with forwarded credentials
 ``hermetic proxy`` whose egress allows exactly the KMS and the store. The enclave reaches
 both only through that egress; what KMS released, and to which PCR0, is read from its log.
 
+The acceptance tests (1, 3, 5, 6) run on both record store back ends (acceptance 4): once
+on the module's SQLite stack and once on a second stack whose store is a PostgreSQL
+database (``backend_stack``); the host's attacks edit the very rows either server serves
+(``StoreHost``).
+
 Callers are real too: tenant admins sign every change (Ed25519, ``Admin`` below) on the NX
 port 5000 (reached over vsock from the parent); services call ``get_key`` on the XX port
 5001 through the proxy, either the ``examples/keyreader`` enclave (which fetches at boot,
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -30,7 +37,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +69,7 @@ from hermetic.store.client import RecordStoreClient
 from hermetic.translog.client import LogClient
 from hermetic.translog.note import parse_vkey
 from hermetic.translog.release import PERSISTENCE_POLICY_V1, PolicyStatement, utc_timestamp
-from test_persistence_anchor import SQLiteHost, _wait_for, _witnessed_after
+from test_persistence_anchor import PostgresHost, SQLiteHost, _wait_for, _witnessed_after
 from test_store_support import StoreServerProcess
 from test_translog_service_support import LogKeys, LogServerProcess, make_log_key
 
@@ -452,16 +459,52 @@ def _new_stack(
     return stack
 
 
-@pytest.fixture(scope="module")
-def stack(work: Path, image: Image, policy: Policy) -> Iterator[Stack]:
-    """One KMS, one SQLite record store and one booted persistence enclave for the module."""
-    stack = _new_stack(work, image, policy, "shared")
+@contextlib.contextmanager
+def _shared_stack(
+    work: Path, image: Image, policy: Policy, name: str, store_db: str | None = None
+) -> Iterator[Stack]:
+    """A stack with one booted, ready persistence enclave (``served[0]``), shared by the
+    tests that ask for it."""
+    stack = _new_stack(work, image, policy, name, store_db)
     try:
         status = _call(image, stack.boot())[0]
         assert status["state"] == "ready", status
         yield stack
     finally:
         stack.stop_all()
+
+
+@pytest.fixture(scope="module")
+def stack(work: Path, image: Image, policy: Policy) -> Iterator[Stack]:
+    """One KMS, one SQLite record store and one booted persistence enclave for the module."""
+    with _shared_stack(work, image, policy, "shared") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def postgresql_stack(
+    work: Path, image: Image, policy: Policy, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
+    """The same on the suite's PostgreSQL server (a database of its own); skipped, as the
+    ``postgres`` fixture is, when the server binaries are not installed."""
+    postgres = request.getfixturevalue("postgres")
+    database = postgres.new_database()
+    with _shared_stack(work, image, policy, "shared-postgresql", database) as stack:
+        yield stack
+
+
+BACKENDS = ("sqlite", "postgresql")
+"""The record store back ends the acceptance tests run on (acceptance 4)."""
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_stack(request: pytest.FixtureRequest) -> Stack:
+    """The module's shared stack on each record store back end in turn: a test asking for
+    it runs once on the SQLite stack (``stack``) and once on ``postgresql_stack``; each is
+    started once for the module."""
+    name = "stack" if request.param == "sqlite" else "postgresql_stack"
+    chosen: Stack = request.getfixturevalue(name)
+    return chosen
 
 
 def _restart_keeps_keys(stack: Stack) -> None:
@@ -573,8 +616,9 @@ def test_an_enclave_built_from_one_modified_line_is_denied_the_root_key(
 
 
 def test_rotate_writes_under_n_plus_1_and_retire_makes_records_unreadable(
-    stack: Stack,
+    backend_stack: Stack,
 ) -> None:
+    stack = backend_stack
     name = "insights/rotation"
     first_material = secrets.token_bytes(32)
     t = {"tenant": "rotating", "name": name}
@@ -666,18 +710,23 @@ def test_rejects_bad_arguments_and_unknown_tenants_with_typed_errors(stack: Stac
         assert expected in error.remote_message
 
 
-def _build_keyreader(stack: Stack, service: str = "keyreader") -> Image:
+def _build_keyreader(image: Image, service: str = "keyreader") -> Image:
     """The example service built into the genuine image's directory (same dev log); under
     another service name it is a release the access policy does not admit."""
     import shutil
 
-    source = stack.image.directory / "sources" / service
+    source = image.directory / "sources" / service
     shutil.copytree(KEYREADER, source)
     manifest = source / "hermetic.toml"
     manifest.write_text(manifest.read_text().replace('name = "keyreader"', f'name = "{service}"'))
-    return build_operator_image(
-        source, stack.image.directory, stack.image.operator, "keyreader_service.py"
-    )
+    return build_operator_image(source, image.directory, image.operator, "keyreader_service.py")
+
+
+@pytest.fixture(scope="module")
+def keyreaders(image: Image) -> tuple[Image, Image]:
+    """The ``keyreader`` example and the same code released as ``intruder``, built once
+    for the module (the stacks of both back ends run them)."""
+    return _build_keyreader(image), _build_keyreader(image, "intruder")
 
 
 def _run_keyreader(stack: Stack, reader: Image, tenant: str, name: str) -> dict[str, Any]:
@@ -711,12 +760,13 @@ def _run_keyreader(stack: Stack, reader: Image, tenant: str, name: str) -> dict[
 
 
 def test_the_example_service_fetches_a_tenant_key_with_no_client_and_refusals_are_audited(
-    stack: Stack,
+    backend_stack: Stack, keyreaders: tuple[Image, Image]
 ) -> None:
     """Acceptance 1: the admin stores a key; keyreader fetches it at boot with no client;
     a release the policy does not admit, and an admitted release asking for a tenant that
     did not enable the feature, are refused with AccessDeniedError; the tenants' audit
     trails hold all three."""
+    stack = backend_stack
     served = stack.served[0]
     material = secrets.token_bytes(32)
     acme, globex = Admin("acme-1"), Admin("globex-1")
@@ -725,8 +775,7 @@ def test_the_example_service_fetches_a_tenant_key_with_no_client_and_refusals_ar
         acme.create(), acme.put("insights/app-usage", material), acme.enable(),
         globex.create(), globex.put("insights/app-usage", secrets.token_bytes(32)),
     )  # fmt: skip
-    reader = _build_keyreader(stack)
-    intruder = _build_keyreader(stack, "intruder")
+    reader, intruder = keyreaders
 
     fetched = _run_keyreader(stack, reader, "acme-1", "insights/app-usage")
     assert fetched["state"] == "ready", fetched
@@ -803,11 +852,13 @@ def test_an_nx_client_is_refused_every_key_even_with_the_admin_key(stack: Stack)
 
 
 def test_no_plaintext_key_bytes_in_the_store_the_proxy_logs_metrics_or_the_audit_trail(
-    stack: Stack,
+    backend_stack: Stack,
 ) -> None:
     """Acceptance 6: every key's bytes, raw, hex and base64, whole and halved, are searched
-    in the record store's database files, the persistence proxy's logs, its /metrics and
-    the tenant's audit trail."""
+    in what the host holds of the record store (``StoreHost.stored_bytes``: the SQLite
+    file and its WAL; PostgreSQL's rows, the database's files and the server's WAL), the
+    persistence proxy's logs, its /metrics and the tenant's audit trail."""
+    stack = backend_stack
     import urllib.request
 
     served = stack.boot()
@@ -835,14 +886,16 @@ def test_no_plaintext_key_bytes_in_the_store_the_proxy_logs_metrics_or_the_audit
         secrets_ += [value, value.hex().encode(), value.hex().upper().encode()]
         secrets_ += [base64.b64encode(value), base64.urlsafe_b64encode(value)]
         secrets_ += [value[:16], value[16:]]
-    files = [p for p in Path(stack.store_db).parent.iterdir() if p.name.startswith("records.db")]
-    assert files  # the database and its WAL
-    places = {p.name: p.read_bytes() for p in files}
-    places |= {"proxy logs": logs, "metrics": metrics, "audit trail": b"".join(trail)}
+    stored = _host(stack).stored_bytes()
+    # The places searched hold the store's rows: the sealed record is there, as stored.
+    with stack.store_client() as client:
+        sealed = client.get(f"{STORE_ID}/tenants/secretive/records/r").data
+    assert any(sealed in place for place in stored.values()), sorted(stored)
+    places = {**stored, "proxy logs": logs, "metrics": metrics, "audit trail": b"".join(trail)}
     assert b"hermetic" in metrics  # the exporter answered with the proxy's metrics
-    for place, stored in places.items():
+    for place, held in places.items():
         for secret in secrets_:
-            assert secret not in stored, (place, secrets_.index(secret))
+            assert secret not in held, (place, secrets_.index(secret))
     # The records are there, sealed.
     with stack.store_client() as client:
         ids = [r.id for r in client.scan(f"{STORE_ID}/tenants/secretive/")]
@@ -854,18 +907,84 @@ def test_no_plaintext_key_bytes_in_the_store_the_proxy_logs_metrics_or_the_audit
     stack.stop_enclave(served)
 
 
-def _host(stack: Stack) -> SQLiteHost:
+@dataclass(frozen=True)
+class StoreHost:
+    """The host's hand on a stack's record store database, under the running server, on
+    either back end: it reads and writes the very rows ``hermetic store serve`` serves
+    (the ``records`` table, by SQL on the SQLite file or over psycopg on PostgreSQL)."""
+
+    db: SQLiteHost | PostgresHost
+
+    @classmethod
+    def of(cls, stack: Stack) -> StoreHost:
+        if stack.store_db.startswith("postgresql://"):
+            return cls(PostgresHost(stack.store_db))
+        return cls(SQLiteHost(Path(stack.store_db)))
+
+    def row(self, record_id: str) -> tuple[Any, ...]:
+        """``(version, data, size, sha256)`` of the record as stored."""
+        return self.db.row(record_id)
+
+    def set_row(self, record_id: str, row: tuple[Any, ...]) -> None:
+        self.db.set_row(record_id, row)
+
+    def snapshot(self) -> Callable[[], None]:
+        """A copy of the whole database as it is now; calling the result puts it back."""
+        db = self.db
+        if isinstance(db, SQLiteHost):
+            return functools.partial(db.restore, db.snapshot())
+        return functools.partial(db.restore, db.snapshot())  # (a snapshot type of its own)
+
+    def stored_bytes(self) -> dict[str, bytes]:
+        """Everything the host holds of the store, by place: on SQLite the database file
+        and its WAL; on PostgreSQL every table's rows as read over SQL, and, after a
+        CHECKPOINT, the database's own files and the server's WAL on disk."""
+        db = self.db
+        if isinstance(db, SQLiteHost):
+            files = sorted(db.path.parent.glob(f"{db.path.name}*"))
+            return {p.name: p.read_bytes() for p in files}
+        import psycopg
+
+        places: dict[str, bytes] = {}
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            tables = conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            ).fetchall()
+            for (table,) in tables:
+                rows = conn.execute(f'SELECT * FROM "{table}"').fetchall()
+                places[f"table {table}"] = b"".join(
+                    bytes(v) if isinstance(v, bytes | memoryview) else str(v).encode()
+                    for row in rows
+                    for v in row
+                )
+            conn.execute("CHECKPOINT")
+            data_directory = conn.execute("SHOW data_directory").fetchone()
+            database = conn.execute(
+                "SELECT oid FROM pg_database WHERE datname = current_database()"
+            ).fetchone()
+        assert data_directory is not None
+        assert database is not None
+        root = Path(data_directory[0])
+        for directory in (root / "base" / str(database[0]), root / "pg_wal"):
+            for path in sorted(directory.iterdir()):
+                if path.is_file():
+                    places[f"{directory.name}/{path.name}"] = path.read_bytes()
+        return places
+
+
+def _host(stack: Stack) -> StoreHost:
     """The host's hand on the stack's record store database, under the running server."""
-    return SQLiteHost(Path(stack.store_db))
+    return StoreHost.of(stack)
 
 
 def test_rejects_records_the_host_swapped_flipped_or_replayed_and_returns_nothing(
-    stack: Stack,
+    backend_stack: Stack,
 ) -> None:
     """Acceptance 3 end to end, against the running enclave: another tenant's keyring
     swapped in, a byte flipped in the database file (the listing's digest left as it was),
     and an older version of the keyring written back; each is refused by the anchored state
     (StoreStateMismatchError) and no key is returned. Put back as they were, they serve."""
+    stack = backend_stack
     material = secrets.token_bytes(32)
     served = stack.served[0]
     victim, attacker = Admin("victim"), Admin("attacker")
@@ -890,6 +1009,8 @@ def test_rejects_records_the_host_swapped_flipped_or_replayed_and_returns_nothin
     for attack, row in attacks.items():
         host.set_row(record, row)
         try:
+            with stack.store_client() as client:  # the store serves the host's edit
+                assert client.get(record).data == row[1], attack
             (refused,) = _service_call(stack, served, get)
         finally:
             host.set_row(record, kept)
@@ -1035,7 +1156,7 @@ def _anchored(stack: Stack, served: Served) -> dict[str, Any]:
 
 
 def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
-    stack: Stack,
+    backend_stack: Stack,
 ) -> None:
     """Acceptance 3's whole-store attacks from the host side, through real enclaves: the
     record store's database restored from a snapshot taken before a write (the log shows a
@@ -1044,6 +1165,7 @@ def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
     by the enclave's NSM clock shows it, StaleCheckpointError). Neither boot serves; an
     honest restart then serves every version of the key. Last in the module: it replaces
     the shared enclave."""
+    stack = backend_stack
     served = stack.served[0]
     host = _host(stack)
     admin = Admin("rollback")
@@ -1051,7 +1173,7 @@ def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
     first_key, second_key = secrets.token_bytes(32), secrets.token_bytes(32)
     _call(stack.image, served, admin.create(), admin.put(name, first_key), admin.enable())
     before = _anchored(stack, served)
-    snapshot = host.snapshot()
+    restore_before = host.snapshot()
     old_log = stack.directory / "withheld-log.db"
     with sqlite3.connect(stack.log_db, timeout=30) as live, sqlite3.connect(old_log) as copy:
         live.backup(copy)
@@ -1059,12 +1181,12 @@ def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
     after = _anchored(stack, served)
     assert after["sequence"] > before["sequence"]
     stack.stop_enclave(served)
-    current = host.snapshot()
+    restore_current = host.snapshot()
     assert stack.log_keys is not None
     stale = LogServerProcess(str(old_log), stack.log_keys).start()
     max_age = 5
     try:
-        host.restore(snapshot)
+        restore_before()
         restored = stack.boot()
         rolled_back = _call(stack.image, restored, ("describe", {"tenant": "rollback"}))
         stack.stop_enclave(restored)
@@ -1079,7 +1201,7 @@ def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
         stack.stop_enclave(hidden)
     finally:
         stack.log_url, stack.anchor = None, {**stack.anchor, "max_age": 120}
-        host.restore(current)
+        restore_current()
         stale.stop()
     for status, refused in (rolled_back, withholding):
         assert status["state"] == "failed"
