@@ -796,3 +796,104 @@ def test_a_backend_that_stops_answering_is_drained_without_failing_a_request(
         os.kill(pid, signal.SIGCONT)
         assert stack.gateway_cli("remove", "alpha", address).returncode == 0
         hermetic("stop", victim["EnclaveID"])
+
+
+# --- acceptance 4: ten times the concurrency, memory bounded, recovery ------------------
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in bytes, from /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+WAVES = 5
+"""Waves of ten times the concurrency sent while the limit is full (each one refused)."""
+
+
+def test_ten_times_the_concurrency_is_overloaded_with_bounded_memory_and_recovers(
+    stack: Stack,
+) -> None:
+    """Acceptance 4: 20 clients fill their per-client limit at once with requests near the
+    size limit that never finish, ten times the gateway's total concurrency; exactly the
+    limit is held and the rest is ``overloaded``. Four more such waves follow while the
+    limit stays full. The gateway enclave's peak RSS (VmHWM of its app process, reset
+    before) stays within the documented bound (requests in flight times their size, plus a
+    message being read per session, twice for the decrypted and decoded copies, plus the
+    interpreter's slack) and far under the bytes offered, which a queue would hold; once the
+    held requests are cancelled, every client is answered and the RSS is within it too."""
+    from hermetic.gateway.settings import MESSAGE_SLACK
+
+    pid = _parts.app_pid(stack.up["EnclaveID"])
+    assert pid is not None
+    trust = ClientTrust.load(stack.trust)
+    clients = 10 * CONCURRENCY // PER_CLIENT
+    payload = b"\x01" * (MAX_REQUEST - 256)
+    message_limit = 1024 * 1024 + MESSAGE_SLACK  # max_response's default is the larger
+    bound = 2 * (CONCURRENCY * MAX_REQUEST + clients * message_limit) + 16 * 1024 * 1024
+    offered = WAVES * clients * PER_CLIENT * len(payload)
+
+    def drained() -> str:
+        deadline = time.monotonic() + 60
+        while True:
+            metrics = stack.gateway_cli("metrics").stdout
+            if "hermetic_gateway_in_flight_requests 0.0" in metrics:
+                return metrics
+            if time.monotonic() > deadline:
+                raise AssertionError(f"requests still in flight after 60 s:\n{metrics}")
+            time.sleep(0.2)
+
+    async def run() -> dict[str, dict[str, int]]:
+        sessions = await asyncio.gather(
+            *(connect_gateway(stack.url(), trust=trust, timeout=60) for _ in range(clients))
+        )
+        seen: dict[str, dict[str, int]] = {}
+        held: list[asyncio.Future[Any]] = []
+        try:
+            await asyncio.to_thread(drained)
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak from here on
+            seen["before"] = _memory(pid)
+            try:
+                for n in range(WAVES):
+                    calls = [
+                        asyncio.ensure_future(s.call("alpha", "hold", payload))
+                        for s in sessions
+                        for _ in range(PER_CLIENT)
+                    ]
+                    # the first wave fills the limit, the others find it full
+                    refused = len(calls) - (CONCURRENCY if n == 0 else 0)
+                    async with asyncio.timeout(120):  # a bound on a broken limit, not a figure
+                        while sum(c.done() for c in calls) < refused:
+                            pending = [c for c in calls if not c.done()]
+                            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    errors = [c.exception() for c in calls if c.done()]
+                    assert all(isinstance(e, GatewayOverloadedError) for e in errors), errors[:3]
+                    held += [c for c in calls if not c.done()]
+                    assert len(held) == CONCURRENCY
+                seen["during"] = _memory(pid)
+            finally:
+                for call in held:
+                    call.cancel()
+                await asyncio.gather(*held, return_exceptions=True)
+            await asyncio.to_thread(drained)
+            for n, session in enumerate(sessions):
+                assert (await session.call("alpha", "echo", n)).result["arg"] == n
+            seen["after"] = _memory(pid)
+        finally:
+            for session in sessions:
+                await session.close()
+        return seen
+
+    before = _overloaded(drained())
+    seen = asyncio.run(run())
+    refused = WAVES * clients * PER_CLIENT - CONCURRENCY
+    assert _overloaded(drained()) == before + refused
+    base = seen["before"]["VmRSS"]
+    peak = seen["during"]["VmHWM"]
+    assert peak - base <= bound, (seen, bound)
+    assert bound < offered / 2  # the bound means something: a queue would hold the offer
+    assert seen["after"]["VmRSS"] - base <= bound, (seen, bound)
