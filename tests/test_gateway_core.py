@@ -664,3 +664,22 @@ async def test_a_backend_that_stops_answering_is_drained_and_readmitted_once_it_
     finally:
         for listener in listeners:
             await listener.aclose()
+
+
+def test_digests_of_encoded_requests_and_results_are_the_receipts_digests() -> None:
+    """The gateway hashes the bytes it encoded to check a request's size (and a result's);
+    they must be the digests a client computes from the decoded values."""
+    from functools import partial
+
+    from hermetic.cbor import canonical_dumps as dumps
+    from hermetic.errors import GatewayRequestError
+    from hermetic.gateway.receipt import encoded_request_digest, encoded_response_digest
+
+    canonical_dumps = partial(dumps, what="value", error=GatewayRequestError)
+    for args in (None, 1, "hi", b"\x00" * 70, {"b": [1, 2], "a": {"z": None}}):
+        request = canonical_dumps(["alpha", "echo", args])
+        assert encoded_request_digest(request) == request_digest("alpha", "echo", args)
+        assert encoded_response_digest(canonical_dumps(args)) == response_digest(args)
+        assert encoded_request_digest(request) != encoded_response_digest(request)
+    policy = AdmissionPolicy.from_json(_admission())
+    assert policy.digest == hashlib.sha256(policy.canonical()).digest()

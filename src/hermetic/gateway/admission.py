@@ -26,6 +26,7 @@ The gateway refuses to start unless the endorsement verifies and names this dige
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping
@@ -174,9 +175,11 @@ class AdmissionPolicy:
         """The log's canonical JSON of the document: the bytes the digest covers."""
         return canonical_json(self.to_json())
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
-        """SHA-256 of :meth:`canonical`, the value the logged policy statement names."""
+        """SHA-256 of :meth:`canonical`, the value the logged policy statement names
+        (computed once: the gateway puts it in every receipt, the client checks it in
+        every receipt)."""
         return hashlib.sha256(self.canonical()).digest()
 
     @property

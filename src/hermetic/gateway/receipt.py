@@ -117,6 +117,17 @@ def response_digest(result: Any) -> bytes:
     return _digest(_RESPONSE_DOMAIN, result, "response")
 
 
+def encoded_request_digest(encoded: bytes) -> bytes:
+    """:func:`request_digest` of a request already encoded as canonical CBOR (the gateway
+    encodes each request once, to check its size, and hashes those bytes)."""
+    return hashlib.sha256(_REQUEST_DOMAIN + encoded).digest()
+
+
+def encoded_response_digest(encoded: bytes) -> bytes:
+    """:func:`response_digest` of a result already encoded as canonical CBOR."""
+    return hashlib.sha256(_RESPONSE_DOMAIN + encoded).digest()
+
+
 def _bytes(value: Any, field: str, size: int) -> bytes:
     if not isinstance(value, bytes) or len(value) != size:
         raise ReceiptFormatError(f"receipt {field}: expected {size} bytes")

@@ -41,9 +41,9 @@ from hermetic.gateway.metrics import GatewayMetrics
 from hermetic.gateway.receipt import (
     GatewayKey,
     Receipt,
+    encoded_request_digest,
+    encoded_response_digest,
     receipt_key_nonce,
-    request_digest,
-    response_digest,
     sign_receipt,
 )
 from hermetic.gateway.settings import GatewaySettings
@@ -142,7 +142,7 @@ class Gateway:
                 "request_too_large",
                 f"request of {len(encoded)} bytes: the limit is {self.settings.max_request}",
             )
-        return ClientRequest(service, method, args, request_digest(service, method, args))
+        return ClientRequest(service, method, args, encoded_request_digest(encoded))
 
     async def forward(self, session_hash: bytes, request: object) -> dict[str, Any]:
         """Route one client request; ``session_hash`` is the client session's handshake
@@ -226,7 +226,7 @@ class Gateway:
             service=checked.service,
             method=checked.method,
             request=checked.digest,
-            response=response_digest(result),
+            response=encoded_response_digest(encoded),
             policy=self.settings.admission.digest,
             backend_version=peer.version,
             backend_pcr0=bytes(peer.pcrs[0]),
