@@ -62,13 +62,18 @@ from hermetic.image.pcrs import Measurements
 from hermetic.launcher import emulated, records
 from hermetic.launcher.devrelease import DevLog
 from hermetic.nsm import DevPKI, EmulatedNSM, NSMClient
-from hermetic.persistence.admin import AdminRequest, admin_public_key
-from hermetic.persistence.audit import AuditEntry, AuditHead, verify_audit_trail
+from hermetic.persistence.admin import admin_public_key
+from hermetic.persistence.adminclient import (
+    TenantAdminClient,
+    access_policy_statement,
+    read_audit_trail,
+)
+from hermetic.persistence.audit import AuditEntry
 from hermetic.persistence.policy import ACCESS_POLICY_V1, AccessPolicy
 from hermetic.store.client import RecordStoreClient
 from hermetic.translog.client import LogClient
 from hermetic.translog.note import parse_vkey
-from hermetic.translog.release import PERSISTENCE_POLICY_V1, PolicyStatement, utc_timestamp
+from hermetic.translog.release import PolicyStatement
 from test_persistence_anchor import PostgresHost, SQLiteHost, _wait_for, _witnessed_after
 from test_store_support import StoreServerProcess
 from test_translog_service_support import LogKeys, LogServerProcess, make_log_key
@@ -111,42 +116,9 @@ class Served:
     metrics: str
 
 
-@dataclass
-class Admin:
-    """A tenant admin client: its Ed25519 key and the counter of its last request."""
-
-    tenant: str
-    key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
-    counter: int = 0
-
-    def request(self, method: str, operation: str, **fields: Any) -> tuple[str, dict[str, Any]]:
-        """The RPC ``(method, argument)`` of one signed request."""
-        self.counter += 1
-        args: dict[str, Any] = {"tenant": self.tenant, **fields}
-        signed: dict[str, Any] = {k: v for k, v in fields.items() if k != "material"}
-        if "material" in fields:
-            signed["material_digest"] = AdminRequest.material_digest_of(fields["material"])
-        request = AdminRequest(operation, STORE_ID, self.tenant, self.counter, **signed)
-        return method, {**args, "counter": self.counter, "signature": request.sign(self.key)}
-
-    def create(self) -> tuple[str, dict[str, Any]]:
-        public = admin_public_key(self.key)
-        return self.request("create_tenant", "create_tenant", admin_key=public)
-
-    def put(self, name: str, material: bytes) -> tuple[str, dict[str, Any]]:
-        return self.request("put_key", "put_key", name=name, material=material)
-
-    def rotate(self, name: str) -> tuple[str, dict[str, Any]]:
-        return self.request("rotate", "rotate", name=name)
-
-    def retire(self, name: str, version: int) -> tuple[str, dict[str, Any]]:
-        return self.request("retire", "retire", name=name, version=version)
-
-    def enable(self, feature: str = "insights") -> tuple[str, dict[str, Any]]:
-        return self.request("enable", "enable", feature=feature)
-
-    def audit(self) -> tuple[str, dict[str, Any]]:
-        return self.request("audit", "audit")
+def Admin(tenant: str) -> TenantAdminClient:
+    """A tenant admin client of the suite's store: a fresh Ed25519 key, counter 0."""
+    return TenantAdminClient(STORE_ID, tenant)
 
 
 @dataclass(frozen=True)
@@ -398,12 +370,10 @@ def _service_call(stack: Stack, served: Served, *calls: tuple[str, Any]) -> list
     return asyncio.run(run())
 
 
-def _trail(stack: Stack, served: Served, admin: Admin) -> list[AuditEntry]:
+def _trail(stack: Stack, served: Served, admin: TenantAdminClient) -> list[AuditEntry]:
     """The tenant's audit trail, read and verified as its admin does."""
     _, trail = _call(stack.image, served, admin.audit())
-    head = AuditHead(trail["head"]["seq"], trail["head"]["hash"])
-    entries, _ = verify_audit_trail(trail["entries"], STORE_ID, admin.tenant, head=head)
-    return entries
+    return read_audit_trail(trail, STORE_ID, admin.tenant)[0]
 
 
 @pytest.fixture(scope="module")
@@ -432,11 +402,9 @@ def policy(image: Image) -> Policy:
     log = DevLog(image.directory / "dev-log")
     trust = image.directory / "peers-trust.json"
     log.write_trust(trust)
-    digest = AccessPolicy.from_json(ACCESS_POLICY).digest.hex()
-    statement = PolicyStatement(
-        PERSISTENCE_POLICY_V1, f"persistence/{STORE_ID}", digest, "1", utc_timestamp()
+    endorsement = log.publish_statement(
+        access_policy_statement(AccessPolicy.from_json(ACCESS_POLICY))
     )
-    endorsement = log.publish_statement(statement)
     caller = log.publish(
         Measurements(
             "hermetic", REPORTING[0], REPORTING[1], REPORTING[2], None, "reporting", "1.0.0"
@@ -515,7 +483,11 @@ def _restart_keeps_keys(stack: Stack) -> None:
     acme = Admin("acme")
     first = stack.boot()
     status, created, put, _ = _call(
-        image, first, acme.create(), acme.put("insights/app-usage", material), acme.enable()
+        image,
+        first,
+        acme.create(),
+        acme.put("insights/app-usage", material),
+        acme.enable("insights"),
     )
     anchor = status.pop("anchor")
     assert status == {
@@ -624,7 +596,13 @@ def test_rotate_writes_under_n_plus_1_and_retire_makes_records_unreadable(
     t = {"tenant": "rotating", "name": name}
     admin = Admin("rotating")
     served = stack.served[0]
-    _call(stack.image, served, admin.create(), admin.put(name, first_material), admin.enable())
+    _call(
+        stack.image,
+        served,
+        admin.create(),
+        admin.put(name, first_material),
+        admin.enable("insights"),
+    )
     first, old_first = _service_call(
         stack, served,
         ("put_record", {**t, "id": "report/1", "data": b"sealed under one"}),
@@ -772,7 +750,7 @@ def test_the_example_service_fetches_a_tenant_key_with_no_client_and_refusals_ar
     acme, globex = Admin("acme-1"), Admin("globex-1")
     _call(
         stack.image, served,
-        acme.create(), acme.put("insights/app-usage", material), acme.enable(),
+        acme.create(), acme.put("insights/app-usage", material), acme.enable("insights"),
         globex.create(), globex.put("insights/app-usage", secrets.token_bytes(32)),
     )  # fmt: skip
     reader, intruder = keyreaders
@@ -841,7 +819,7 @@ def test_an_nx_client_is_refused_every_key_even_with_the_admin_key(stack: Stack)
     served = stack.served[0]
     admin = Admin("nx-only")
     _call(stack.image, served, admin.create(), admin.put("insights/a", secrets.token_bytes(32)),
-          admin.enable())  # fmt: skip
+          admin.enable("insights"))  # fmt: skip
     _, refused = _call(
         stack.image, served, ("get_key", {"tenant": "nx-only", "name": "insights/a"})
     )
@@ -867,7 +845,7 @@ def test_no_plaintext_key_bytes_in_the_store_the_proxy_logs_metrics_or_the_audit
     admin = Admin("secretive")
     t = {"tenant": "secretive", "name": "insights/pan"}
     _call(stack.image, served, admin.create(), admin.put(t["name"], material),
-          admin.rotate(t["name"]), admin.enable())  # fmt: skip
+          admin.rotate(t["name"]), admin.enable("insights"))  # fmt: skip
     current, _ = _service_call(
         stack, served, ("get_key", t), ("put_record", {**t, "id": "r", "data": data})
     )
@@ -989,7 +967,7 @@ def test_rejects_records_the_host_swapped_flipped_or_replayed_and_returns_nothin
     served = stack.served[0]
     victim, attacker = Admin("victim"), Admin("attacker")
     _call(
-        stack.image, served, victim.create(), victim.enable(), attacker.create(),
+        stack.image, served, victim.create(), victim.enable("insights"), attacker.create(),
         attacker.put("insights/a", material), victim.put("insights/a", material),
     )  # fmt: skip
     host = _host(stack)
@@ -1171,7 +1149,7 @@ def test_refuses_a_restored_database_and_a_log_withholding_its_newest_state(
     admin = Admin("rollback")
     name = "insights/r"
     first_key, second_key = secrets.token_bytes(32), secrets.token_bytes(32)
-    _call(stack.image, served, admin.create(), admin.put(name, first_key), admin.enable())
+    _call(stack.image, served, admin.create(), admin.put(name, first_key), admin.enable("insights"))
     before = _anchored(stack, served)
     restore_before = host.snapshot()
     old_log = stack.directory / "withheld-log.db"
