@@ -49,6 +49,8 @@ class ChurnReport:
     seconds: float = 0.0
     answered_by: Counter[str] = field(default_factory=Counter)
     """Answers per enclave ID (from the receipts)."""
+    retries: float = 0.0
+    """Requests the gateway sent again after their instance died (its metrics)."""
 
 
 async def churn(
@@ -156,11 +158,16 @@ async def _soak(seconds: float, clients: int, every: float) -> ChurnReport:
             async with await connect(running.parent, trust=trust, policy=policy) as parent:
                 fleet = Fleet("alpha", stack.images["alpha"], stack.backend_config, parent, 100)
                 try:
-                    return await churn(
+                    report = await churn(
                         running.url, trust, fleet, seconds=seconds, clients=clients, every=every
                     )
                 finally:
                     await fleet.stop_all()
+                name = 'hermetic_gateway_retries_total{service="alpha"} '
+                for line in str(await parent.call("metrics")).splitlines():
+                    if line.startswith(name):
+                        report.retries = float(line[len(name) :])
+                return report
         finally:
             running.stop()
 
@@ -177,7 +184,8 @@ def main(argv: list[str]) -> int:
         f"{options.clients} clients, {report.seconds:.0f} s, {report.kills} instances killed,"
         f" {report.started} started: {report.ok} requests answered and attributed,"
         f" {report.verified_offline} receipts verified offline, {len(report.failed)} failed,"
-        f" {len(report.misattributed)} misattributed ({time.monotonic() - begun:.0f} s in all)"
+        f" {len(report.misattributed)} misattributed, {report.retries:.0f} sent again after"
+        f" their instance died ({time.monotonic() - begun:.0f} s in all)"
     )
     for enclave, count in sorted(report.answered_by.items()):
         print(f"  {enclave}: {count}")
