@@ -920,3 +920,55 @@ class ReceiptNotAdmittedError(ReceiptError):
 class ReceiptKeyError(ReceiptError):
     """The receipt key is not bound to a verified gateway attestation (the key evidence
     does not verify, names another key, or another config than the one presented)."""
+
+
+# --- reporting: sealed sign-in event batches and their aggregates (issue 12) -------------
+
+
+class ReportingError(HermeticError):
+    """The reporting core: event batches, the synthetic tenant, aggregates and reports.
+
+    No message of this family carries a member, device or app name, or key material.
+    """
+
+
+class ReportingUsageError(ReportingError, UsageError):
+    """A caller passed a bad value: an insights key of the wrong size, a tenant id outside
+    the naming rule, a name that is not NFC text without controls, too many events."""
+
+
+class BatchError(ReportingError, VerificationError):
+    """A sealed event batch was rejected; nothing of it is aggregated."""
+
+
+class BatchFormatError(BatchError, MalformedInputError):
+    """A sealed batch, or its plaintext once opened, is not in the documented layout."""
+
+
+class BatchSchemaError(BatchFormatError):
+    """A sealed batch names a schema version this reader does not support."""
+
+
+class BatchTenantError(BatchError):
+    """A sealed batch names another tenant than the one it is opened for."""
+
+
+class BatchIdError(BatchError):
+    """A sealed batch's batch id is not the id it was stored under."""
+
+
+class BatchAuthenticationError(BatchError):
+    """A sealed batch fails AES-GCM authentication: a flipped byte, a batch moved to another
+    batch id, tenant or schema version, or sealed under another key."""
+
+
+class BatchReplayError(BatchError):
+    """An authentic batch whose batch id an aggregate has already absorbed."""
+
+
+class AggregateStateError(ReportingError, MalformedInputError):
+    """Serialized aggregate state is not in the documented canonical form."""
+
+
+class AggregateMergeError(ReportingError):
+    """Two aggregates cannot merge: other tenants, or a batch absorbed by both."""
