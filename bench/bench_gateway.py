@@ -29,7 +29,6 @@ Nitro the gateway has its own vCPUs.
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 import tempfile
@@ -87,24 +86,15 @@ def _run(work: Path) -> list[Goal]:
 
 def _proxy(enclave_id: str) -> tuple[subprocess.Popen[str], str]:
     """``hermetic proxy`` for one backend's port 5000 on TCP; its client URL."""
+    from bench.gateway_stack import printed_json
+
     process = subprocess.Popen(
         [sys.executable, "-m", "hermetic", "proxy", "--enclave", enclave_id,
          "--port", "5000", "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert process.stdout is not None
-    text = ""
-    while True:
-        line = process.stdout.readline()
-        if not line:
-            error = process.stderr.read() if process.stderr else ""
-            raise RuntimeError(f"hermetic proxy exited: {error}")
-        text += line
-        try:
-            shown = json.loads(text)
-        except ValueError:
-            continue
-        return process, f"tcp://{shown['tcp']}"
+    shown, _ = printed_json(process, "hermetic proxy")
+    return process, f"tcp://{shown['tcp']}"
 
 
 async def _measure(

@@ -10,6 +10,7 @@ and restarts, handing the gateway each new instance over its parent port (discov
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,10 +123,14 @@ def boot_backends(specs: list[tuple[str, Built, Path, bool, int]]) -> list[dict[
 
 @dataclass
 class GatewayUp:
-    """A running ``hermetic gateway up`` and the JSON it printed (tcp, parent, backends)."""
+    """A running ``hermetic gateway up`` and the JSON it printed (tcp, parent, backends).
+
+    Its stderr (the log) is read all along by a thread that keeps the last lines: a pipe
+    nobody reads fills up, and then the gateway's proxy and dialer stop with it."""
 
     process: subprocess.Popen[str]
     up: dict[str, Any]
+    log: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=200))
 
     @property
     def url(self) -> str:
@@ -144,6 +150,11 @@ class GatewayUp:
                 self.process.wait()
 
 
+def _drain(stream: Any, into: collections.deque[str]) -> None:
+    for line in stream:
+        into.append(line)
+
+
 def gateway_up(gateway: Built, config: Path, trust: Path, hints: list[str]) -> GatewayUp:
     """Start ``hermetic gateway up`` with ``SERVICE=ADDRESS`` hints; returns once it has
     printed its JSON (the hints attested)."""
@@ -154,18 +165,33 @@ def gateway_up(gateway: Built, config: Path, trust: Path, hints: list[str]) -> G
          *(a for h in hints for a in ("--backend", h))],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    up, log = printed_json(process, "gateway up")
+    return GatewayUp(process, up, log)
+
+
+def printed_json(
+    process: subprocess.Popen[str], what: str
+) -> tuple[dict[str, Any], collections.deque[str]]:
+    """The JSON document a starting process prints on stdout (``gateway up``, ``proxy``),
+    and the last lines of its output, which threads keep reading until it exits (a pipe
+    nobody reads fills up, and the process stops with it)."""
     assert process.stdout is not None
+    assert process.stderr is not None
+    log: collections.deque[str] = collections.deque(maxlen=200)
+    threading.Thread(target=_drain, args=(process.stderr, log), daemon=True).start()
     text = ""
     while True:
         line = process.stdout.readline()
         if not line:
-            error = process.stderr.read() if process.stderr else ""
-            raise RuntimeError(f"gateway up exited: {error}")
+            process.wait(15)
+            raise RuntimeError(f"{what} exited: {''.join(log)}")
         text += line
         try:
-            return GatewayUp(process, json.loads(text))
+            shown = json.loads(text)
         except ValueError:
             continue
+        threading.Thread(target=_drain, args=(process.stdout, log), daemon=True).start()
+        return shown, log
 
 
 def app_pid(enclave_id: str) -> int | None:

@@ -162,25 +162,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 stack.backends.setdefault(spec[0], []).append(started)
             hints = [f"{role}={stack.address(role, n)}" for role in ("alpha", "beta")
                      for n in range(3)]  # fmt: skip
-            process = subprocess.Popen(
-                [sys.executable, "-m", "hermetic", "gateway", "up", str(gateway.path),
-                 "--config", str(gateway_bundle), "--endorsement", str(gateway.endorsement),
-                 "--trust", str(trust), "--listen", "127.0.0.1:0",
-                 *(a for h in hints for a in ("--backend", h))],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            stack.process = process
-            assert process.stdout is not None
-            text = ""
-            while True:
-                line = process.stdout.readline()
-                assert line, f"gateway up exited: {process.stderr.read() if process.stderr else ''}"
-                text += line
-                try:
-                    stack.up = json.loads(text)
-                    break
-                except ValueError:
-                    continue
+            running = _parts.gateway_up(gateway, gateway_bundle, trust, hints)
+            process = stack.process = running.process
+            stack.up = running.up
             yield stack
         finally:
             if process is not None:
