@@ -315,3 +315,50 @@ def test_an_absorbed_batch_is_remembered_across_serialization(state_bytes: bytes
     assert result.batches == 0
     assert {type(r.error) for r in result.rejected} == {BatchReplayError}
     assert restored.to_bytes() == state_bytes
+
+
+_VALID = [
+    [Event("alice@acme.example", "mac-1", "Slack", True, 1_767_571_200 + i) for i in range(3)]
+    + [Event("alice@acme.example", "mac-1", "Canva", False, 1_767_571_200)],
+    [
+        Event("zoë@acme.example", "iphone-ü", "Café", False, 1_767_571_200),
+        Event("zoë@acme.example", "ipad", "Straße", True, 1_767_571_300),
+        Event("zoë@acme.example", "ipad", "Café", True, 1_767_571_400),
+    ],
+]
+
+
+@given(
+    st.sampled_from(_VALID),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=3),
+    st.integers(0, 3),
+)
+@settings(max_examples=400, deadline=None)
+def test_the_chunked_checks_agree_with_the_strict_decoder(
+    events: list[Event], changes: list[tuple[int, int]], neighbours: int
+) -> None:
+    """A mutated authentic plaintext (a hostile key holder) is accepted by the aggregate's
+    vectorized path exactly when the strict decoder accepts it, with the same events, and a
+    bad batch among good ones in one chunk is rejected alone."""
+    from hermetic.reporting.format import encode_events
+
+    plaintext = bytearray(encode_events(events))
+    for at, value in changes:
+        plaintext[at % len(plaintext)] = value
+    bad_id = bytes(range(100, 116))
+    sealed = SealedBatch(bad_id, seal_plaintext(KEY, TENANT, bad_id, bytes(plaintext)))
+    goods = [
+        SealedBatch(bytes([i]) * 16, seal_batch(KEY, TENANT, bytes([i]) * 16, _VALID[i % 2]))
+        for i in range(neighbours)
+    ]
+    try:
+        open_batch(KEY, sealed.data, tenant=TENANT)
+        strict_ok = True
+    except BatchFormatError:
+        strict_ok = False
+    state = Aggregate(TENANT)
+    result = state.absorb(KEY, [*goods[:1], sealed, *goods[1:]])
+    assert result.batches == neighbours + strict_ok
+    assert [type(r.error) for r in result.rejected] == ([] if strict_ok else [BatchFormatError])
+    kept = [*goods, sealed] if strict_ok else goods
+    assert state.report().to_dict() == oracle(TENANT, kept)

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import datetime
 import struct
+import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any, NamedTuple
 
@@ -47,27 +48,29 @@ from hermetic.errors import (
     ReportingUsageError,
 )
 from hermetic.reporting.format import (
+    _CONTROL,
     BATCH_ID_SIZE,
     EVENT_BYTES,
     FLAG_MANAGED,
     MAX_BASE_TIME,
     MAX_EVENTS,
+    MAX_NAME_BYTES,
     BatchOpener,
     check_tenant,
+    decode_plaintext,
     name_problem,
-    read_dictionaries,
 )
 
 WEEK = 7 * 86400
 _MONDAY_OFFSET = 3 * 86400
 """Unix time 0 is a Thursday: week w starts at w * WEEK - 3 days (Monday 1969-12-29)."""
 TOP_UNMANAGED = 10
-CHUNK_BATCHES = 512
+CHUNK_BATCHES = 1024
 """Batches decrypted before their columns are aggregated together."""
 
 STATE_MAGIC = b"HRA1"
 STATE_VERSION = 1
-_PLAIN_HEAD = struct.Struct("<IQ")
+_FIXED = struct.Struct("<IQHHH")  # events, base time, member/device/app dictionary sizes
 _STATE_HEAD = struct.Struct(">4sHB")
 _U32 = struct.Struct(">I")
 _U16 = struct.Struct(">H")
@@ -154,19 +157,25 @@ def week_start(week: int) -> str:
     )
 
 
-@dataclass
-class _Chunk:
-    ids: list[bytes] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
-    bases: list[int] = field(default_factory=list)
-    user_names: list[tuple[str, ...]] = field(default_factory=list)
-    app_names: list[tuple[str, ...]] = field(default_factory=list)
-    device_sizes: list[int] = field(default_factory=list)
-    times: list[bytes] = field(default_factory=list)
-    users: list[bytes] = field(default_factory=list)
-    devices: list[bytes] = field(default_factory=list)
-    apps: list[bytes] = field(default_factory=list)
-    flags: list[bytes] = field(default_factory=list)
+class _Staged(NamedTuple):
+    """One authentic plaintext waiting to be checked and aggregated with its chunk."""
+
+    batch_id: bytes
+    plaintext: bytes
+    events: int
+    base: int
+    users: int
+    devices: int
+    apps: int
+    names_at: int
+    columns_at: int
+
+
+_Chunk = list[_Staged]
+
+
+class _Malformed(Exception):
+    """A vectorized check of a chunk failed: some batch in it is malformed."""
 
 
 def sorted_distinct(keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -231,18 +240,104 @@ def _intern(names: Sequence[str], ids: dict[str, int], order: list[str]) -> list
     return out
 
 
-def _checked_positions(
-    local: npt.NDArray[np.int64], sizes: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]
-) -> npt.NDArray[np.int64] | None:
-    """Each event's position in the chunk's concatenated dictionaries, or None when an index
-    is past its batch's dictionary or a dictionary lists a name no event of its batch uses
-    (strict: a batch names exactly what its events use)."""
-    if not bool((local < np.repeat(sizes, counts)).all()):
-        return None
-    at = local + np.repeat(np.cumsum(sizes) - sizes, counts)
-    if not bool(np.bincount(at, minlength=int(sizes.sum())).all()):
-        return None
-    return at
+def _stage(batch_id: bytes, plaintext: bytes) -> _Staged:
+    """Read the fixed header of one authentic plaintext; every other check runs on the
+    whole chunk (:func:`_check_chunk`)."""
+    size = len(plaintext)
+    if size < _FIXED.size:
+        raise BatchFormatError("batch plaintext: shorter than its header")
+    n, base, users, devices, apps = _FIXED.unpack_from(plaintext)
+    if not 1 <= n <= MAX_EVENTS:
+        raise BatchFormatError(f"batch plaintext: {n} events, expected 1 to {MAX_EVENTS}")
+    if base >= MAX_BASE_TIME:
+        raise BatchFormatError("batch plaintext: base time out of range")
+    if not (users and devices and apps):
+        raise BatchFormatError("batch plaintext: an empty dictionary")
+    names_at = _FIXED.size + 2 * (users + devices + apps)
+    at = size - n * EVENT_BYTES
+    if at < names_at:
+        raise BatchFormatError("batch plaintext: shorter than its dictionaries and columns")
+    return _Staged(batch_id, plaintext, n, base, users, devices, apps, names_at, at)
+
+
+def _check_chunk(
+    chunk: _Chunk,
+) -> tuple[list[str], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64],
+           npt.NDArray[np.int64], npt.NDArray[np.int64]]:  # fmt: skip
+    """Every rule of the plaintext layout, checked over a whole chunk at once.
+
+    Returns the chunk's distinct names, each dictionary entry's index among them, each
+    event's member and app entry (positions in the chunk's concatenated dictionaries), its
+    SSO flag and its time; raises :class:`_Malformed` when any batch breaks a rule.
+    """
+    _, plaintexts, ns, bases, users, devices, apps, names_ats, ats = zip(*chunk, strict=True)
+    counts = np.array(ns, dtype=np.int64)
+    sizes = np.array([users, devices, apps], dtype=np.int64).T.ravel()  # per batch: m, d, a
+    lengths = np.frombuffer(
+        b"".join([p[_FIXED.size : q] for p, q in zip(plaintexts, names_ats, strict=True)]), "<u2"
+    ).astype(np.int64)
+    raw = b"".join([p[q:r] for p, q, r in zip(plaintexts, names_ats, ats, strict=True)])
+    blob_sizes = np.array(ats, dtype=np.int64) - np.array(names_ats, dtype=np.int64)
+    # each batch's names fill exactly its blob; every name 1..MAX_NAME_BYTES bytes
+    per_batch = sizes.reshape(-1, 3).sum(axis=1)
+    first_name = np.cumsum(per_batch) - per_batch
+    filled = np.add.reduceat(lengths, first_name) == blob_sizes
+    if not bool(filled.all()) or int(lengths.min()) < 1 or int(lengths.max()) > MAX_NAME_BYTES:
+        raise _Malformed
+    ends = np.cumsum(lengths)
+    pieces = list(map(raw.__getitem__, map(slice, (ends - lengths).tolist(), ends.tolist())))
+    # names repeat from batch to batch: each distinct one is decoded and checked once
+    index = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    local = np.fromiter(map(index.__getitem__, pieces), np.int64, len(pieces))
+    names: list[str] = []
+    for piece in index:
+        try:
+            name = piece.decode()
+        except UnicodeDecodeError:
+            raise _Malformed from None
+        if _CONTROL.search(name) is not None or not (
+            name.isascii() or unicodedata.is_normalized("NFC", name)
+        ):
+            raise _Malformed
+        names.append(name)
+    # no name twice in one dictionary
+    dictionary = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+    if len(sorted_distinct((dictionary << 32) | local)) != len(local):
+        raise _Malformed
+    # every index within its dictionary, every dictionary entry used by an event
+    entry_start = (np.cumsum(sizes) - sizes).reshape(-1, 3)
+    positions = []
+    for column in range(3):  # member, device, app: the u16 columns after the times
+        first, last = 4 + 2 * column, 6 + 2 * column
+        part = b"".join(
+            [p[c + first * n : c + last * n] for p, n, c in zip(plaintexts, ns, ats, strict=True)]
+        )
+        entry = np.frombuffer(part, "<u2").astype(np.int64)
+        if not bool((entry < np.repeat(sizes[column::3], counts)).all()):
+            raise _Malformed
+        positions.append(entry + np.repeat(entry_start[:, column], counts))
+    if not bool(np.bincount(np.concatenate(positions), minlength=len(local)).all()):
+        raise _Malformed
+    flags = np.frombuffer(
+        b"".join([p[c + 10 * n :] for p, n, c in zip(plaintexts, ns, ats, strict=True)]), np.uint8
+    )
+    if int(flags.max()) > FLAG_MANAGED:
+        raise _Malformed
+    time = np.frombuffer(
+        b"".join([p[c : c + 4 * n] for p, n, c in zip(plaintexts, ns, ats, strict=True)]), "<u4"
+    ).astype(np.int64)
+    time += np.repeat(np.array(bases, dtype=np.int64), counts)
+    return names, local, positions[0], positions[2], flags.astype(np.int64), time
+
+
+def _why_malformed(staged: _Staged, tenant: str) -> BatchFormatError:
+    """The strict decoder's own error for ``staged`` (its message says which rule); the
+    vectorized checks and the strict decoder enforce the same rules."""
+    try:
+        decode_plaintext(staged.plaintext, tenant, staged.batch_id)
+    except BatchFormatError as error:
+        return error
+    return BatchFormatError("batch plaintext: malformed")
 
 
 class Aggregate:
@@ -283,22 +378,23 @@ class Aggregate:
         opener = BatchOpener(key, self.tenant)
         rejected: list[Rejected] = []
         absorbed = events = 0
-        chunk = _Chunk()
+        chunk: _Chunk = []
         seen: set[bytes] = set()
+        absorbed_before = self._batches
+        decrypt = opener.decrypt
         for batch_id, data in batches:
             try:
-                if batch_id in self._batches or batch_id in seen:
+                if batch_id in absorbed_before or batch_id in seen:
                     raise BatchReplayError("sealed batch: this batch id was already absorbed")
-                _, plaintext = opener.decrypt(data, batch_id)
-                self._stage(chunk, batch_id, plaintext)
+                chunk.append(_stage(batch_id, decrypt(data, batch_id)[1]))
             except BatchError as error:
                 rejected.append(Rejected(bytes(batch_id), error))
                 continue
             seen.add(batch_id)
-            if len(chunk.ids) >= CHUNK_BATCHES:
+            if len(chunk) >= CHUNK_BATCHES:
                 done = self._flush(chunk, rejected)
                 absorbed, events = absorbed + done[0], events + done[1]
-                chunk = _Chunk()
+                chunk = []
         done = self._flush(chunk, rejected)
         return AbsorbResult(absorbed + done[0], events + done[1], tuple(rejected))
 
@@ -308,85 +404,34 @@ class Aggregate:
     def _intern_apps(self, names: Sequence[str]) -> list[int]:
         return _intern(names, self._app_ids, self._apps)
 
-    def _stage(self, chunk: _Chunk, batch_id: bytes, plaintext: bytes) -> None:
-        """Read the header and dictionaries of one authentic batch and queue its columns."""
-        if len(plaintext) < _PLAIN_HEAD.size:
-            raise BatchFormatError("batch plaintext: shorter than its header")
-        n, base = _PLAIN_HEAD.unpack_from(plaintext)
-        if not 1 <= n <= MAX_EVENTS:
-            raise BatchFormatError(f"batch plaintext: {n} events, expected 1 to {MAX_EVENTS}")
-        if base >= MAX_BASE_TIME:
-            raise BatchFormatError("batch plaintext: base time out of range")
-        users, devices, apps, pos = read_dictionaries(plaintext, _PLAIN_HEAD.size)
-        if len(plaintext) - pos != n * EVENT_BYTES:
-            raise BatchFormatError(
-                f"batch plaintext: {len(plaintext) - pos} bytes of columns,"
-                f" expected {n * EVENT_BYTES}"
-            )
-        # Names are interned only once the whole chunk has passed its checks (_flush).
-        chunk.ids.append(batch_id)
-        chunk.counts.append(n)
-        chunk.bases.append(base)
-        chunk.user_names.append(users)
-        chunk.app_names.append(apps)
-        chunk.device_sizes.append(len(devices))
-        chunk.times.append(plaintext[pos : pos + 4 * n])
-        pos += 4 * n
-        chunk.users.append(plaintext[pos : pos + 2 * n])
-        chunk.devices.append(plaintext[pos + 2 * n : pos + 4 * n])
-        chunk.apps.append(plaintext[pos + 4 * n : pos + 6 * n])
-        chunk.flags.append(plaintext[pos + 6 * n :])
-
     def _flush(self, chunk: _Chunk, rejected: list[Rejected]) -> tuple[int, int]:
-        if not chunk.ids:
+        if not chunk:
             return 0, 0
-        counts = np.array(chunk.counts, dtype=np.int64)
-        user = np.frombuffer(b"".join(chunk.users), "<u2").astype(np.int64)
-        device = np.frombuffer(b"".join(chunk.devices), "<u2").astype(np.int64)
-        app = np.frombuffer(b"".join(chunk.apps), "<u2").astype(np.int64)
-        flags = np.frombuffer(b"".join(chunk.flags), "u1")
-        user_sizes = np.array([len(x) for x in chunk.user_names], dtype=np.int64)
-        app_sizes = np.array([len(x) for x in chunk.app_names], dtype=np.int64)
-        device_sizes = np.array(chunk.device_sizes, dtype=np.int64)
-        user_at = _checked_positions(user, user_sizes, counts)
-        app_at = _checked_positions(app, app_sizes, counts)
-        device_ok = _checked_positions(device, device_sizes, counts) is not None
-        if user_at is None or app_at is None or not device_ok or int(flags.max()) > FLAG_MANAGED:
-            if len(chunk.ids) == 1:
-                error = BatchFormatError(
-                    "batch plaintext: an index past its dictionary, a name no event uses,"
-                    " or an unknown flag"
-                )
-                rejected.append(Rejected(chunk.ids[0], error))
-                return 0, 0
-            return self._flush_one_by_one(chunk, rejected)
-        user_lut = [i for names in chunk.user_names for i in self._intern_users(names)]
-        app_lut = [i for names in chunk.app_names for i in self._intern_apps(names)]
-        global_user = np.array(user_lut, dtype=np.int64)[user_at]
-        global_app = np.array(app_lut, dtype=np.int64)[app_at]
-        time = np.frombuffer(b"".join(chunk.times), "<u4").astype(np.int64)
-        time += np.repeat(np.array(chunk.bases, dtype=np.int64), counts)
-        self._aggregate(global_user, global_app, flags.astype(np.int64), time)
-        self._batches.update(chunk.ids)
-        return len(chunk.ids), int(counts.sum())
+        try:
+            names, local, user, app, flags, time = _check_chunk(chunk)
+        except _Malformed:
+            if len(chunk) > 1:  # find the culprits; the rest is aggregated without them
+                return self._flush_one_by_one(chunk, rejected)
+            rejected.append(Rejected(chunk[0].batch_id, _why_malformed(chunk[0], self.tenant)))
+            return 0, 0
+        # Names are interned only now: a rejected batch adds no member and no app.
+        user_local = local[user]
+        app_local = local[app]
+        lut = np.full(len(names), -1, dtype=np.int64)
+        present = sorted_distinct(user_local)
+        lut[present] = self._intern_users([names[i] for i in present.tolist()])
+        global_user = lut[user_local]
+        present = sorted_distinct(app_local)
+        lut[present] = self._intern_apps([names[i] for i in present.tolist()])
+        global_app = lut[app_local]
+        self._aggregate(global_user, global_app, flags, time)
+        self._batches.update(staged.batch_id for staged in chunk)
+        return len(chunk), len(time)
 
     def _flush_one_by_one(self, chunk: _Chunk, rejected: list[Rejected]) -> tuple[int, int]:
         absorbed = events = 0
-        for i, batch_id in enumerate(chunk.ids):
-            one = _Chunk(
-                [batch_id],
-                [chunk.counts[i]],
-                [chunk.bases[i]],
-                [chunk.user_names[i]],
-                [chunk.app_names[i]],
-                [chunk.device_sizes[i]],
-                [chunk.times[i]],
-                [chunk.users[i]],
-                [chunk.devices[i]],
-                [chunk.apps[i]],
-                [chunk.flags[i]],
-            )
-            done = self._flush(one, rejected)
+        for staged in chunk:
+            done = self._flush([staged], rejected)
             absorbed, events = absorbed + done[0], events + done[1]
         return absorbed, events
 
