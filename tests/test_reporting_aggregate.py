@@ -362,3 +362,17 @@ def test_the_chunked_checks_agree_with_the_strict_decoder(
     assert [type(r.error) for r in result.rejected] == ([] if strict_ok else [BatchFormatError])
     kept = [*goods, sealed] if strict_ok else goods
     assert state.report().to_dict() == oracle(TENANT, kept)
+
+
+def test_stored_batch_ids_of_the_wrong_type_or_size_are_rejected() -> None:
+    batch = generate_tenant(KEY, 4, events=100, weeks=1).batches[0]
+    state = Aggregate(TENANT)
+    odd = [
+        SealedBatch(bytearray(batch.batch_id), batch.data),  # type: ignore[arg-type]
+        SealedBatch(batch.batch_id[:8], batch.data),
+        SealedBatch("not bytes", batch.data),  # type: ignore[arg-type]
+        SealedBatch(batch.batch_id, "not bytes"),  # type: ignore[arg-type]
+    ]
+    result = state.absorb(KEY, odd)
+    assert [type(r.error) for r in result.rejected] == [BatchIdError] * 3 + [BatchFormatError]
+    assert state.report().events == 0

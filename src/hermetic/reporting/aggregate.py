@@ -44,6 +44,7 @@ from hermetic.errors import (
     AggregateStateError,
     BatchError,
     BatchFormatError,
+    BatchIdError,
     BatchReplayError,
     ReportingUsageError,
 )
@@ -384,11 +385,14 @@ class Aggregate:
         decrypt = opener.decrypt
         for batch_id, data in batches:
             try:
+                if type(batch_id) is not bytes or len(batch_id) != BATCH_ID_SIZE:
+                    batch_id = batch_id if type(batch_id) is bytes else b""
+                    raise BatchIdError(f"stored batch: expected a {BATCH_ID_SIZE}-byte batch id")
                 if batch_id in absorbed_before or batch_id in seen:
                     raise BatchReplayError("sealed batch: this batch id was already absorbed")
                 chunk.append(_stage(batch_id, decrypt(data, batch_id)[1]))
             except BatchError as error:
-                rejected.append(Rejected(bytes(batch_id), error))
+                rejected.append(Rejected(batch_id, error))
                 continue
             seen.add(batch_id)
             if len(chunk) >= CHUNK_BATCHES:

@@ -25,7 +25,7 @@ later upload (the asynchronous refresh) is made.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -335,7 +335,3 @@ def _split(edges: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
             a += MAX_BATCH_EVENTS
         out.append((a, b))
     return out
-
-
-def member_names(tenant: SyntheticTenant) -> Sequence[str]:
-    return [m.name for m in tenant.members]
