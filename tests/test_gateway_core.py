@@ -10,6 +10,7 @@ log, exactly as in the enclave tests; backends are served the way the runtime se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -683,3 +684,64 @@ def test_digests_of_encoded_requests_and_results_are_the_receipts_digests() -> N
         assert encoded_request_digest(request) != encoded_response_digest(request)
     policy = AdmissionPolicy.from_json(_admission())
     assert policy.digest == hashlib.sha256(policy.canonical()).digest()
+
+
+async def test_a_drained_instance_is_not_readmitted_when_another_image_answers_there(
+    world: World,
+) -> None:
+    """Re-admission is a full attestation: once an instance is drained, the host puts an
+    unadmitted release of the same service at its address; the next attempt is refused
+    (ReleaseNotAcceptedError), the instance is ``refused`` and never routed to again."""
+    from hermetic.errors import BackendUnavailableError
+    from hermetic.gateway.backends import Backends
+    from hermetic.gateway.metrics import GatewayMetrics
+
+    answering = asyncio.Event()
+    answering.set()
+
+    async def methods(_: object) -> dict[str, list[str]]:
+        await answering.wait()
+        return {"methods": [], "idempotent": []}
+
+    listener = await _backend(
+        73, world.provider(ALPHA, "alpha"), _accepts_gateway(world), {"hermetic.methods": methods}
+    )
+    metrics = GatewayMetrics()
+    try:
+        async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
+            backends = Backends(
+                AdmissionPolicy.from_json(_admission()), world.trust, _dial_through(dialer),
+                make_evidence=world.provider(GATEWAY, "gateway"), metrics=metrics,
+            )  # fmt: skip
+            hint = BackendHint.parse("alpha", "vsock://73:5001")
+            instance = await backends.add(hint)
+            assert instance.state == "admitted"
+            answering.clear()
+            for _ in range(2):
+                await backends.check_health(0.3)
+            assert instance.current == "unhealthy"
+            # the attempt the drain started would wait on the hung backend; the host swaps
+            # in another image at the address, and that attempt is given up
+            assert instance.readmitting is not None
+            instance.readmitting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await instance.readmitting
+            await listener.aclose()
+            answering.set()
+            listener = await _backend(
+                73, world.provider(ROGUE, "alpha"), _accepts_gateway(world), {}
+            )
+            assert (await backends.check_health(0.3))["readmitting"] == 1
+            assert instance.readmitting is not None
+            await asyncio.wait_for(instance.readmitting, 15)
+            assert instance.current == "refused"
+            assert "ReleaseNotAcceptedError" in (instance.reason or "")
+            with pytest.raises(BackendUnavailableError):
+                backends.pools["alpha"].pick()
+            assert (await backends.check_health(0.3))["readmitting"] == 0  # not retried
+            text = metrics.text()
+            assert 'outcome="readmit_refused",service="alpha"} 1.0' in text
+            assert 'reason="ReleaseNotAcceptedError",service="alpha"} 1.0' in text
+            await backends.aclose()
+    finally:
+        await listener.aclose()

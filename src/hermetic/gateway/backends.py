@@ -500,7 +500,8 @@ class Backends:
                 await session.close()
         for pool in self.pools.values():
             for instance in pool.instances.values():
-                if instance.lost and instance.readmitting is None:
+                attempt = instance.readmitting
+                if instance.lost and (attempt is None or attempt.done()):
                     counts["readmitting"] += 1
                     instance.readmitting = asyncio.get_running_loop().create_task(
                         self._readmit(instance)
