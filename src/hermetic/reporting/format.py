@@ -464,10 +464,13 @@ def read_dictionaries(
     return users, devices, apps, pos + total
 
 
-def decode_plaintext(
-    plaintext: bytes, tenant: str, batch_id: bytes
-) -> EventBatch:  # the hot path's strict reader: every check is a bound, never a guess
-    """The :class:`EventBatch` that ``plaintext`` encodes (already authenticated)."""
+def decode_plaintext(plaintext: bytes, tenant: str, batch_id: bytes) -> EventBatch:
+    """The :class:`EventBatch` that ``plaintext`` encodes (already authenticated).
+
+    The reference reader of the layout: :class:`~hermetic.reporting.aggregate.Aggregate`
+    checks the same rules over many batches at once and defers to this reader for the
+    message when a batch breaks one.
+    """
     if len(plaintext) < _PLAIN_HEAD.size:
         raise BatchFormatError("batch plaintext: shorter than its header")
     n, base = _PLAIN_HEAD.unpack_from(plaintext)
