@@ -972,3 +972,21 @@ class AggregateStateError(ReportingError, MalformedInputError):
 
 class AggregateMergeError(ReportingError):
     """Two aggregates cannot merge: other tenants, or a batch absorbed by both."""
+
+
+class IngestError(ReportingError):
+    """Event ingestion: the parent's upload endpoint for sealed batches and its client."""
+
+
+class BatchTooLargeError(IngestError, UsageError):
+    """An uploaded batch is over the ingestion endpoint's size limit (HTTP 413)."""
+
+
+class BatchConflictError(IngestError):
+    """A batch id the tenant already stored with other bytes: a second, different upload
+    of one batch is refused (HTTP 409); the same bytes again are accepted as stored."""
+
+
+class IngestServiceError(IngestError):
+    """The ingestion endpoint is unreachable, failed, or answered outside its documented
+    form."""

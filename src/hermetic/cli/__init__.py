@@ -45,6 +45,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "config": ("hermetic.cli.config", "config", "Sign and inspect runtime config bundles."),
     "gateway": ("hermetic.cli.gateway", "gateway", "Run the enclave gateway and hand it backends."),
     "receipts": ("hermetic.cli.gateway", "receipts", "Verify the gateway's receipts offline."),
+    "reporting": (
+        "hermetic.cli.reporting",
+        "reporting",
+        "Generate synthetic tenants and serve batch ingestion.",
+    ),
+    "wan": ("hermetic.cli.wan", "wan", "Emulate a WAN link (bandwidth, round-trip time)."),
 }
 
 
