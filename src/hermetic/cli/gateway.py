@@ -146,6 +146,8 @@ def up(
                 service_port=CLIENT_PORT,
                 listen=_hostport(listen, "--listen"),
                 egress_allow=frozenset({dialer_address}),
+                # The dialer runs here: its address is served in-process, one relay hop.
+                egress_local={dialer_address: dialer.serve},
             )
 
             async def ready(running: ServiceProxy) -> dict[str, Any]:

@@ -34,12 +34,12 @@ from hermetic.errors import (
     PeerUnavailableError,
 )
 from hermetic.gateway.backends import BackendHint, Dial
+from hermetic.proxy.splice import detach_stream, splice_sockets
 from hermetic.transport import egress, vsock
 from hermetic.transport.tcp import HostPort
 
 log = logging.getLogger("hermetic.gateway.dialer")
 HEADER_TIMEOUT = 10.0
-CHUNK = 64 * 1024
 
 
 def egress_dial(dialer: HostPort | None, *, timeout: float = 10.0) -> Dial:
@@ -109,6 +109,12 @@ class BackendDialer:
         await self.aclose()
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve(reader, writer)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one gateway connection (header, then the relay) and close it. Also the
+        proxy's in-process handler for the dialer's address (``ProxyOptions.egress_local``),
+        which saves the TCP hop and a relay between the egress and this dialer."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -135,7 +141,7 @@ class BackendDialer:
             return
         cid = int(target.host)
         try:
-            backend = await vsock.connect(cid, target.port, timeout=HEADER_TIMEOUT)
+            backend = await vsock.connect_socket(cid, target.port, timeout=HEADER_TIMEOUT)
         except (HermeticError, OSError) as exc:
             self.refused += 1
             log.info("dialer: vsock %s:%s unreachable: %s", cid, target.port, exc)
@@ -144,19 +150,17 @@ class BackendDialer:
                 await writer.drain()
             return
         self.relayed += 1
-        writer.write(egress.encode_reply(None))
         try:
-            await asyncio.gather(_pump(reader, backend.writer), _pump(backend.reader, writer))
-        finally:
-            backend.writer.close()
-
-
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    try:
-        while chunk := await source.read(CHUNK):
-            sink.write(chunk)
-            await sink.drain()
-        if sink.can_write_eof():
-            sink.write_eof()
-    except (ConnectionError, OSError):
-        sink.close()
+            writer.write(egress.encode_reply(None))
+            gateway, early = await detach_stream(reader, writer)
+        except (ConnectionError, OSError):
+            backend.close()
+            return
+        try:
+            if early:  # the gateway waits for OK, but bytes sent before it go on first
+                await asyncio.get_running_loop().sock_sendall(backend, early)
+        except (ConnectionError, OSError):
+            gateway.close()
+            backend.close()
+            return
+        await splice_sockets(gateway, backend)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,8 @@ WS_ENCLAVE_UNAVAILABLE = 1011
 WS_NOT_A_NOISE_MESSAGE = 1003
 """WebSocket close code for a text or empty message (channel messages are binary)."""
 WS_MESSAGE_TOO_BIG = 1009
+EgressHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+"""Serves one egress stream in-process (``ProxyOptions.egress_local``)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,13 @@ class ProxyOptions:
     credentials: KMSCredentials | None = field(default=None, repr=False)
     """AWS credentials forwarded at boot (with ``serve_config``); memory only, never logged."""
     enclave_state: Callable[[], str] = field(default=lambda: "UNKNOWN")
+    egress_local: Mapping[HostPort, EgressHandler] = field(default_factory=dict)
+    """Allowlisted egress destinations served in this process: instead of a TCP connection
+    to the address and a relay to it, the egress stream is handed (after the proxy's
+    ``OK``) to the handler, which reads and relays it itself. ``hermetic gateway up`` serves
+    its backend dialer's address so (one relay hop from the gateway to a backend, not two
+    and a loopback TCP connection); what the handler gets is the enclave's bytes as they
+    came, so it is as blind as the relay it replaces."""
 
     def __post_init__(self) -> None:
         ports = [f.port for f in self.forwards]
@@ -332,12 +341,18 @@ class ServiceProxy:
             stream.writer.write(egress.encode_reply(str(exc)))
             return
         name = str(destination)
+        local = self.options.egress_local.get(destination)
         if destination not in self.options.egress_allow:
             self.metrics.egress_refused.labels(name, "not allowlisted").inc()
             log.warning("egress to %s refused: not on the allowlist", name)
             stream.writer.write(egress.encode_reply(f"{name} is not on the egress allowlist"))
             with contextlib.suppress(ConnectionError, OSError):
                 await stream.writer.drain()
+            return
+        if local is not None:
+            self.metrics.egress_allowed.labels(name).inc()
+            stream.writer.write(egress.encode_reply(None))
+            await local(stream.reader, stream.writer)
             return
         try:
             reader, writer = await asyncio.wait_for(
