@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -25,6 +27,7 @@ from helpers import act_as_enclave
 from hermetic.channel import aio
 from hermetic.channel.noise import StaticKeypair
 from hermetic.client import ClientTrust, ServicePolicy, verify_evidence
+from hermetic.client.connect import AttestedSession
 from hermetic.enclave import App
 from hermetic.enclave.runtime import serve_session
 from hermetic.errors import (
@@ -46,6 +49,7 @@ from hermetic.errors import (
 from hermetic.evidence import make_evidence_provider
 from hermetic.gateway.admission import ADMISSION_V1, AdmissionPolicy
 from hermetic.gateway.backends import BackendHint, attest_backend
+from hermetic.gateway.client import GatewaySession
 from hermetic.gateway.dialer import BackendDialer
 from hermetic.gateway.receipt import (
     Exchange,
@@ -483,6 +487,39 @@ async def test_the_dialer_relays_to_enclave_cids_only() -> None:
         assert dialer.relayed == 0
 
 
+async def test_the_dialer_relays_bytes_both_ways_as_they_came_and_passes_the_end_on() -> None:
+    """The dialer's spliced relay: bytes the gateway sent right behind its header (before
+    the ``OK``) arrive first, a large transfer arrives whole and in order both ways, and
+    the gateway's end of stream reaches the backend, whose answers still come back."""
+    act_as_enclave(70)
+    received = bytearray()
+
+    async def on_stream(stream: vsock.VsockStream) -> None:
+        while data := await stream.reader.read(65536):
+            received.extend(data)
+        stream.writer.write(bytes(received[::-1]))  # after the gateway's end: still heard
+        await stream.writer.drain()
+
+    listener = await vsock.listen(70, 5001, on_stream)
+    payload = os.urandom(3 * 1024 * 1024)
+    try:
+        async with BackendDialer(HostPort("127.0.0.1", 0)) as dialer:
+            assert dialer.address is not None
+            reader, writer = await asyncio.open_connection(dialer.address.host, dialer.address.port)
+            writer.write(b"CONNECT 70:5001\nearly bytes|")
+            await writer.drain()
+            assert await reader.readline() == b"OK\n"
+            writer.write(payload)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+            assert dialer.relayed == 1
+        assert bytes(received) == b"early bytes|" + payload
+        assert answer == bytes(received[::-1])
+    finally:
+        await listener.aclose()
+
+
 def test_backend_hints_are_parsed_strictly() -> None:
     assert BackendHint.parse("alpha", "vsock://17:5001").address == "vsock://17:5001"
     assert BackendHint.parse("alpha", "tcp://10.0.0.1:443").scheme == "tcp"
@@ -745,3 +782,28 @@ async def test_a_drained_instance_is_not_readmitted_when_another_image_answers_t
             await backends.aclose()
     finally:
         await listener.aclose()
+
+
+def test_the_client_checks_every_receipt_signature_before_receipts_leave_the_session(
+    world: World, issued: Issued
+) -> None:
+    """The SDK's calls leave the signature for later (the session that delivered the
+    receipt already authenticates it); it is checked, once, before receipts are saved."""
+    exchanges = [issued.receipt(arg=n) for n in range(3)]
+    # Only the kept receipts and the session's handshake hash are used here.
+    session = cast(AttestedSession, SimpleNamespace(handshake_hash=issued.session))
+    client = GatewaySession(session, issued.policy, issued.signer.binding)
+    client.exchanges.extend(exchanges)
+    assert client.verify_signatures() == 3
+    assert client.verify_signatures() == 0  # each is checked once
+    saved = client.receipts_file()
+    assert verify_receipt_file(saved, world.trust).receipts[2].request == exchanges[2].request
+    body = bytearray(exchanges[1].receipt)
+    body[-1] ^= 0x01  # the signature's last byte
+    client.exchanges.append(Exchange(bytes(body), exchanges[1].request, exchanges[1].response))
+    with pytest.raises(ReceiptSignatureError):
+        client.receipts_file()
+    with pytest.raises(ReceiptSignatureError):
+        client.verify_signatures()  # still not accepted on a second look
+    client.exchanges.pop()
+    assert client.receipts_file().exchanges == tuple(exchanges)

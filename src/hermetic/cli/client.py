@@ -189,6 +189,7 @@ async def _gateway_session(
         result = None
         if method is not None:
             reply = await session.call(service, method, args)
+            session.verify_signatures()  # a receipt shown is a receipt checked in full
             result = reply.result
             extra["receipt"] = reply.receipt.to_json()
         extra["attestations"] = session.attestations

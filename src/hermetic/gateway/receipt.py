@@ -241,8 +241,12 @@ def sign_receipt(receipt: Receipt, key: ed25519.Ed25519PrivateKey) -> bytes:
     )
 
 
-def open_signed(data: bytes, public_key: bytes) -> Receipt:
-    """Check a signed receipt's signature under ``public_key`` (raw Ed25519) and decode it."""
+def open_signed(data: bytes, public_key: bytes, *, check_signature: bool = True) -> Receipt:
+    """Check a signed receipt's signature under ``public_key`` (raw Ed25519) and decode it.
+
+    ``check_signature=False`` checks the signed receipt's form and decodes it, but leaves the
+    signature unchecked (the client SDK's receipts on the session that delivered them,
+    :class:`~hermetic.gateway.client.GatewaySession`, whose signatures it checks later)."""
     if not isinstance(data, bytes) or len(data) > MAX_RECEIPT:
         raise ReceiptFormatError(f"signed receipt: expected at most {MAX_RECEIPT} bytes")
     value = strict_loads(data, what="signed receipt", error=ReceiptFormatError)
@@ -253,6 +257,13 @@ def open_signed(data: bytes, public_key: bytes) -> Receipt:
         raise ReceiptFormatError("signed receipt: receipt bytes and a 64-byte signature")
     if canonical_dumps(value, what="signed receipt", error=ReceiptFormatError) != data:
         raise ReceiptFormatError("signed receipt: not in canonical CBOR form")
+    if check_signature:
+        verify_signature(body, signature, public_key)
+    return Receipt.decode(body)
+
+
+def verify_signature(body: bytes, signature: bytes, public_key: bytes) -> None:
+    """ReceiptSignatureError unless ``signature`` is the receipt key's over ``body``."""
     try:
         ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(
             signature, _SIGNED_DOMAIN + body
@@ -262,7 +273,6 @@ def open_signed(data: bytes, public_key: bytes) -> Receipt:
             "receipt signature: does not verify under the gateway's receipt key"
             f" {bytes(public_key)[:8].hex()}...: the receipt was altered or not signed by it"
         ) from None
-    return Receipt.decode(body)
 
 
 def check_receipt(
@@ -274,12 +284,14 @@ def check_receipt(
     response: bytes,
     policy: AdmissionPolicy,
     service: str | None = None,
+    check_signature: bool = True,
 ) -> Receipt:
     """Every check a receipt must pass for one exchange, in this order: signature under the
     gateway's receipt key, this session, this request and response, the admission policy in
     force (its digest) and a backend release it admits for the receipt's service (and, when
-    given, the service the caller asked for)."""
-    receipt = open_signed(data, public_key)
+    given, the service the caller asked for). ``check_signature=False``: all but the
+    signature (:func:`open_signed`)."""
+    receipt = open_signed(data, public_key, check_signature=check_signature)
     if not hmac.compare_digest(receipt.session, session):
         raise ReceiptSessionError(
             f"receipt session: names session {receipt.session[:8].hex()}..., expected"
