@@ -990,3 +990,10 @@ class BatchConflictError(IngestError):
 class IngestServiceError(IngestError):
     """The ingestion endpoint is unreachable, failed, or answered outside its documented
     form."""
+
+
+# --- WAN emulation (issue 12 item 6) -------------------------------------------------------
+
+
+class WanUsageError(UsageError):
+    """A bandwidth, delay or burst the WAN relay cannot use."""
