@@ -13,12 +13,16 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hermetic.errors import BatchConflictError, BatchTenantError, IngestServiceError
 from hermetic.reporting import baseline_report, generate_tenant, seal_batch
@@ -275,3 +279,73 @@ def test_client_errors_are_typed(tmp_path: Path, tenant: SyntheticTenant) -> Non
     # (it takes the URL from the header); the check itself refuses the pairing.
     with pytest.raises(BatchTenantError):
         check_upload("globex", tenant.batches[0].batch_id.hex(), tenant.batches[0].data)
+
+
+def test_store_down_is_503_and_typed(tmp_path: Path, tenant: SyntheticTenant) -> None:
+    store = StoreServerProcess(str(tmp_path / "records.db")).start()
+    with IngestServerProcess("--store", store.url) as server:
+        upload_batches(server.url, tenant.batches[:1])
+        store.stop()
+        batch = tenant.batches[1]
+        response = httpx.put(
+            f"{server.url}/v1/ingest/acme/{batch.batch_id.hex()}", content=batch.data
+        )
+        refusal(response, 503, "RecordServiceError")
+        with pytest.raises(IngestServiceError, match="HTTP 503 RecordServiceError"):
+            upload_batches(server.url, [batch])
+    assert "Traceback" not in server.stderr()
+
+
+def _race(url: str, bodies: list[bytes]) -> list[tuple[int, bytes]]:
+    """PUT each body to ``url`` from its own thread, all released at once."""
+    barrier = threading.Barrier(len(bodies))
+    statuses: list[tuple[int, bytes]] = []
+
+    def send(body: bytes) -> None:
+        with httpx.Client() as client:
+            barrier.wait()
+            statuses.append((client.put(url, content=body).status_code, body))
+
+    threads = [threading.Thread(target=send, args=(body,)) for body in bodies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_racing_uploads_of_one_batch_id_exactly_one_wins(
+    server: IngestServerProcess, tmp_path: Path
+) -> None:
+    events = [Event("bo@acme.example", "phone-2", "Miro", True, 1_767_700_000)]
+    for _ in range(5):
+        batch_id = os.urandom(16)
+        contenders = [seal_batch(KEY, "acme", batch_id, events) for _ in range(4)]
+        statuses = _race(f"{server.url}/v1/ingest/acme/{batch_id.hex()}", contenders)
+        assert sorted(code for code, _ in statuses) == [201, 409, 409, 409]
+        winner = next(body for code, body in statuses if code == 201)
+        assert stored(str(tmp_path / "ingest.db"), "acme")[record_id("acme", batch_id)] == winner
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IngestServerProcess]:
+    db = tmp_path_factory.mktemp("hostile") / "records.db"
+    with IngestServerProcess("--db", str(db)) as running:
+        yield running
+    assert "Traceback" not in running.stderr(), running.stderr()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tenant_part=st.text(min_size=1, max_size=80),
+    id_part=st.text(min_size=1, max_size=40),
+    body=st.binary(max_size=300),
+)
+def test_hostile_uploads_never_fail_the_server(
+    shared_server: IngestServerProcess, tenant_part: str, id_part: str, body: bytes
+) -> None:
+    path = f"/v1/ingest/{quote(tenant_part, safe='')}/{quote(id_part, safe='')}"
+    response = httpx.put(shared_server.url + path, content=body)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert response.headers["content-type"] == "application/json"
+    assert set(response.json()) == {"error", "message"}
