@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -422,3 +423,50 @@ async def test_frame_receiver_moves_overlapping_unread_bytes_intact() -> None:
         await take()
     assert received == frames
     assert len(receiver._buffer) > 64  # reads that filled their room made it grow
+
+
+def _frame(message: bytes) -> bytes:
+    return len(message).to_bytes(2, "big") + message
+
+
+def _read_available(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+    return data
+
+
+async def test_stream_pipe_writes_the_messages_of_one_loop_pass_together_in_order() -> None:
+    """Messages sent by many calls in one pass of the event loop leave together when the
+    pass ends (one write, one wake-up of the peer), whole and in the order sent; closing
+    the pipe right after a send still delivers it; a send of COALESCE_BYTES or more is
+    written at once."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=ours)
+    pipe = aio.StreamPipe(reader, writer)
+    try:
+        messages = [bytes([n]) * (n + 1) for n in range(16)]
+        for message in messages:  # sends that do not yield: all in one pass of the loop
+            await pipe.send([message])
+        assert _read_available(theirs) == b""  # queued until this pass of the loop ends
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert _read_available(theirs) == b"".join(_frame(m) for m in messages)
+
+        big = b"\x07" * 65535  # with "small": more than COALESCE_BYTES
+        assert len(big) + len(b"small") >= aio.COALESCE_BYTES
+        await pipe.send([b"small", big])
+        assert _read_available(theirs) == _frame(b"small") + _frame(big)
+
+        await pipe.send([b"last words"])
+        await pipe.aclose()
+        theirs.setblocking(True)
+        received = b""
+        while chunk := theirs.recv(65536):
+            received += chunk
+        assert received == _frame(b"last words")
+    finally:
+        theirs.close()
+        writer.close()

@@ -47,6 +47,9 @@ _FRAME_SPACE = MAX_FRAME_LEN + LENGTH_PREFIX_LEN
 RECEIVE_BUFFER = 16 * 1024
 """A taken-over stream's first receive buffer (:class:`_FrameReceiver`); it grows on use."""
 RECEIVE_BUFFER_MAX = 512 * 1024
+COALESCE_BYTES = 64 * 1024
+"""A stream pipe writes its queued messages at once from this many bytes (else once the
+event loop's current pass ends, with those sent after them in the same pass)."""
 """What that buffer may grow to while the consumer falls behind, before reading pauses."""
 
 
@@ -82,17 +85,40 @@ class StreamPipe:
             transport = writer.transport
             if isinstance(getattr(transport, "max_size", None), int):
                 transport.max_size = RECV_SIZE  # type: ignore[attr-defined]
+        self._queued: list[bytes] = []
+        self._queued_size = 0
+        self._flush_soon: asyncio.Handle | None = None
 
     async def send(self, messages: Sequence[bytes]) -> None:
-        parts: list[bytes] = []
+        """Queue the messages and write them, with any others sent before the event loop
+        next runs its callbacks, in one go (see :meth:`_flush`); at once from
+        :data:`COALESCE_BYTES` queued."""
+        queued = self._queued
         for message in messages:
-            parts.append(frame_prefix(message))
-            parts.append(message)
+            queued.append(frame_prefix(message))
+            queued.append(message)
+            self._queued_size += len(message)
         try:
-            self._writer.writelines(parts)
+            if self._queued_size >= COALESCE_BYTES:
+                self._flush()
+            elif self._flush_soon is None and queued:
+                self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
             await self._writer.drain()
         except (ConnectionError, OSError) as exc:
             raise TransportError(f"stream write failed ({type(exc).__name__})") from exc
+
+    def _flush(self) -> None:
+        """Write what was queued in one ``writelines``: with many calls in flight, the
+        replies (or requests) made in one pass of the event loop leave in one ``send``
+        system call instead of one each, and the peer wakes once for them. A message waits
+        at most until the loop's current pass ends."""
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        if self._queued:
+            parts, self._queued, self._queued_size = self._queued, [], 0
+            with contextlib.suppress(RuntimeError):  # the transport closed: drain reports it
+                self._writer.writelines(parts)
 
     async def receive(self) -> bytes | None:
         if self._frames is not None:
@@ -134,6 +160,7 @@ class StreamPipe:
             raise TransportError(f"stream read failed ({type(exc).__name__})") from exc
 
     async def aclose(self) -> None:
+        self._flush()
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             # Shielded: every wait_closed() of one writer awaits the same future, and a
