@@ -24,6 +24,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from helpers import act_as_enclave
+from hermetic.cbor import canonical_dumps
 from hermetic.channel import aio
 from hermetic.channel.noise import StaticKeypair
 from hermetic.client import ClientTrust, ServicePolicy, verify_evidence
@@ -58,6 +59,7 @@ from hermetic.gateway.receipt import (
     check_receipt,
     request_digest,
     response_digest,
+    signed_bytes,
     verify_receipt_file,
 )
 from hermetic.gateway.service import ReceiptSigner
@@ -807,3 +809,35 @@ def test_the_client_checks_every_receipt_signature_before_receipts_leave_the_ses
         client.verify_signatures()  # still not accepted on a second look
     client.exchanges.pop()
     assert client.receipts_file().exchanges == tuple(exchanges)
+
+
+def test_a_receipt_encodes_as_the_canonical_cbor_of_its_fields() -> None:
+    """Receipt.encode skips the canonical encoder's sorting; its bytes must still be the
+    canonical encoding the receipt's definition names, and the signed receipt's too."""
+    for version, debug, time_ms, method in (
+        ("1.0.0", False, 1_764_650_000_000, "echo"),
+        (None, True, 0, "m"),
+        ("2.10.3-rc.1", False, 2**63 - 1, "caf\u00e9 \u2603" * 10),
+    ):
+        receipt = Receipt(
+            session=b"\x01" * 32, time_ms=time_ms, service="alpha", method=method,
+            request=b"\x02" * 32, response=b"\x03" * 32, policy=b"\x04" * 32,
+            backend_version=version, backend_pcr0=b"\x05" * 48, backend_debug=debug,
+            backend_module="i-0123456789abcdef0-enc0123456789abcdef",
+            backend_session=b"\x06" * 32,
+        )  # fmt: skip
+        fields = {
+            "v": 1, "session": receipt.session, "time": time_ms, "service": "alpha",
+            "method": method, "request": receipt.request, "response": receipt.response,
+            "policy": receipt.policy, "backend_version": version,
+            "backend_pcr0": receipt.backend_pcr0, "backend_debug": debug,
+            "backend_module": receipt.backend_module,
+            "backend_session": receipt.backend_session,
+        }  # fmt: skip
+        body = receipt.encode()
+        assert body == canonical_dumps(fields, what="receipt", error=ReceiptFormatError)
+        assert Receipt.decode(body) == receipt
+        signature = bytes(range(64))
+        assert signed_bytes(body, signature) == canonical_dumps(
+            {"signature": signature, "receipt": body}, what="signed", error=ReceiptFormatError
+        )

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -160,25 +161,28 @@ class Receipt:
     backend_session: bytes
 
     def encode(self) -> bytes:
-        return canonical_dumps(
-            {
-                "v": 1,
-                "session": self.session,
-                "time": self.time_ms,
-                "service": self.service,
-                "method": self.method,
-                "request": self.request,
-                "response": self.response,
-                "policy": self.policy,
-                "backend_version": self.backend_version,
-                "backend_pcr0": self.backend_pcr0,
-                "backend_debug": self.backend_debug,
-                "backend_module": self.backend_module,
-                "backend_session": self.backend_session,
-            },
-            what="receipt",
-            error=ReceiptFormatError,
-        )
+        """Canonical CBOR: the map's keys are put in canonical order (shorter first, then
+        bytewise) and every value has one encoding (no floats), so the plain encoder's
+        output is the canonical one, without its sorting (half the time)."""
+        fields = {
+            "v": 1,
+            "time": self.time_ms,
+            "method": self.method,
+            "policy": self.policy,
+            "request": self.request,
+            "service": self.service,
+            "session": self.session,
+            "response": self.response,
+            "backend_pcr0": self.backend_pcr0,
+            "backend_debug": self.backend_debug,
+            "backend_module": self.backend_module,
+            "backend_session": self.backend_session,
+            "backend_version": self.backend_version,
+        }
+        try:
+            return bytes(cbor2.dumps(fields))
+        except (cbor2.CBORError, ValueError, TypeError, OverflowError) as exc:
+            raise ReceiptFormatError(f"receipt: cannot encode ({type(exc).__name__})") from None
 
     @classmethod
     def decode(cls, data: bytes) -> Receipt:
@@ -235,10 +239,21 @@ class Receipt:
 def sign_receipt(receipt: Receipt, key: ed25519.Ed25519PrivateKey) -> bytes:
     """The signed receipt bytes the gateway returns with each response."""
     body = receipt.encode()
-    signature = key.sign(_SIGNED_DOMAIN + body)
-    return canonical_dumps(
-        {"receipt": body, "signature": signature}, what="signed receipt", error=ReceiptFormatError
-    )
+    return signed_bytes(body, key.sign(_SIGNED_DOMAIN + body))
+
+
+_SIGNED_HEAD = b"\xa2" + cbor2.dumps("receipt")
+"""A map of two, then the key ``receipt`` (canonical order: it sorts before ``signature``)."""
+_SIGNATURE_KEY = cbor2.dumps("signature") + b"\x58\x40"
+"""The key ``signature``, then the head of a byte string of 64."""
+
+
+def signed_bytes(body: bytes, signature: bytes) -> bytes:
+    """The canonical CBOR of ``{"receipt": body, "signature": signature}`` put together
+    from its parts (the bytes :func:`canonical_dumps` makes, without encoding the map)."""
+    if len(signature) != 64:
+        raise ReceiptFormatError("signed receipt: expected a 64-byte signature")
+    return b"".join((_SIGNED_HEAD, cbor2.dumps(bytes(body)), _SIGNATURE_KEY, signature))
 
 
 def open_signed(data: bytes, public_key: bytes, *, check_signature: bool = True) -> Receipt:
@@ -255,7 +270,7 @@ def open_signed(data: bytes, public_key: bytes, *, check_signature: bool = True)
     body, signature = value["receipt"], value["signature"]
     if not isinstance(body, bytes) or not isinstance(signature, bytes) or len(signature) != 64:
         raise ReceiptFormatError("signed receipt: receipt bytes and a 64-byte signature")
-    if canonical_dumps(value, what="signed receipt", error=ReceiptFormatError) != data:
+    if signed_bytes(body, signature) != data:
         raise ReceiptFormatError("signed receipt: not in canonical CBOR form")
     if check_signature:
         verify_signature(body, signature, public_key)
