@@ -374,6 +374,38 @@ def test_unsigned_request_is_rejected(server: ServerThread) -> None:
     assert response.json()["__type"] == "MissingAuthenticationTokenException"
 
 
+def test_an_oversized_request_body_is_refused_unread_declared_or_streamed(
+    server: ServerThread,
+) -> None:
+    """A body past MAX_REQUEST_SIZE is refused with 413 ValidationException whether its
+    Content-Length says so or it arrives chunked with no length; the server then still
+    answers an ordinary request (it did not try to hold the rest)."""
+    import httpx
+
+    from hermetic.kms.server import MAX_REQUEST_SIZE
+
+    headers = {
+        "X-Amz-Target": "TrentService.ListKeys",
+        "Content-Type": "application/x-amz-json-1.1",
+        "Authorization": "AWS4-HMAC-SHA256 Credential=admin/20261202/us-east-1/kms/aws4_request,"
+        " SignedHeaders=host, Signature=" + "0" * 64,
+    }
+    body = b'{"Limit": 1, "Marker": "' + b"a" * MAX_REQUEST_SIZE + b'"}'
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    for content in (body, chunks()):
+        response = httpx.post(server.endpoint + "/", headers=headers, content=content)
+        assert response.status_code == 413
+        assert response.json()["__type"] == "ValidationException"
+        assert str(MAX_REQUEST_SIZE) in response.json()["message"]
+    ok = httpx.post(server.endpoint + "/", headers=headers, content=b"{}")
+    assert ok.status_code == 200
+    assert "Keys" in ok.json()
+
+
 # --- persistence --------------------------------------------------------------------------
 
 

@@ -182,6 +182,28 @@ def test_log_refuses_cosignatures_it_cannot_trust(
         service.add_cosignature(note + cosign(note, stranger, 1))
 
 
+def test_an_oversized_cosignature_is_refused_declared_or_streamed(
+    service: LogService, http: TestClient, witness: CosignatureSigner
+) -> None:
+    """Past MAX_COSIGNED_SIZE the log refuses with 413 before holding the body, whether the
+    length is declared or the body is streamed in chunks; nothing is stored."""
+    from hermetic.translog.service import MAX_COSIGNED_SIZE
+
+    service.integrate([b"a"])
+    note = http.get("/checkpoint").text
+    padded = (note + cosign(note, witness, 1)).encode() + b"\n" * MAX_COSIGNED_SIZE
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(padded), 4096):
+            yield padded[i : i + 4096]
+
+    for content in (padded, chunks()):
+        response = http.post("/cosignature", content=content)
+        assert response.status_code == 413
+        assert response.json()["error"] == "CosignatureRejectedError"
+    assert http.get("/checkpoint").text == note
+
+
 def test_client_checkpoint_enforces_the_witness_threshold(
     service: LogService, http: TestClient, witness: CosignatureSigner
 ) -> None:

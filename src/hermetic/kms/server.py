@@ -76,6 +76,7 @@ from hermetic.errors import (
 from hermetic.kms.cms import encrypt_for_recipient
 from hermetic.kms.policy import Caller, KeyPolicy, canonical_json, default_key_policy
 from hermetic.kms.store import KeyRecord, KeyStore
+from hermetic.store.web import read_body
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -100,6 +101,9 @@ DEFAULT_MAX_DOCUMENT_AGE = timedelta(minutes=5)
 RECIPIENT_ALGORITHM = "RSAES_OAEP_SHA_256"
 MIN_RECIPIENT_RSA_BITS = 2048
 MAX_ATTESTATION_DOCUMENT = 262144  # botocore model: AttestationDocumentType max length
+MAX_REQUEST_SIZE = 1 << 20
+"""Largest request body the local KMS reads: room for the largest attestation document
+(base64 in JSON) and a key policy, far below what would let one caller exhaust memory."""
 
 _BLOB_MAGIC = b"hkms\x01"
 _KEY_ID_LEN = 36
@@ -990,8 +994,15 @@ def create_app(service: KMSService) -> Starlette:
             caller = caller_from_authorization(
                 request.headers.get("authorization"), service.account
             )
+            raw = await read_body(request, MAX_REQUEST_SIZE)
+            if raw is None:  # bounded: never hold more than this of one caller's body
+                raise KMSServiceError(
+                    f"request body: expected at most {MAX_REQUEST_SIZE} bytes",
+                    "ValidationException",
+                    413,
+                )
             body = jsontext.loads(
-                await request.body() or b"{}",
+                raw or b"{}",
                 what="request body",
                 error=_serialization_error,
                 allow_floats=True,

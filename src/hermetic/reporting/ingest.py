@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import socket
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 from starlette.applications import Starlette
@@ -70,6 +69,7 @@ from hermetic.errors import (
 from hermetic.reporting.aggregate import SealedBatch
 from hermetic.reporting.format import BATCH_ID_SIZE, SealedHeader, check_tenant, read_header
 from hermetic.store.records import MAX_RECORD_SIZE, Record
+from hermetic.store.web import error_response, read_body
 
 __all__ = [
     "BATCH_PREFIX",
@@ -219,11 +219,6 @@ def ingest(records: Records, header: SealedHeader, body: bytes) -> UploadResult:
 # --- the HTTP endpoint -------------------------------------------------------------------
 
 
-def _error_response(status: int, kind: str, message: str, **extra: Any) -> Response:
-    body = {"error": kind, "message": message, **extra}
-    return Response(json.dumps(body), status_code=status, media_type="application/json")
-
-
 def _status_of(exc: HermeticError) -> int:
     if isinstance(exc, BatchTooLargeError | RecordTooLargeError):
         return 413
@@ -255,19 +250,11 @@ class IngestService:
 
     async def _upload(self, request: Request) -> Response:
         limit = self.max_size
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _error_response(
-                413, "BatchTooLargeError", f"batch: {declared} bytes declared, the limit is {limit}"
+        data = await read_body(request, limit)
+        if data is None:
+            return error_response(
+                413, "BatchTooLargeError", f"batch: more than {limit} bytes, the limit"
             )
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return _error_response(
-                    413, "BatchTooLargeError", f"batch: more than {limit} bytes, the limit"
-                )
-        data = bytes(body)
         try:
             header = check_upload(
                 request.path_params["tenant"], request.path_params["batch_id"], data,
@@ -275,14 +262,14 @@ class IngestService:
             )  # fmt: skip
             result = await asyncio.to_thread(ingest, self.records, header, data)
         except HermeticError as exc:
-            return _error_response(_status_of(exc), type(exc).__name__, str(exc))
+            return error_response(_status_of(exc), type(exc).__name__, str(exc))
         return JSONResponse(result.to_json(), status_code=201 if result.created else 200)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     kinds = {404: "NotFound", 405: "MethodNotAllowed"}
-    response = _error_response(
+    response = error_response(
         exc.status_code,
         kinds.get(exc.status_code, "HTTPError"),
         f"{request.method} {request.url.path[:100]}: {exc.detail}",
@@ -294,8 +281,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HermeticError):
-        return _error_response(_status_of(exc), type(exc).__name__, str(exc))
-    return _error_response(500, "InternalError", "the ingestion endpoint failed; see its log")
+        return error_response(_status_of(exc), type(exc).__name__, str(exc))
+    return error_response(500, "InternalError", "the ingestion endpoint failed; see its log")
 
 
 def serve(service: IngestService, sock: socket.socket) -> None:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import socket
-from collections.abc import Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -56,24 +54,10 @@ from hermetic.store.records import (
     etag,
     expected_version_from_headers,
 )
+from hermetic.store.web import error_response, read_body
 
 RECORD_TYPE = "application/octet-stream"
 _LIST_PARAMS = frozenset({"prefix", "after", "limit"})
-
-
-def error_response(
-    status: int,
-    kind: str,
-    message: str,
-    *,
-    headers: Mapping[str, str] | None = None,
-    **extra: object,
-) -> Response:
-    """The one shape every refusal has: ``{"error", "message", ...}``."""
-    body: dict[str, object] = {"error": kind, "message": message, **extra}
-    return Response(
-        json.dumps(body), status_code=status, media_type="application/json", headers=headers
-    )
 
 
 def _status_of(exc: HermeticError) -> int:
@@ -148,19 +132,11 @@ class RecordService:
         except HermeticError as exc:
             return _refusal(exc)
         limit = self.store.max_record_size
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        data = await read_body(request, limit)
+        if data is None:
             return error_response(
-                413, "RecordTooLargeError", f"data: expected at most {limit} bytes, got {declared}"
+                413, "RecordTooLargeError", f"data: expected at most {limit} bytes, got more"
             )
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return error_response(
-                    413, "RecordTooLargeError", f"data: expected at most {limit} bytes, got more"
-                )
-        data = bytes(body)
         try:
             version = await asyncio.to_thread(self.store.put, record_id, data, expected)
         except HermeticError as exc:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from hermetic.errors import (
     TranslogError,
     UsageError,
 )
+from hermetic.store.web import error_response, read_body
 from hermetic.translog.checkpoint import (
     Checkpoint,
     CosignatureVerifier,
@@ -67,6 +67,9 @@ from hermetic.translog.tiles import (
     encode_entry_bundle,
     parse_tile_path,
 )
+
+MAX_COSIGNED_SIZE = 1 << 16
+"""Largest cosigned checkpoint a witness may post (a note with a few signatures is < 2 KiB)."""
 
 CHECKPOINT_TYPE = "text/plain; charset=utf-8"
 TILE_TYPE = "application/octet-stream"
@@ -347,7 +350,7 @@ class LogService:
     async def _get_checkpoint(self, request: Request) -> Response:
         latest = await asyncio.to_thread(self.store.latest_checkpoint)
         if latest is None:
-            return _error(503, "LogStoreError", "no checkpoint published yet")
+            return error_response(503, "LogStoreError", "no checkpoint published yet")
         return PlainTextResponse(
             latest.text_with_cosignatures,
             media_type=CHECKPOINT_TYPE,
@@ -358,11 +361,13 @@ class LogService:
         try:
             minimum = _int_param(request, "min", default=1)
         except UsageError as exc:
-            return _error(400, type(exc).__name__, str(exc))
+            return error_response(400, type(exc).__name__, str(exc))
         size = await asyncio.to_thread(self.store.latest_cosigned_size, minimum)
         cp = None if size is None else await asyncio.to_thread(self.store.checkpoint_at, size)
         if cp is None:
-            return _error(404, "NotFound", f"no checkpoint has {minimum} cosignature(s) yet")
+            return error_response(
+                404, "NotFound", f"no checkpoint has {minimum} cosignature(s) yet"
+            )
         return PlainTextResponse(
             cp.text_with_cosignatures,
             media_type=CHECKPOINT_TYPE,
@@ -374,29 +379,24 @@ class LogService:
         try:
             level, index, width = parse_tile_path(path)
         except MalformedInputError as exc:
-            return _error(404, type(exc).__name__, str(exc))
+            return error_response(404, type(exc).__name__, str(exc))
         data = await asyncio.to_thread(self.tile, level, index, width)
         if data is None:
-            return _error(404, "NotFound", f"{path} is not in the tree")
+            return error_response(404, "NotFound", f"{path} is not in the tree")
         return Response(data, media_type=TILE_TYPE, headers={"Cache-Control": IMMUTABLE})
 
     async def _post_add(self, request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_ENTRY_SIZE:
-            return _error(
-                413, "EntryRejectedError", f"entry is {declared} bytes, at most {MAX_ENTRY_SIZE}"
+        body = await read_body(request, MAX_ENTRY_SIZE)
+        if body is None:
+            return error_response(
+                413, "EntryRejectedError", f"entry exceeds {MAX_ENTRY_SIZE} bytes"
             )
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_ENTRY_SIZE:
-                return _error(413, "EntryRejectedError", f"entry exceeds {MAX_ENTRY_SIZE} bytes")
         try:
-            sequenced = await self.sequencer.add(bytes(body))
+            sequenced = await self.sequencer.add(body)
         except EntryRejectedError as exc:
-            return _error(400, type(exc).__name__, str(exc))
+            return error_response(400, type(exc).__name__, str(exc))
         except HermeticError as exc:
-            return _error(503, type(exc).__name__, str(exc))
+            return error_response(503, type(exc).__name__, str(exc))
         size = sequenced.checkpoint.size
         proof = await asyncio.to_thread(self.inclusion, sequenced.index, size)
         return JSONResponse(
@@ -410,17 +410,21 @@ class LogService:
         )
 
     async def _post_cosignature(self, request: Request) -> Response:
-        body = await request.body()
-        if len(body) > 1 << 16:
-            return _error(413, "CosignatureRejectedError", "cosigned checkpoint is too large")
+        # Read bounded: the whole body used to be read before its size was checked, so
+        # any caller could make the log hold as much as it cared to send.
+        body = await read_body(request, MAX_COSIGNED_SIZE)
+        if body is None:
+            return error_response(
+                413, "CosignatureRejectedError", "cosigned checkpoint is too large"
+            )
         try:
             added = await asyncio.to_thread(self.add_cosignature, body.decode("utf-8"))
         except UnicodeDecodeError:
-            return _error(400, "NoteFormatError", "cosigned checkpoint is not UTF-8")
+            return error_response(400, "NoteFormatError", "cosigned checkpoint is not UTF-8")
         except MalformedInputError as exc:
-            return _error(400, type(exc).__name__, str(exc))
+            return error_response(400, type(exc).__name__, str(exc))
         except CosignatureRejectedError as exc:
-            return _error(403, type(exc).__name__, str(exc))
+            return error_response(403, type(exc).__name__, str(exc))
         return JSONResponse({"stored": added})
 
     async def _get_inclusion(self, request: Request) -> Response:
@@ -432,7 +436,7 @@ class LogService:
             _check_size(size, await asyncio.to_thread(self.store.tree_size))
             proof = await asyncio.to_thread(self.inclusion, index, size)
         except (UsageError, TranslogError) as exc:
-            return _error(400, type(exc).__name__, str(exc))
+            return error_response(400, type(exc).__name__, str(exc))
         return JSONResponse(
             {"index": index, "size": size, "inclusion_proof": [_b64(h) for h in proof]}
         )
@@ -446,7 +450,7 @@ class LogService:
             _check_size(new, current)
             proof = await asyncio.to_thread(self.consistency, old, new)
         except (UsageError, TranslogError) as exc:
-            return _error(400, type(exc).__name__, str(exc))
+            return error_response(400, type(exc).__name__, str(exc))
         return JSONResponse({"old": old, "new": new, "consistency_proof": [_b64(h) for h in proof]})
 
 
@@ -474,14 +478,6 @@ def _int_param(request: Request, name: str, default: Any = ...) -> Any:
     if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or (len(raw) > 1 and raw[0] == "0"):
         raise UsageError(f"query parameter {name!r} must be a decimal integer >= 0, got {raw!r}")
     return int(raw)
-
-
-def _error(status: int, kind: str, message: str) -> Response:
-    return Response(
-        json.dumps({"error": kind, "message": message}),
-        status_code=status,
-        media_type="application/json",
-    )
 
 
 def serve(service: LogService, host: str, port: int) -> None:
