@@ -438,28 +438,45 @@ def _read_available(sock: socket.socket) -> bytes:
 
 
 async def test_stream_pipe_writes_the_messages_of_one_loop_pass_together_in_order() -> None:
-    """Messages sent by many calls in one pass of the event loop leave together when the
-    pass ends (one write, one wake-up of the peer), whole and in the order sent; closing
-    the pipe right after a send still delivers it; a send of COALESCE_BYTES or more is
-    written at once."""
+    """Messages sent by many calls in one pass of the event loop leave together (one write,
+    one wake-up of the peer), whole and in the order sent; a lone message, with nothing
+    else to run, leaves at once; COALESCE_BYTES queued are written at once; closing the
+    pipe right after a send still delivers it."""
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=ours)
     pipe = aio.StreamPipe(reader, writer)
+    writes: list[int] = []
+    transport = writer.transport
+    write_lines = transport.writelines
+
+    def counted(parts: Any) -> None:
+        parts = list(parts)
+        writes.append(len(parts) // 2)
+        write_lines(parts)
+
+    transport.writelines = counted  # type: ignore[method-assign]
     try:
         messages = [bytes([n]) * (n + 1) for n in range(16)]
-        for message in messages:  # sends that do not yield: all in one pass of the loop
-            await pipe.send([message])
-        assert _read_available(theirs) == b""  # queued until this pass of the loop ends
-        await asyncio.sleep(0)
+        await asyncio.gather(*(pipe.send([m]) for m in messages))  # 16 tasks, one pass
         await asyncio.sleep(0)
         assert _read_available(theirs) == b"".join(_frame(m) for m in messages)
+        assert writes == [16]
+
+        await asyncio.sleep(0)
+        await pipe.send([b"lone"])
+        assert _read_available(theirs) == _frame(b"lone")  # before this task yields
 
         big = b"\x07" * 65535  # with "small": more than COALESCE_BYTES
         assert len(big) + len(b"small") >= aio.COALESCE_BYTES
-        await pipe.send([b"small", big])
+        asyncio.get_running_loop().call_soon(lambda: None)  # something else is ready
+        await pipe.send([b"small"])
+        assert _read_available(theirs) == b""  # queued behind it
+        await pipe.send([big])
         assert _read_available(theirs) == _frame(b"small") + _frame(big)
 
+        await asyncio.sleep(0)
+        asyncio.get_running_loop().call_soon(lambda: None)
         await pipe.send([b"last words"])
         await pipe.aclose()
         theirs.setblocking(True)

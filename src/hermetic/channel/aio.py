@@ -10,6 +10,7 @@ WebSocket); a :class:`Channel` pumps a session over a pipe; :class:`ClientChanne
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -90,8 +91,8 @@ class StreamPipe:
         self._flush_soon: asyncio.Handle | None = None
 
     async def send(self, messages: Sequence[bytes]) -> None:
-        """Queue the messages and write them, with any others sent before the event loop
-        next runs its callbacks, in one go (see :meth:`_flush`); at once from
+        """Write the messages, or queue them until the event loop's current pass ends when
+        other callbacks are still to run in it (:meth:`_flush`); at once from
         :data:`COALESCE_BYTES` queued."""
         queued = self._queued
         for message in messages:
@@ -99,10 +100,15 @@ class StreamPipe:
             queued.append(message)
             self._queued_size += len(message)
         try:
-            if self._queued_size >= COALESCE_BYTES:
-                self._flush()
-            elif self._flush_soon is None and queued:
-                self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
+            if self._flush_soon is None:
+                loop = asyncio.get_running_loop()
+                ready = getattr(loop, "_ready", None)  # asyncio's loop: a deque of callbacks
+                if isinstance(ready, collections.deque) and not ready:
+                    self._write_queued()  # nothing else runs before the loop polls again
+                else:
+                    self._flush_soon = loop.call_soon(self._flush)
+            elif self._queued_size >= COALESCE_BYTES:
+                self._write_queued()
             await self._writer.drain()
         except (ConnectionError, OSError) as exc:
             raise TransportError(f"stream write failed ({type(exc).__name__})") from exc
@@ -110,11 +116,16 @@ class StreamPipe:
     def _flush(self) -> None:
         """Write what was queued in one ``writelines``: with many calls in flight, the
         replies (or requests) made in one pass of the event loop leave in one ``send``
-        system call instead of one each, and the peer wakes once for them. A message waits
-        at most until the loop's current pass ends."""
+        system call instead of one each, and wake the peer once. A message is queued only
+        while other callbacks are ready to run (the loop's ready queue, where the loop has
+        one, is not empty: they may send too), so a lone one is not delayed, and a queued
+        one at most until those ran."""
         if self._flush_soon is not None:
             self._flush_soon.cancel()
             self._flush_soon = None
+        self._write_queued()
+
+    def _write_queued(self) -> None:
         if self._queued:
             parts, self._queued, self._queued_size = self._queued, [], 0
             with contextlib.suppress(RuntimeError):  # the transport closed: drain reports it
