@@ -13,7 +13,7 @@ threads; the client is this process, ``resource.getrusage``) before and after. P
 CPU microseconds per call per process, for the direct path and the gateway path.
 
     .venv/bin/python -m bench.gateway_cpu [--calls 3000] [--in-flight 16] [--services 1]
-        [--profile FILE]
+        [--profile FILE] [--per-pid]
 
 ``--profile FILE`` also writes a cProfile of this process (the client) over the gateway
 calls. Not a ``bench_*`` module: ``make bench`` does not run it.
@@ -127,6 +127,8 @@ def measure(
     def snapshot() -> dict[str, float]:
         values = {role: sum(cpu_seconds(p) for p in pids) for role, pids in roles.items()}
         values["client (this process)"] = self_seconds()
+        for pids in roles.values():
+            values |= {f"pid {p} {process_name(p)}": cpu_seconds(p) for p in pids}
         return values
 
     loop = asyncio.get_event_loop()
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=16)
     parser.add_argument("--services", type=int, default=1)
     parser.add_argument("--profile", type=Path, default=None)
+    parser.add_argument("--per-pid", action="store_true", help="also each process's share")
     args = parser.parse_args(argv)
     from bench.gateway_stack import state_dir
 
@@ -227,8 +230,14 @@ def _run(work: Path, args: argparse.Namespace) -> None:
         rows = []
         for role in [*roles, "client (this process)"]:
             rows.append([role, results["direct"][role], results["gateway"][role]])
-        total = {path: sum(v for k, v in r.items() if not k.startswith("wall")) for path, r in
-                 results.items()}  # fmt: skip
+        total = {
+            path: sum(v for k, v in r.items() if k in roles or k.startswith("client"))
+            for path, r in results.items()
+        }
+        if args.per_pid:
+            for key in results["gateway"]:
+                if key.startswith("pid "):
+                    rows.append([f"  {key}", results["direct"][key], results["gateway"][key]])
         rows.append(["total CPU", total["direct"], total["gateway"]])
         rows.append(["wall", results["direct"]["wall (us per call)"],
                      results["gateway"]["wall (us per call)"]])  # fmt: skip
