@@ -116,8 +116,7 @@ async def churn(
             await asyncio.sleep(every)
             while len(fleet.live) < 3:  # the victim and at least two others
                 await asyncio.sleep(0.1)
-            victim = min(fleet.live)  # the oldest instance (CIDs only grow)
-            await fleet.kill(victim)
+            await fleet.kill(await _busy_victim(fleet))
             report.kills += 1
             task = asyncio.ensure_future(fleet.start())
             replacements.add(task)
@@ -141,6 +140,31 @@ async def churn(
         report.verified_offline += len(verified.receipts)
         await session.close()
     return report
+
+
+async def _busy_victim(fleet: Fleet, tries: int = 25) -> int:
+    """The live instance to kill: one the gateway has requests in flight on, the most of
+    them (the oldest of equals), so the kill cuts requests mid-way and the run exercises
+    failover. The oldest live instance used to be the victim, and on a loaded machine it
+    could be one the health checks had drained, with nothing in flight: a run of kills then
+    tested no retry at all (seen once under two burners). Falls back to the oldest live
+    instance when none has a request in flight after ``tries`` looks, 20 ms apart."""
+    for _ in range(tries):
+        described = await fleet.parent.call("backends")
+        busy = {
+            entry["address"]: entry.get("outstanding", 0)
+            for entry in described.get(fleet.service, [])
+            if entry.get("state") == "admitted"
+        }
+        loaded = [
+            (-busy[fleet.address(cid)], cid)
+            for cid in fleet.live
+            if busy.get(fleet.address(cid), 0) > 0
+        ]
+        if loaded:
+            return min(loaded)[1]
+        await asyncio.sleep(0.02)
+    return min(fleet.live)  # CIDs only grow: the oldest
 
 
 async def _soak(seconds: float, clients: int, every: float) -> ChurnReport:
