@@ -43,7 +43,16 @@ test has its own state directory), never the same sandbox uid (leased host-wide,
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__ in ENCLAVE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
+
+
+def _group(item: pytest.Item) -> str:
+    """The module's name, or what its ``xdist_group_of(item)`` says: a module whose tests
+    fall in independent halves (each with its own module-scoped stack) may split them, so
+    the two workers share it instead of one worker running it all."""
+    choose = getattr(item.module, "xdist_group_of", None)
+    name: str = item.module.__name__  # type: ignore[union-attr]
+    return f"{name}:{choose(item)}" if callable(choose) else name
 
 
 @pytest.fixture(scope="session")

@@ -465,6 +465,14 @@ BACKENDS = ("sqlite", "postgresql")
 """The record store back ends the acceptance tests run on (acceptance 4)."""
 
 
+def xdist_group_of(item: pytest.Item) -> str:
+    """The PostgreSQL half (its own stack) runs on the other worker from the SQLite half
+    (tests/conftest.py): together they were the suite's longest group."""
+    callspec = getattr(item, "callspec", None)
+    on_postgresql = callspec is not None and callspec.params.get("backend_stack") == "postgresql"
+    return "postgresql" if on_postgresql or item.name.endswith("_on_postgresql") else "sqlite"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend_stack(request: pytest.FixtureRequest) -> Stack:
     """The module's shared stack on each record store back end in turn: a test asking for
