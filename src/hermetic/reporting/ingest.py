@@ -69,7 +69,7 @@ from hermetic.errors import (
 from hermetic.reporting.aggregate import SealedBatch
 from hermetic.reporting.format import BATCH_ID_SIZE, SealedHeader, check_tenant, read_header
 from hermetic.store.records import MAX_RECORD_SIZE, Record
-from hermetic.store.web import error_response, read_body
+from hermetic.store.web import error_response, read_body, serve_app
 
 __all__ = [
     "BATCH_PREFIX",
@@ -288,20 +288,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 def serve(service: IngestService, sock: socket.socket) -> None:
     """Serve the endpoint on a bound socket with uvicorn until SIGINT or SIGTERM (SIGTERM
     ends the call with ``SystemExit(0)`` after the requests in flight, as the store does)."""
-    import signal
-
-    import uvicorn
-
-    config = uvicorn.Config(service.app(), log_level="warning", access_log=False, lifespan="off")
-
-    def stopped(signum: int, frame: object) -> None:
-        raise SystemExit(0)
-
-    previous = signal.signal(signal.SIGTERM, stopped)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    serve_app(service.app(), sock)
 
 
 # --- the device side ------------------------------------------------------------------------

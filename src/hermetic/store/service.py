@@ -54,7 +54,7 @@ from hermetic.store.records import (
     etag,
     expected_version_from_headers,
 )
-from hermetic.store.web import error_response, read_body
+from hermetic.store.web import error_response, read_body, serve_app
 
 RECORD_TYPE = "application/octet-stream"
 _LIST_PARAMS = frozenset({"prefix", "after", "limit"})
@@ -241,17 +241,4 @@ def serve(service: RecordService, sock: socket.socket) -> None:
     caller's clean-up (closing the database) runs and the exit status says "stopped
     cleanly".
     """
-    import signal
-
-    import uvicorn
-
-    config = uvicorn.Config(service.app(), log_level="warning", access_log=False, lifespan="off")
-
-    def stopped(signum: int, frame: object) -> None:
-        raise SystemExit(0)
-
-    previous = signal.signal(signal.SIGTERM, stopped)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    serve_app(service.app(), sock)

@@ -8,12 +8,14 @@ a header) reaches all three.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Mapping
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-__all__ = ["error_response", "read_body"]
+__all__ = ["error_response", "read_body", "serve_app"]
 
 
 def error_response(
@@ -44,3 +46,24 @@ async def read_body(request: Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+def serve_app(app: Starlette, sock: socket.socket) -> None:
+    """Serve ``app`` on a bound socket with uvicorn until SIGINT or SIGTERM. uvicorn
+    finishes the requests in flight, then re-raises the signal it caught; SIGTERM then ends
+    this call with ``SystemExit(0)`` instead of killing the process, so the caller's
+    clean-up (closing a database) runs and the exit status says "stopped cleanly"."""
+    import signal
+
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+
+    def stopped(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
