@@ -6,17 +6,11 @@ device on the parent's network could send instead.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -44,59 +38,15 @@ from test_translog_service_support import PostgresServer
 KEY = bytes(range(32))
 
 
-class IngestServerProcess:
+class IngestServerProcess(StoreServerProcess):
     """``hermetic reporting ingest --listen 127.0.0.1:0 (--db D | --store URL)``; reads the
-    URL it prints once listening."""
+    URL it prints once listening (the store server's start-up and stop, another command)."""
+
+    command = ("reporting", "ingest")
+    what = "ingest"
 
     def __init__(self, *args: str) -> None:
-        self.args = args
-        self.proc: subprocess.Popen[str] | None = None
-        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.url = ""
-        self.announced: dict[str, Any] = {}
-
-    def start(self) -> IngestServerProcess:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hermetic", "reporting", "ingest",
-             "--listen", "127.0.0.1:0", *self.args],
-            stdout=subprocess.PIPE, stderr=self.log, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        lines: list[str] = []
-        while not lines or lines[-1] != "}\n":
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"ingest exited with {self.proc.wait()}: {self.stderr()}")
-            lines.append(line)
-        self.announced = json.loads("".join(lines))
-        self.url = self.announced["url"]
-        assert httpx.get(f"{self.url}/health", timeout=60).json() == {"status": "ok"}
-        return self
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-    def stderr(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def __enter__(self) -> IngestServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(None, *args)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,11 @@ class StoreServerProcess:
     """``hermetic store serve --listen 127.0.0.1:0``: it binds a free port itself and
     prints its URL as JSON, which is read before the server is used."""
 
+    command = ("store", "serve")
+    """The ``hermetic`` subcommand run; another server that announces itself the same way
+    (a JSON object with ``url``, then ``GET /health``) subclasses this with its own."""
+    what = "store serve"
+
     def __init__(self, db: str | None, *extra: str) -> None:
         self.db, self.extra = db, extra
         self.proc: subprocess.Popen[str] | None = None
@@ -32,7 +37,7 @@ class StoreServerProcess:
     def start(self) -> StoreServerProcess:
         db = ["--db", self.db] if self.db is not None else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hermetic", "store", "serve", *db,
+            [sys.executable, "-m", "hermetic", *self.command, *db,
              "--listen", "127.0.0.1:0", *self.extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True,
         )  # fmt: skip
@@ -41,7 +46,7 @@ class StoreServerProcess:
         while not lines or lines[-1] != "}\n":
             line = self.proc.stdout.readline()  # the suite's timeout bounds a silent hang
             if not line:
-                raise RuntimeError(f"store serve exited with {self.proc.wait()}: {self.stderr()}")
+                raise RuntimeError(f"{self.what} exited with {self.proc.wait()}: {self.stderr()}")
             lines.append(line)
         self.announced = json.loads("".join(lines))
         self.url = self.announced["url"]
