@@ -36,6 +36,7 @@ from hermetic.errors import (
     BackendHintError,
     BackendRefusedError,
     DebugModeError,
+    GatewayUsageError,
     NonceMismatchError,
     PublicKeyMismatchError,
     ReceiptFormatError,
@@ -809,6 +810,63 @@ def test_the_client_checks_every_receipt_signature_before_receipts_leave_the_ses
         client.verify_signatures()  # still not accepted on a second look
     client.exchanges.pop()
     assert client.receipts_file().exchanges == tuple(exchanges)
+
+
+class _Answers:
+    """The attested session's side of ``call``: answers with the receipts given, in order
+    (only the client's bookkeeping is under test; the channel has its own tests)."""
+
+    def __init__(self, handshake_hash: bytes, answers: list[Exchange], args: list[Any]) -> None:
+        self.handshake_hash = handshake_hash
+        self.answers = answers
+        self.args = args
+
+    async def call(self, method: str, arg: Any = None) -> Any:
+        assert method == "call"
+        exchange = self.answers.pop(0)
+        return {"result": {"arg": arg["args"]}, "receipt": exchange.receipt}
+
+
+def test_a_session_that_keeps_no_receipts_checks_each_signature_at_once_and_stays_small(
+    world: World, issued: Issued
+) -> None:
+    """``keep_receipts=False``: a long-lived client's session does not grow with its calls,
+    and a receipt whose signature is bad is refused by the call itself (no later check)."""
+    args = list(range(50))
+    answers = [issued.receipt(arg=n) for n in args]
+    bad = bytearray(answers[7].receipt)
+    bad[-1] ^= 0x01  # the signature's last byte; every field still matches the call
+    answers[7] = Exchange(bytes(bad), answers[7].request, answers[7].response)
+    session = cast(AttestedSession, _Answers(issued.session, list(answers), args))
+    client = GatewaySession(session, issued.policy, issued.signer.binding, keep_receipts=False)
+
+    async def run() -> list[int]:
+        seen = []
+        for n in args:
+            if n == 7:
+                with pytest.raises(ReceiptSignatureError):
+                    await client.call("alpha", "echo", n)
+                continue
+            reply = await client.call("alpha", "echo", n)
+            seen.append(reply.result["arg"])
+        return seen
+
+    assert asyncio.run(run()) == [n for n in args if n != 7]
+    assert client.exchanges == []
+    with pytest.raises(GatewayUsageError, match="keep_receipts=False"):
+        client.receipts_file()
+    # the same answers to a session that keeps receipts: the bad one is accepted by the
+    # call (the channel authenticated it) and caught when the receipts leave
+    keeping = GatewaySession(
+        cast(AttestedSession, _Answers(issued.session, list(answers), args)),
+        issued.policy,
+        issued.signer.binding,
+    )
+    for n in args:
+        asyncio.run(keeping.call("alpha", "echo", n))
+    assert len(keeping.exchanges) == len(args)
+    with pytest.raises(ReceiptSignatureError):
+        keeping.receipts_file()
 
 
 def test_a_receipt_encodes_as_the_canonical_cbor_of_its_fields() -> None:

@@ -856,6 +856,11 @@ class GatewayConfigError(GatewayError, UsageError):
     """The ``gateway`` section of the runtime config is missing or malformed."""
 
 
+class GatewayUsageError(GatewayError, UsageError):
+    """A gateway client call that cannot be done as asked, e.g. saving the receipts of a
+    session opened to keep none."""
+
+
 class BackendHintError(GatewayError, UsageError):
     """A backend hint from the parent is malformed (service name, address)."""
 

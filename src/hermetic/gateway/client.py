@@ -27,6 +27,12 @@ rest of a gateway call on the client (~180 us here, ``python -m bench.gateway_cp
 
 ``attestations`` counts the attestation documents this client verified: one,
 however many backends answer.
+
+A session keeps every exchange (receipt, request and result digests: about 400 bytes each)
+so that it can save them. A long-lived client that makes calls without end and never saves
+its receipts passes ``keep_receipts=False``: each call then checks its receipt's signature
+at once (there is no later), nothing is kept, and :meth:`GatewaySession.receipts_file` is
+refused, so the session's memory does not grow with the number of calls.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from hermetic.client.verify import VerificationReport, VerifiedPeer
 from hermetic.errors import (
     ConfigDigestMismatchError,
     GatewayRequestError,
+    GatewayUsageError,
     ReceiptKeyError,
     RPCError,
 )
@@ -83,11 +90,14 @@ class GatewaySession:
         key: GatewayKey,
         *,
         check_signatures: bool = False,
+        keep_receipts: bool = True,
     ) -> None:
         self._session = session
+        self.keep_receipts = keep_receipts
+        """Keep each exchange for :meth:`receipts_file` (else: check and forget)."""
         self.admission = admission
         self.key = key
-        self.check_signatures = check_signatures
+        self.check_signatures = check_signatures or not keep_receipts
         """Check each receipt's signature in :meth:`call` (else: when they leave)."""
         self.exchanges: list[Exchange] = []
         self._signed: weakref.WeakSet[Exchange] = weakref.WeakSet()
@@ -138,10 +148,11 @@ class GatewaySession:
             request=request, response=response, policy=self.admission, service=service,
             check_signature=self.check_signatures,
         )  # fmt: skip
-        exchange = Exchange(signed, request, response)
-        self.exchanges.append(exchange)
-        if self.check_signatures:
-            self._signed.add(exchange)
+        if self.keep_receipts:
+            exchange = Exchange(signed, request, response)
+            self.exchanges.append(exchange)
+            if self.check_signatures:
+                self._signed.add(exchange)
         return GatewayReply(result, receipt, signed)
 
     def verify_signatures(self) -> int:
@@ -157,7 +168,13 @@ class GatewaySession:
 
     def receipts_file(self) -> ReceiptsFile:
         """Every receipt of this session so far, with what binds them (for offline checks);
-        every signature is checked first (:meth:`verify_signatures`)."""
+        every signature is checked first (:meth:`verify_signatures`). A session opened with
+        ``keep_receipts=False`` kept none: :class:`~hermetic.errors.GatewayUsageError`."""
+        if not self.keep_receipts:
+            raise GatewayUsageError(
+                "receipts file: this session was opened with keep_receipts=False and kept no"
+                " receipt (each was checked, signature included, when its call returned)"
+            )
         self.verify_signatures()
         return ReceiptsFile(self.handshake_hash, self.key, tuple(self.exchanges))
 
@@ -179,10 +196,12 @@ async def connect_gateway(
     report: VerificationReport | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     check_signatures: bool = False,
+    keep_receipts: bool = True,
 ) -> GatewaySession:
     """Attest the gateway at ``url`` (default policy: service ``gateway``) and check its
     config, logged admission policy and receipt key (module docstring); with
-    ``check_signatures``, each call checks its receipt's signature at once."""
+    ``check_signatures``, each call checks its receipt's signature at once; with
+    ``keep_receipts=False``, too, and the session keeps no receipt."""
     default = ServicePolicy(services=frozenset({GATEWAY_SERVICE}))
     accepted = policy if policy is not None else default
     session = await connect(url, trust=trust, policy=accepted, report=report, timeout=timeout)
@@ -207,6 +226,7 @@ async def connect_gateway(
     except BaseException:
         await session.close()
         raise
+    binding = GatewayKey(key, evidence, config)
     return GatewaySession(
-        session, admission, GatewayKey(key, evidence, config), check_signatures=check_signatures
+        session, admission, binding, check_signatures=check_signatures, keep_receipts=keep_receipts
     )
