@@ -36,7 +36,9 @@ from hermetic.errors import (
     BackendHintError,
     BackendRefusedError,
     DebugModeError,
+    GatewayConfigError,
     GatewayUsageError,
+    HermeticError,
     NonceMismatchError,
     PublicKeyMismatchError,
     ReceiptFormatError,
@@ -47,6 +49,7 @@ from hermetic.errors import (
     ReceiptSignatureError,
     ReleaseNotAcceptedError,
     ServiceNotAcceptedError,
+    UsageError,
 )
 from hermetic.evidence import make_evidence_provider
 from hermetic.gateway.admission import ADMISSION_V1, AdmissionPolicy
@@ -589,8 +592,6 @@ async def test_reattesting_swaps_in_a_fresh_session_and_drains_the_old_one(world
 
 
 def test_the_gateway_config_section_is_checked_field_by_field(world: World) -> None:
-    from hermetic.errors import GatewayConfigError
-
     good = json.loads(world.logged_config(_admission()))
     settings = GatewaySettings.from_config(good)
     assert (settings.max_request, settings.max_per_client, settings.reattest) == (
@@ -810,6 +811,69 @@ def test_the_client_checks_every_receipt_signature_before_receipts_leave_the_ses
         client.verify_signatures()  # still not accepted on a second look
     client.exchanges.pop()
     assert client.receipts_file().exchanges == tuple(exchanges)
+
+
+def test_a_port_over_its_session_limit_closes_a_connection_before_any_handshake(
+    world: World,
+) -> None:
+    """An anonymous client opening connections without end makes the enclave hold only
+    ``limit_sessions`` sessions and attest only for them; a freed slot takes a new one."""
+    documents: list[bytes] = []
+    own = world.provider(ALPHA, "alpha")
+
+    def provider(handshake_hash: bytes, static: bytes) -> bytes:
+        documents.append(handshake_hash)
+        return own(handshake_hash, static)
+
+    async def run() -> None:
+        act_as_enclave(76)
+        app = App()
+        app.limit_sessions(7000, 2)
+        static = StaticKeypair.generate()
+
+        async def on_stream(stream: vsock.VsockStream) -> None:
+            await serve_session(app, 7000, stream, provider, {}, static, None)
+
+        async def client() -> aio.ClientChannel:
+            stream = await vsock.connect(76, 7000)
+            pipe = aio.StreamPipe(stream.reader, stream.writer)
+            return await aio.connect(pipe, lambda b, h, rs: None, handshake_timeout=10)
+
+        listener = await vsock.listen(76, 7000, on_stream)
+        try:
+            first, second = await client(), await client()
+            assert app.open_sessions(7000) == 2
+            for _ in range(3):
+                with pytest.raises(HermeticError):
+                    await client()
+            assert len(documents) == 2  # the refused ones cost no attestation
+            await first.close()
+            for _ in range(200):
+                if app.open_sessions(7000) < 2:
+                    break
+                await asyncio.sleep(0.05)
+            third = await client()
+            assert len(documents) == 3
+            assert app.open_sessions(7000) == 2
+            await second.close()
+            await third.close()
+        finally:
+            await listener.aclose()
+
+    asyncio.run(run())
+    with pytest.raises(UsageError, match="limit_sessions"):
+        App().limit_sessions(7000, 0)
+
+
+def test_the_gateway_config_bounds_client_sessions(world: World) -> None:
+    config = json.loads(world.logged_config(_admission()))
+    assert GatewaySettings.from_config(config).max_sessions == 1024
+    config["gateway"]["max_sessions"] = 8
+    assert GatewaySettings.from_config(config).max_sessions == 8
+    for bad in (0, True, "8", 70000):
+        config["gateway"]["max_sessions"] = bad
+        with pytest.raises(GatewayConfigError, match="max_sessions"):
+            GatewaySettings.from_config(config)
 
 
 class _Answers:

@@ -20,7 +20,7 @@ Config::
     {"gateway": {"admission": {...}, "admission_endorsement": {...},
                  "peers": {...trust file...}, "dialer": "127.0.0.1:7100",
                  "max_request": 1048576, "max_response": 1048576, "reattest": 240,
-                 "max_concurrency": 64, "max_per_client": 32,
+                 "max_concurrency": 64, "max_per_client": 32, "max_sessions": 1024,
                  "health_interval": 5, "health_timeout": 2}}
 """
 
@@ -35,7 +35,7 @@ from hermetic.gateway.backends import BackendHint, Backends
 from hermetic.gateway.dialer import egress_dial
 from hermetic.gateway.metrics import GatewayMetrics
 from hermetic.gateway.service import Gateway, ReceiptSigner
-from hermetic.gateway.settings import MAX_LIMIT, MESSAGE_SLACK, GatewaySettings
+from hermetic.gateway.settings import DEFAULT_SESSIONS, MAX_LIMIT, MESSAGE_SLACK, GatewaySettings
 
 CLIENT_PORT = 7000
 PARENT_PORT = 7001
@@ -44,6 +44,7 @@ START_TIMEOUT = 30.0
 app = App()
 # Until the config is read, the client port takes what the largest allowed limits need.
 app.limit_messages(CLIENT_PORT, MAX_LIMIT + MESSAGE_SLACK)
+app.limit_sessions(CLIENT_PORT, DEFAULT_SESSIONS)
 
 
 @app.on_ready
@@ -53,6 +54,7 @@ async def boot() -> Gateway:
         raise GatewayConfigError("config: expected a signed runtime config, got none")
     settings = GatewaySettings.from_config(context.config.values)
     app.limit_messages(CLIENT_PORT, settings.message_limit)
+    app.limit_sessions(CLIENT_PORT, settings.max_sessions)
     metrics = GatewayMetrics()
     backends = Backends(
         settings.admission,

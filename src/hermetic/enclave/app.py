@@ -136,6 +136,8 @@ class App:
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {}
         self._idempotent: set[str] = set()
         self._message_limits: dict[int, int] = {}
+        self._session_limits: dict[int, int] = {}
+        self._open_sessions: dict[int, int] = {}
         self._context: EnclaveContext | None = None
         self._on_ready: Callable[[], Awaitable[object]] | None = None
         self._started: asyncio.Task[object] | None = None
@@ -224,6 +226,36 @@ class App:
     def message_limit(self, port: int) -> int | None:
         """The limit set with :meth:`limit_messages`, or None for the channel's default."""
         return self._message_limits.get(port)
+
+    def limit_sessions(self, port: int, max_sessions: int) -> None:
+        """At most ``max_sessions`` sessions open at once on ``port``: a connection beyond
+        that is closed as it arrives, before any handshake, so it costs no attestation
+        document and holds no session state. Without a limit, what an anonymous client can
+        make the enclave hold grows with the connections it opens."""
+        if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
+            raise UsageError(f"limit_sessions: expected at least 1 session, got {max_sessions!r}")
+        self._session_limits[port] = max_sessions
+
+    def session_limit(self, port: int) -> int | None:
+        """The limit set with :meth:`limit_sessions`, or None (no limit)."""
+        return self._session_limits.get(port)
+
+    def open_sessions(self, port: int) -> int:
+        """Sessions the runtime is serving on ``port`` now (handshakes included)."""
+        return self._open_sessions.get(port, 0)
+
+    def admit_session(self, port: int) -> bool:
+        """Count one more session on ``port`` if its limit allows; the runtime calls this
+        for each connection and :meth:`end_session` when it is done."""
+        limit = self._session_limits.get(port)
+        count = self._open_sessions.get(port, 0)
+        if limit is not None and count >= limit:
+            return False
+        self._open_sessions[port] = count + 1
+        return True
+
+    def end_session(self, port: int) -> None:
+        self._open_sessions[port] = max(0, self._open_sessions.get(port, 0) - 1)
 
     @property
     def xx_ports(self) -> dict[int, Callable[[EnclaveContext], VerifyEvidence]]:

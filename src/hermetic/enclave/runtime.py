@@ -184,8 +184,31 @@ async def serve_session(
     The same steps as :func:`hermetic.client.serve_attested` (handshake, our evidence, in
     XX the peer's evidence checked by ``verify``, RPC until the peer leaves), with the RPC
     loop run under :meth:`App.serving_session`, so each call knows its port, its session's
-    handshake hash and (XX) who is asking.
+    handshake hash and (XX) who is asking. A connection over the port's session limit
+    (:meth:`App.limit_sessions`) is closed at once.
     """
+    if not app.admit_session(port):
+        # Closed before the handshake: no NSM document is made for it (App.limit_sessions).
+        log.warning(
+            "session refused on port %s: %s sessions open, the limit", port, app.open_sessions(port)
+        )
+        stream.writer.close()
+        return
+    try:
+        await _serve_admitted(app, port, stream, provider, handlers, static, verify)
+    finally:
+        app.end_session(port)
+
+
+async def _serve_admitted(
+    app: App,
+    port: int,
+    stream: vsock.VsockStream,
+    provider: MakeEvidence,
+    handlers: Mapping[str, aio.Handler],
+    static: StaticKeypair,
+    verify: VerifyEvidence | None,
+) -> None:
     pipe = aio.StreamPipe(stream.reader, stream.writer)
     protocol = XX if verify is not None else NX
     try:

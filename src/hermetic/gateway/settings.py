@@ -7,7 +7,7 @@
                  "peers": {<trust file: nitro_root, log, publishers>},
                  "dialer": "127.0.0.1:7100",
                  "max_request": 1048576, "max_response": 1048576, "reattest": 240,
-                 "max_concurrency": 64, "max_per_client": 32,
+                 "max_concurrency": 64, "max_per_client": 32, "max_sessions": 1024,
                  "health_interval": 5, "health_timeout": 2}}
 
 ``peers`` is what backends' evidence and the admission policy's endorsement are verified
@@ -20,7 +20,10 @@ document may be old when its session opens) is how long a backend session serves
 the gateway attests that instance again with a fresh document. ``max_concurrency``
 (default 64) and ``max_per_client`` (default 32, per client session) bound the requests in
 flight; one over either is refused at once with ``overloaded`` (nothing is queued, so
-memory stays bounded by the limits times the message sizes). Every ``health_interval``
+memory stays bounded by the limits times the message sizes). ``max_sessions`` (default
+1024) bounds the client sessions open at once: a connection beyond it is closed before its
+handshake, so it costs no attestation document (:meth:`hermetic.enclave.App.limit_sessions`).
+Every ``health_interval``
 seconds (default 5) each admitted backend is pinged on its session; one that does not
 answer within ``health_timeout`` seconds (default 2) twice in a row is drained, and a lost
 instance is re-attested until it is admitted again
@@ -49,6 +52,7 @@ MAX_LIMIT = 8 * 1024 * 1024
 DEFAULT_REATTEST = 240
 DEFAULT_CONCURRENCY = 64
 DEFAULT_PER_CLIENT = 32
+DEFAULT_SESSIONS = 1024
 MAX_CONCURRENCY = 65536
 MAX_REATTEST = 86400
 DEFAULT_HEALTH_INTERVAL = 5
@@ -57,7 +61,8 @@ MAX_HEALTH_INTERVAL = 3600
 MAX_HEALTH_TIMEOUT = 60
 _FIELDS = frozenset(
     {"admission", "admission_endorsement", "peers", "dialer", "max_request", "max_response",
-     "reattest", "max_concurrency", "max_per_client", "health_interval", "health_timeout"}
+     "reattest", "max_concurrency", "max_per_client", "max_sessions", "health_interval",
+     "health_timeout"}
 )  # fmt: skip
 
 
@@ -112,6 +117,7 @@ class GatewaySettings:
     reattest: int = DEFAULT_REATTEST
     max_concurrency: int = DEFAULT_CONCURRENCY
     max_per_client: int = DEFAULT_PER_CLIENT
+    max_sessions: int = DEFAULT_SESSIONS
     health_interval: int = DEFAULT_HEALTH_INTERVAL
     health_timeout: int = DEFAULT_HEALTH_TIMEOUT
 
@@ -152,6 +158,7 @@ class GatewaySettings:
             admission, peers, dialer, *limits, reattest,
             max_concurrency=_count(section, "max_concurrency", DEFAULT_CONCURRENCY),
             max_per_client=_count(section, "max_per_client", DEFAULT_PER_CLIENT),
+            max_sessions=_count(section, "max_sessions", DEFAULT_SESSIONS),
             health_interval=_seconds(
                 section, "health_interval", DEFAULT_HEALTH_INTERVAL, MAX_HEALTH_INTERVAL
             ),
