@@ -49,8 +49,8 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench services examples
+	$(BIN)/ruff format --check src tests bench services examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -113,7 +113,7 @@ class Gateway:
         self._total = 0
         self._answered: dict[str, Any] = {}
         """Each service's ``requests_total{outcome="ok"}`` child (looked up once)."""
-        self.keeper: asyncio.Future[None] | None = None
+        self.keeper: asyncio.Future[Any] | None = None
         """The task that re-attests backend sessions (started by the enclave app)."""
 
     def parse(self, request: object) -> ClientRequest:
